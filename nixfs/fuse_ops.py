@@ -1,0 +1,240 @@
+"""The pyfuse3 adapter: a protocol translator only.
+
+Each handler turns a FUSE request into a call on the overlay model and its
+answer into pyfuse3's types.  Handlers raise nothing but ``FUSEError``: any
+other exception would end the mount, so it is logged and answered with EIO.
+"""
+
+import collections
+import errno
+import functools
+import logging
+
+import pyfuse3
+
+from .overlay import Attr, Caller, Overlay, SetAttr
+
+log = logging.getLogger(__name__)
+
+
+def _translate(fn):
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        self.requests[fn.__name__] += 1
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed", fn.__name__, args)
+            self.errors += 1
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return handler
+
+
+def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    st = attr.st
+    e.st_ino = attr.ino
+    e.generation = 0
+    e.entry_timeout = attr.ttl
+    e.attr_timeout = attr.ttl
+    e.st_mode = st.st_mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_rdev = st.st_rdev
+    e.st_size = st.st_size
+    e.st_blksize = st.st_blksize
+    e.st_blocks = st.st_blocks
+    e.st_atime_ns = st.st_atime_ns
+    e.st_mtime_ns = st.st_mtime_ns
+    e.st_ctime_ns = st.st_ctime_ns
+    return e
+
+
+def _caller(ctx) -> Caller:
+    return Caller(ctx.uid, ctx.gid)
+
+
+class FuseOps(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, overlay: Overlay):
+        super().__init__()
+        self.fs = overlay
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.errors = 0
+
+    def _node(self, ino):
+        return self.fs.node(ino)
+
+    @_translate
+    async def lookup(self, parent_inode, name, ctx=None):
+        _, attr = await self.fs.lookup(self._node(parent_inode), name)
+        return _entry(attr)
+
+    def forget(self, inode_list):
+        self.requests["forget"] += 1
+        for ino, count in inode_list:
+            self.fs.forget(ino, count)
+
+    @_translate
+    async def getattr(self, inode, ctx=None):
+        return _entry(await self.fs.getattr(self._node(inode)))
+
+    @_translate
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes = SetAttr()
+        if fields.update_mode:
+            changes.mode = attr.st_mode
+        if fields.update_uid:
+            changes.uid = attr.st_uid
+        if fields.update_gid:
+            changes.gid = attr.st_gid
+        if fields.update_size:
+            changes.size = attr.st_size
+        if fields.update_atime:
+            changes.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            changes.mtime_ns = attr.st_mtime_ns
+        handle = self.fs.handle(fh) if fh is not None else None
+        return _entry(await self.fs.setattr(self._node(inode), changes, handle))
+
+    @_translate
+    async def readlink(self, inode, ctx):
+        return await self.fs.readlink(self._node(inode))
+
+    @_translate
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        _, attr = await self.fs.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx))
+        return _entry(attr)
+
+    @_translate
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        _, attr = await self.fs.mkdir(self._node(parent_inode), name, mode, _caller(ctx))
+        return _entry(attr)
+
+    @_translate
+    async def symlink(self, parent_inode, name, target, ctx):
+        _, attr = await self.fs.symlink(self._node(parent_inode), name, target, _caller(ctx))
+        return _entry(attr)
+
+    @_translate
+    async def unlink(self, parent_inode, name, ctx):
+        await self.fs.unlink(self._node(parent_inode), name)
+
+    @_translate
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.fs.rmdir(self._node(parent_inode), name)
+
+    @_translate
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.fs.rename(self._node(parent_inode_old), name_old,
+                             self._node(parent_inode_new), name_new, flags)
+
+    @_translate
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return _entry(await self.fs.link(self._node(inode), self._node(new_parent_inode), new_name))
+
+    @_translate
+    async def open(self, inode, flags, ctx):
+        h = await self.fs.open(self._node(inode), flags)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+
+    @_translate
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        h, _, attr = await self.fs.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), _entry(attr)
+
+    @_translate
+    async def read(self, fh, off, size):
+        return await self.fs.read(self.fs.handle(fh), off, size)
+
+    @_translate
+    async def write(self, fh, off, buf):
+        return await self.fs.write(self.fs.handle(fh), off, buf)
+
+    @_translate
+    async def flush(self, fh):
+        pass
+
+    @_translate
+    async def release(self, fh):
+        self.fs.release(fh)
+
+    @_translate
+    async def fsync(self, fh, datasync):
+        await self.fs.fsync(self.fs.handle(fh), bool(datasync))
+
+    @_translate
+    async def opendir(self, inode, ctx):
+        return (await self.fs.opendir(self._node(inode))).fh
+
+    @_translate
+    async def readdir(self, fh, start_id, token):
+        # Offsets 0 and 1 are "." and ".."; the kernel takes no reference for them.
+        dh = self.fs.dirhandle(fh)
+        if start_id == 0:
+            attr = await self.fs.getattr(dh.node)
+            if not pyfuse3.readdir_reply(token, b".", _entry(attr), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            attr = await self.fs.getattr(dh.node.parent or self.fs.root)
+            if not pyfuse3.readdir_reply(token, b"..", _entry(attr), 2):
+                return
+            start_id = 2
+        for index in range(start_id - 2, len(dh.entries)):
+            found = await self.fs.readdir_entry(dh, index)
+            if found is None:
+                continue
+            node, attr = found
+            if not pyfuse3.readdir_reply(token, dh.entries[index].name, _entry(attr), index + 3):
+                self.fs.inodes.release_unreferenced(node)
+                break
+            node.lookups += 1
+
+    @_translate
+    async def releasedir(self, fh):
+        self.fs.releasedir(fh)
+
+    @_translate
+    async def fsyncdir(self, fh, datasync):
+        await self.fs.fsyncdir(self.fs.dirhandle(fh).node, bool(datasync))
+
+    @_translate
+    async def statfs(self, ctx):
+        vfs = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, field, getattr(vfs, field))
+        return out
+
+    @_translate
+    async def getxattr(self, inode, name, ctx):
+        return await self.fs.getxattr(self._node(inode), name)
+
+    @_translate
+    async def listxattr(self, inode, ctx):
+        return await self.fs.listxattr(self._node(inode))
+
+    @_translate
+    async def setxattr(self, inode, name, value, ctx):
+        await self.fs.setxattr(self._node(inode), name, value)
+
+    @_translate
+    async def removexattr(self, inode, name, ctx):
+        await self.fs.removexattr(self._node(inode), name)
+
+    @_translate
+    async def access(self, inode, mode, ctx):
+        # default_permissions: the kernel checks; only existence matters here.
+        self._node(inode)
+        return True
+

@@ -1,0 +1,343 @@
+"""A mount's lifecycle: checks, the daemon, signals, clean unmount.
+
+``mount()`` checks everything a user can get wrong before anything is started,
+then forks the daemon and returns once the file system answers (or keeps it in
+the foreground).  The daemon runs one trio nursery: the FUSE loop and the
+signal handler.  On SIGTERM/SIGINT or an unmount it closes every file, syncs
+the upper and exits, so ``nixfs umount`` can wait for that.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import runtime
+
+log = logging.getLogger("nixfs")
+
+# Mount options nixfs hands to FUSE / the kernel.
+FUSE_OPTIONS = {
+    "allow_other", "allow_root", "auto_unmount", "ro", "rw", "suid", "nosuid", "dev", "nodev",
+    "exec", "noexec", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
+    "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync", "async", "dirsync",
+}
+# What mount(8) and fstab add that is not for the file system.
+IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
+                   "nofail", "_netdev", "default_permissions"}
+
+
+class UsageError(Exception):
+    """Bad input: reported in one line with exit code 2."""
+
+
+@dataclass
+class MountConfig:
+    lower: str
+    upper: str
+    mountpoint: str
+    options: set[str] = field(default_factory=set)
+    foreground: bool = False
+    debug: bool = False
+    log_file: str | None = None
+    ttl: float = 1.0
+
+    @property
+    def readonly(self) -> bool:
+        return "ro" in self.options
+
+
+def parse_options(text: str, cfg_values: dict) -> set[str]:
+    """Split ``-o a,b=c`` into FUSE options; nixfs' own ``key=value`` go to *cfg_values*."""
+    out = set()
+    for opt in filter(None, (o.strip() for o in text.split(","))):
+        key, _, value = opt.partition("=")
+        if key in ("lowerdir", "upperdir", "ttl"):
+            cfg_values[key] = value
+        elif opt in FUSE_OPTIONS:
+            out.add(opt)
+        elif opt in IGNORED_OPTIONS or key in ("comment", "fsname", "subtype") or key.startswith("x-"):
+            continue
+        else:
+            raise UsageError(f"unknown mount option: {opt}")
+    return out
+
+
+# ------------------------------------------------------------------ checks
+
+def _is_within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _check_dir(path: str, what: str, *, writable: bool) -> str:
+    if not os.path.lexists(path):
+        raise UsageError(f"{what} {path} does not exist")
+    if not os.path.isdir(path):
+        raise UsageError(f"{what} {path} is not a directory")
+    need = os.R_OK | os.X_OK | (os.W_OK if writable else 0)
+    if not os.access(path, need):
+        mode = "read and write" if writable else "read"
+        raise UsageError(f"{what} {path}: permission denied (nixfs must {mode} it)")
+    return os.path.realpath(path)
+
+
+def privileged() -> bool:
+    """Real root: may keep and show every owner.  Root in a user namespace that
+    maps only one user is treated like that user."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def check(cfg: MountConfig) -> None:
+    """Raise UsageError for anything that would stop the mount."""
+    lower = _check_dir(cfg.lower, "lower", writable=False)
+    upper = _check_dir(cfg.upper, "upper", writable=True)
+    if lower == upper:
+        raise UsageError("lower and upper are the same directory")
+    if _is_within(upper, lower):
+        raise UsageError(f"the upper {upper} is inside the lower {lower}")
+    if _is_within(lower, upper):
+        raise UsageError(f"the lower {lower} is inside the upper {upper}")
+    mnt = runtime.canonical(cfg.mountpoint)
+    if runtime.find_mount(mnt) is not None:
+        raise UsageError(f"mountpoint {cfg.mountpoint} is busy: something is mounted there already")
+    if not os.path.lexists(mnt):
+        raise UsageError(f"mountpoint {cfg.mountpoint} does not exist")
+    if os.path.islink(mnt) or not os.path.isdir(mnt):
+        raise UsageError(f"mountpoint {cfg.mountpoint} is not a directory")
+    real_mnt = os.path.realpath(mnt)
+    for layer, what in ((lower, "lower"), (upper, "upper")):
+        if real_mnt != layer and _is_within(real_mnt, layer):
+            raise UsageError(f"mountpoint {cfg.mountpoint} is inside the {what} {layer}")
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse does not exist: load the fuse module (modprobe fuse), or in a "
+                         "container pass the device in (docker --device /dev/fuse, or a "
+                         "hostPath volume for /dev/fuse in Kubernetes)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UsageError("/dev/fuse is not accessible to this user: as root run "
+                         "'chmod 666 /dev/fuse' (or add the user to the group that owns it)")
+    if os.geteuid() != 0:
+        if shutil.which("fusermount3") is None:
+            raise UsageError("fusermount3 not found: install the fuse3 package "
+                             "(apt-get install fuse3); ordinary users mount through it")
+        if ("allow_other" in cfg.options or "allow_root" in cfg.options) and not _user_allow_other():
+            raise UsageError("allow_other needs 'user_allow_other' in /etc/fuse.conf "
+                             "for an ordinary user")
+    try:
+        cfg.ttl = float(cfg.ttl)
+    except ValueError:
+        raise UsageError(f"ttl must be a number of seconds, not {cfg.ttl!r}") from None
+    cfg.lower, cfg.upper, cfg.mountpoint = lower, upper, mnt
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.split("#")[0].strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ mounting
+
+def mount(cfg: MountConfig) -> int:
+    """Check, then serve *cfg* in the foreground or from a daemon; return the exit code."""
+    check(cfg)
+    if cfg.foreground:
+        return serve(cfg, ready_fd=None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        os.setsid()
+        code = 1
+        try:
+            code = serve(cfg, ready_fd=w)
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        answer = pipe.read().decode(errors="replace").strip()
+    if answer == "ok":
+        return 0
+    code, _, message = answer.partition(":")
+    if not message:
+        _, status = os.waitpid(pid, 0)
+        code, message = "1", f"the daemon exited with status {os.waitstatus_to_exitcode(status)}"
+    print(f"nixfs: {message}", file=sys.stderr)
+    return int(code)
+
+
+def _setup_logging(cfg: MountConfig, log_path: str | None) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    handler: logging.Handler
+    if log_path is None:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=8 << 20, backupCount=2)
+    handler.setFormatter(fmt)
+    root.handlers[:] = [handler]
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def serve(cfg: MountConfig, ready_fd: int | None) -> int:
+    """Mount and answer requests until unmounted or signalled."""
+    import pyfuse3
+    import trio
+
+    from .fuse_ops import FuseOps
+    from .overlay import Overlay
+    from .overlay.state import UpperInUse
+
+    def report(message: str, code: int = 0) -> int:
+        """Tell the waiting parent how the start went; return *code*."""
+        if ready_fd is not None:
+            os.write(ready_fd, (f"{code}:{message}" if code else "ok").encode())
+            os.close(ready_fd)
+        elif code:
+            print(f"nixfs: {message}", file=sys.stderr)
+        return code
+
+    owner = None if privileged() else (os.geteuid(), os.getegid())
+    try:
+        overlay = Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
+                          readonly=cfg.readonly, ttl=cfg.ttl)
+        overlay.state.lock()
+    except UpperInUse as e:
+        return report(str(e), 2)
+    except OSError as e:
+        return report(f"cannot open the layers: {e}", 1)
+    log_path = cfg.log_file or (None if cfg.foreground else
+                                os.path.join(cfg.upper, ".nixfs", "nixfs.log"))
+    _setup_logging(cfg, log_path)
+    recovered = overlay.state.recover()
+    if recovered:
+        log.warning("removed %d leftovers of an interrupted daemon from the work folder",
+                    len(recovered))
+    ops = FuseOps(overlay)
+    options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
+    options.discard("rw")
+    if cfg.debug:
+        options.add("debug")
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, options)
+    except RuntimeError as e:
+        overlay.close()
+        return report(f"mounting at {cfg.mountpoint} failed ({e}); see the messages above", 1)
+    runtime.write_record(cfg.mountpoint, lower=cfg.lower, upper=cfg.upper)
+    log.info("mounted %s (lower %s, upper %s)", cfg.mountpoint, cfg.lower, cfg.upper)
+    report("ok")
+    if ready_fd is not None and log_path is not None:
+        _detach_stdio()
+
+    unmount = False
+    try:
+        async def main():
+            nonlocal unmount
+            async with trio.open_nursery() as nursery:
+                async def on_signals():
+                    nonlocal unmount
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                                   signal.SIGHUP) as signals:
+                        async for signum in signals:
+                            log.info("signal %d: unmounting", signum)
+                            unmount = True
+                            pyfuse3.terminate()
+                            return
+                nursery.start_soon(on_signals)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+            await overlay.sync()
+        trio.run(main)
+    except BaseException:
+        log.exception("the daemon failed")
+        unmount = True
+        raise
+    finally:
+        pyfuse3.close(unmount=unmount)
+        overlay.close()
+        runtime.remove_record(cfg.mountpoint)
+        log.info("unmounted %s", cfg.mountpoint)
+    return 0
+
+
+# ------------------------------------------------------------------ unmounting
+
+_MNT_DETACH = 2
+
+
+def _umount2(path: str, flags: int) -> int:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.umount2(path.encode(), flags) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
+def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
+    """Unmount a nixfs mount and wait until its daemon has written everything out."""
+    mnt = runtime.canonical(mountpoint)
+    entry = runtime.find_mount(mnt)
+    if entry is None:
+        raise UsageError(f"{mountpoint} is not mounted")
+    if entry.fstype != runtime.FSTYPE:
+        raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
+    info = runtime.read_record(mnt)
+    err = _umount2(mnt, _MNT_DETACH if lazy else 0) if os.geteuid() == 0 else errno.EPERM
+    if err == errno.EBUSY:
+        raise UsageError(f"{mountpoint} is busy: files on it are open or it is someone's "
+                         "working directory (close them, or use --lazy)")
+    if err:
+        cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            message = proc.stderr.strip() or f"fusermount3 exited with {proc.returncode}"
+            if "busy" in message.lower():
+                raise UsageError(f"{mountpoint} is busy: {message} (or use --lazy)")
+            print(f"nixfs: {message}", file=sys.stderr)
+            return 1
+    if info is not None:
+        _wait_for_exit(info["pid"], timeout)
+    return 0
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    import select
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        warned = False
+        while not poller.poll(1000):
+            if not warned and time.monotonic() > deadline - timeout + 5:
+                print(f"nixfs: waiting for the daemon (pid {pid}) to write everything out...",
+                      file=sys.stderr)
+                warned = True
+            if time.monotonic() > deadline:
+                raise UsageError(f"the daemon (pid {pid}) did not exit within {timeout:.0f} s")
+    finally:
+        os.close(pidfd)

@@ -1,0 +1,200 @@
+"""The two layers, seen as directory descriptors.
+
+Every access is an ``*at`` call on a directory descriptor with a single-component
+name and ``O_NOFOLLOW``/``AT_SYMLINK_NOFOLLOW``, so a symlink inside a layer is
+never followed.  Each call is counted by kind: the counts are what tests and
+``nixfs status`` use to show how often a (possibly slow) lower is touched.
+
+The upper is local and answered inline.  The lower may be NFS: its calls run in
+worker threads behind a limit and a timeout, so a slow or hung lower never stalls
+the event loop and fails with EIO instead of hanging.
+"""
+
+import collections
+import errno
+import os
+import stat
+
+import trio
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Layer:
+    """Synchronous primitives on one layer, counted by kind."""
+
+    def __init__(self, root: str, *, name: str):
+        self.name = name
+        self.root = root
+        self.root_fd = os.open(root, O_DIR)
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def close(self) -> None:
+        os.close(self.root_fd)
+
+    def lstat(self, dirfd: int, name: bytes) -> os.stat_result:
+        self.calls["lstat"] += 1
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+    def fstat(self, fd: int) -> os.stat_result:
+        self.calls["fstat"] += 1
+        return os.fstat(fd)
+
+    def open_dir(self, dirfd: int, name: bytes) -> int:
+        """Open a subdirectory; ELOOP/ENOTDIR if it is a symlink or no directory."""
+        self.calls["open_dir"] += 1
+        try:
+            return os.open(name, O_DIR, dir_fd=dirfd)
+        except PermissionError:
+            # An unreadable directory can still be walked through (mode 0311).
+            return os.open(name, O_DIR_PATH, dir_fd=dirfd)
+
+    def open_dir_path(self, path: bytes) -> int:
+        """Open a directory by a path below the root, one component at a time."""
+        fd = os.dup(self.root_fd)
+        try:
+            for part in path.split(b"/"):
+                if not part or part == b".":
+                    continue
+                if part == b"..":
+                    raise OSError(errno.EINVAL, "'..' in a layer path")
+                child = self.open_dir(fd, part)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def scandir(self, fd: int) -> list[tuple[bytes, int]]:
+        """List a directory as ``(name, d_type-ish S_IFMT or 0)`` pairs.
+
+        The type is 0 where the file system does not say; callers stat those.
+        """
+        self.calls["readdir"] += 1
+        out = []
+        with os.scandir(fd) as it:
+            for entry in it:
+                name = os.fsencode(entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    kind = stat.S_IFDIR
+                elif entry.is_symlink():
+                    kind = stat.S_IFLNK
+                elif entry.is_file(follow_symlinks=False):
+                    kind = stat.S_IFREG
+                else:
+                    kind = 0
+                out.append((name, kind))
+        return out
+
+    def scan_stats(self, fd: int) -> list[tuple[bytes, os.stat_result]]:
+        """List a directory with the lstat of each entry, in one go (one thread hop)."""
+        out = []
+        for name, _ in self.scandir(fd):
+            try:
+                out.append((name, self.lstat(fd, name)))
+            except FileNotFoundError:
+                pass
+        return out
+
+    def readlink(self, dirfd: int, name: bytes) -> bytes:
+        self.calls["readlink"] += 1
+        return os.readlink(name, dir_fd=dirfd)
+
+    def open(self, dirfd: int, name: bytes, flags: int, mode: int = 0o600) -> int:
+        self.calls["open"] += 1
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+    def _object_fd(self, dirfd: int, name: bytes) -> int:
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+
+    def listxattr(self, dirfd: int, name: bytes) -> list[str]:
+        self.calls["listxattr"] += 1
+        fd = self._object_fd(dirfd, name)
+        try:
+            return os.listxattr(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+
+    def getxattr(self, dirfd: int, name: bytes, attr: str) -> bytes:
+        self.calls["getxattr"] += 1
+        fd = self._object_fd(dirfd, name)
+        try:
+            return os.getxattr(f"/proc/self/fd/{fd}", attr)
+        finally:
+            os.close(fd)
+
+    def read_xattrs(self, dirfd: int, name: bytes) -> dict[str, bytes]:
+        """All xattrs of an object that the caller may read (for copy-up)."""
+        fd = self._object_fd(dirfd, name)
+        try:
+            path = f"/proc/self/fd/{fd}"
+            self.calls["listxattr"] += 1
+            try:
+                names = os.listxattr(path)
+            except OSError as e:
+                if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                    return {}
+                raise
+            out = {}
+            for attr in names:
+                self.calls["getxattr"] += 1
+                try:
+                    out[attr] = os.getxattr(path, attr)
+                except OSError as e:
+                    if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                        raise
+            return out
+        finally:
+            os.close(fd)
+
+
+class LowerLayer:
+    """The lower layer's primitives as awaitables that run in worker threads.
+
+    A call that takes longer than *timeout* seconds fails with EIO; its thread is
+    abandoned (it finishes or hangs on its own, never holding the event loop).
+    """
+
+    def __init__(self, layer: Layer, *, threads: int = 8, timeout: float | None = None):
+        self.layer = layer
+        self.root_fd = layer.root_fd
+        self.calls = layer.calls
+        self.limiter = trio.CapacityLimiter(threads)
+        self.timeout = timeout
+
+    async def run(self, fn, *args):
+        with trio.move_on_after(self.timeout if self.timeout else float("inf")) as scope:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter,
+                                                 abandon_on_cancel=True)
+        assert scope.cancelled_caught
+        self.calls["timeout"] += 1
+        raise OSError(errno.EIO, "the lower layer did not answer in time")
+
+    async def lstat(self, dirfd, name):
+        return await self.run(self.layer.lstat, dirfd, name)
+
+    async def fstat(self, fd):
+        return await self.run(self.layer.fstat, fd)
+
+    async def open_dir(self, dirfd, name):
+        return await self.run(self.layer.open_dir, dirfd, name)
+
+    async def open_dir_path(self, path):
+        return await self.run(self.layer.open_dir_path, path)
+
+    async def scandir(self, fd):
+        return await self.run(self.layer.scandir, fd)
+
+    async def readlink(self, dirfd, name):
+        return await self.run(self.layer.readlink, dirfd, name)
+
+    async def open(self, dirfd, name, flags):
+        return await self.run(self.layer.open, dirfd, name, flags)
+
+    async def listxattr(self, dirfd, name):
+        return await self.run(self.layer.listxattr, dirfd, name)
+
+    async def getxattr(self, dirfd, name, attr):
+        return await self.run(self.layer.getxattr, dirfd, name, attr)

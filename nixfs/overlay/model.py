@@ -1,0 +1,986 @@
+"""The merged view of a read-only lower and a writable upper.
+
+This is the overlay's logic, free of FUSE: operations take nodes and names and
+return attributes or raise ``OSError`` with the errno kernel overlayfs gives.
+
+Concurrency: everything runs on the trio event loop.  Reads run freely; every
+operation that changes the upper holds one lock, so its steps never interleave
+with another change.  Lower calls are awaited (worker threads, see
+``layers.LowerLayer``); upper metadata calls are local and made inline.
+"""
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+
+import trio
+
+from . import copyup, upperformat as fmt
+from .fdcache import FdCache, FdEntry
+from .inodes import DERIVED, InodeTable, Node
+from .layers import Layer, LowerLayer
+from .state import UpperState
+from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+log = logging.getLogger(__name__)
+
+# Open flags passed on to the layer; the others are the kernel's business.
+_PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSYNC
+               | os.O_DIRECT | os.O_TRUNC | os.O_LARGEFILE)
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+@dataclass(slots=True)
+class Attr:
+    """What the kernel is told about a node: the layer's stat with our overrides."""
+    ino: int
+    st: os.stat_result
+    nlink: int
+    uid: int
+    gid: int
+    ttl: float
+
+
+@dataclass(slots=True)
+class Caller:
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """Requested changes; None means unchanged."""
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+class Handle:
+    """An open file: a descriptor in the layer the node lived in when opened."""
+    __slots__ = ("fh", "node", "fd", "upper", "flags")
+
+    def __init__(self, fh: int, node: Node, fd: int, upper: bool, flags: int):
+        self.fh, self.node, self.fd, self.upper, self.flags = fh, node, fd, upper, flags
+
+
+@dataclass(slots=True)
+class Entry:
+    """One name of a directory listing with what the listing learned about it."""
+    name: bytes
+    upper_st: os.stat_result | None
+    lower_st: os.stat_result | None
+
+
+class DirHandle:
+    __slots__ = ("fh", "node", "entries")
+
+    def __init__(self, fh: int, node: Node, entries: list[Entry]):
+        self.fh, self.node, self.entries = fh, node, entries
+
+
+@dataclass(slots=True)
+class _Found:
+    kind: int
+    upper_st: os.stat_result | None
+    lower: object
+    lower_st: os.stat_result | None
+
+
+class Overlay:
+    def __init__(self, lower: str, upper: str, *, owner: tuple[int, int] | None = None,
+                 privileged: bool | None = None, readonly: bool = False, ttl: float = 1.0,
+                 lower_threads: int = 8, lower_timeout: float | None = None,
+                 fd_cache: int = 1024):
+        self.upper = Layer(upper, name="upper")
+        self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
+                                timeout=lower_timeout)
+        self.state = UpperState(self.upper.root_fd)
+        self.work_fd = self.state.work_fd
+        self.privileged = os.geteuid() == 0 if privileged is None else privileged
+        self.owner = owner
+        self.readonly = readonly
+        self.ttl = ttl
+        self.inodes = InodeTable()
+        self.inodes.on_drop = self._on_drop
+        self.root = self.inodes.root
+        self.fds = FdCache(fd_cache)
+        self._root_entries = {"u": FdEntry(self.upper.root_fd), "l": FdEntry(self.lower.root_fd)}
+        for e in self._root_entries.values():
+            e.pins = 1 << 62
+        self.handles: dict[int, Handle | DirHandle] = {}
+        self._fh = itertools.count(1)
+        self._tmp = itertools.count(1)
+        self._lock = trio.Lock()
+        self.data_limiter = trio.CapacityLimiter(8)
+        self.copy_ups = 0
+
+    def close(self) -> None:
+        for h in list(self.handles.values()):
+            if isinstance(h, Handle):
+                os.close(h.fd)
+        self.handles.clear()
+        self.fds.clear()
+        self.state.close()
+        self.upper.close()
+        self.lower.layer.close()
+
+    # ------------------------------------------------------------------ descriptors
+
+    def _on_drop(self, node: Node) -> None:
+        self.fds.drop(("u", node.ino))
+        self.fds.drop(("l", node.ino))
+
+    @contextmanager
+    def _upper_fd(self, node: Node):
+        """The upper directory of *node* (which must have one), open."""
+        entry = self._upper_entry(node)
+        try:
+            yield entry.fd
+        finally:
+            self.fds.release(entry)
+
+    def _upper_entry(self, node: Node) -> FdEntry:
+        if node is self.root:
+            return self._root_entries["u"]
+        entry = self.fds.acquire(("u", node.ino))
+        if entry is not None:
+            return entry
+        if node.parent is None:
+            raise _err(errno.ENOENT, "removed")
+        with self._upper_fd(node.parent) as pfd:
+            fd = self.upper.open_dir(pfd, node.name)
+        return self.fds.insert(("u", node.ino), fd)
+
+    @asynccontextmanager
+    async def _lower_fd(self, node: Node):
+        """The lower directory of *node* (which must have one), open."""
+        entry = await self._lower_entry(node)
+        try:
+            yield entry.fd
+        finally:
+            self.fds.release(entry)
+
+    async def _lower_entry(self, node: Node) -> FdEntry:
+        if node is self.root:
+            return self._root_entries["l"]
+        entry = self.fds.acquire(("l", node.ino))
+        if entry is not None:
+            return entry
+        if node.lower is DERIVED:
+            if node.parent is None:
+                raise _err(errno.ENOENT, "removed")
+            async with self._lower_fd(node.parent) as pfd:
+                fd = await self.lower.open_dir(pfd, node.name)
+        elif node.lower is None:
+            raise _err(errno.ENOENT, "no lower directory")
+        else:
+            fd = await self.lower.open_dir_path(node.lower)
+        return self.fds.insert(("l", node.ino), fd)
+
+    def lower_path(self, node: Node) -> bytes:
+        if node.lower is DERIVED:
+            parent = self.lower_path(node.parent)
+            return parent + b"/" + node.name if parent else node.name
+        return node.lower
+
+    @contextmanager
+    def _writable(self, dirfd: int):
+        """Let an unprivileged daemon change an upper directory it made read-only.
+
+        Nix makes store paths read-only; the user may still delete in them after
+        making them writable, but nixfs' own markers (whiteouts, copy-ups) go in
+        without asking, as kernel overlayfs' do with the mounter's credentials.
+        """
+        if self.privileged:
+            yield
+            return
+        st = os.fstat(dirfd)
+        if st.st_mode & 0o300 == 0o300:
+            yield
+            return
+        path = f"/proc/self/fd/{dirfd}"
+        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o300)
+        try:
+            yield
+        finally:
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+
+    def _work_name(self, kind: str = "tmp") -> bytes:
+        return f"{kind}.{os.getpid()}.{next(self._tmp)}".encode()
+
+    # ------------------------------------------------------------------ resolving names
+
+    def _check_name(self, name: bytes) -> None:
+        if len(name) > fmt.NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+
+    def _hidden_name(self, parent: Node, name: bytes) -> bool:
+        return fmt.is_reserved(name) or (parent is self.root and name == fmt.STATE_DIR)
+
+    def _upper_probe(self, parent: Node, name: bytes):
+        """What the upper says of *name*: (stat or None, lower hidden, opaque, redirect)."""
+        if not parent.upper:
+            return None, False, False, None
+        with self._upper_fd(parent) as pfd:
+            try:
+                st = self.upper.lstat(pfd, name)
+            except FileNotFoundError:
+                st = None
+            if st is not None and fmt.is_kernel_whiteout(st):
+                return None, True, False, None
+            hidden = parent.lower is not None and fmt.has_whiteout(pfd, name)
+            opaque, redirect = False, None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                cfd = self.upper.open_dir(pfd, name)
+                try:
+                    opaque, redirect = fmt.read_dir_flags(cfd)
+                finally:
+                    os.close(cfd)
+        return st, hidden, opaque, redirect
+
+    def _redirect_target(self, parent: Node, redirect: bytes):
+        if redirect.startswith(b"/"):
+            return redirect.strip(b"/")
+        if parent.lower is None:
+            return None
+        base = self.lower_path(parent)
+        return base + b"/" + redirect if base else redirect
+
+    async def _lower_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
+        if parent.lower is None:
+            return None
+        try:
+            async with self._lower_fd(parent) as pfd:
+                return await self.lower.lstat(pfd, name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    async def _resolve(self, parent: Node, name: bytes, lower_st=...) -> _Found:
+        """Find *name* in *parent* across the layers; ENOENT if it is not there.
+
+        *lower_st* may carry what a listing already learned of the lower entry.
+        """
+        up_st, hidden, opaque, redirect = self._upper_probe(parent, name)
+        if up_st is not None and not stat.S_ISDIR(up_st.st_mode):
+            return _Found(stat.S_IFMT(up_st.st_mode), up_st, None, None)
+        if up_st is not None:
+            if redirect is not None:
+                return _Found(stat.S_IFDIR, up_st, self._redirect_target(parent, redirect), None)
+            if opaque or hidden or parent.lower is None:
+                return _Found(stat.S_IFDIR, up_st, None, None)
+            if lower_st is ...:
+                lower_st = await self._lower_stat(parent, name)
+            merged = lower_st is not None and stat.S_ISDIR(lower_st.st_mode)
+            return _Found(stat.S_IFDIR, up_st, DERIVED if merged else None, lower_st)
+        if hidden or parent.lower is None:
+            raise _err(errno.ENOENT)
+        if lower_st is ...:
+            lower_st = await self._lower_stat(parent, name)
+        if lower_st is None:
+            raise _err(errno.ENOENT)
+        return _Found(stat.S_IFMT(lower_st.st_mode), None, DERIVED, lower_st)
+
+    async def _child(self, parent: Node, name: bytes, lower_st=...) -> tuple[Node, os.stat_result]:
+        """The node for *name* in *parent* and its current stat; ENOENT if absent."""
+        if not parent.is_dir:
+            raise _err(errno.ENOTDIR)
+        if self._hidden_name(parent, name):
+            raise _err(errno.ENOENT)
+        node = self.inodes.child(parent, name)
+        if node is not None:
+            if not node.upper and lower_st is not ... and lower_st is not None:
+                return node, lower_st
+            return node, await self._stat(node)
+        found = await self._resolve(parent, name, lower_st)
+        node = self.inodes.child(parent, name)  # someone may have made it meanwhile
+        if node is not None:
+            return node, await self._stat(node)
+        st = found.upper_st or found.lower_st
+        if found.upper_st is not None and not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+            node = self.inodes.by_upper_ino(st.st_ino)
+            if node is not None:
+                self.inodes.attach(node, parent, name)
+                return node, st
+        node = self.inodes.add(parent, name, found.kind, found.upper_st is not None, found.lower)
+        if found.upper_st is not None and st.st_nlink > 1 and not node.is_dir:
+            self.inodes.register_upper_ino(node, st.st_ino)
+        return node, st
+
+    async def _exists(self, parent: Node, name: bytes) -> bool:
+        try:
+            await self._child(parent, name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def _lower_has(self, parent: Node, name: bytes) -> bool:
+        """Whether removing the upper *name* would uncover a lower entry."""
+        if parent.lower is None:
+            return False
+        if parent.upper:
+            with self._upper_fd(parent) as pfd:
+                try:
+                    st = self.upper.lstat(pfd, name)
+                    if fmt.is_kernel_whiteout(st):
+                        return False
+                except FileNotFoundError:
+                    pass
+                if fmt.has_whiteout(pfd, name):
+                    return False
+        return await self._lower_stat(parent, name) is not None
+
+    # ------------------------------------------------------------------ attributes
+
+    async def _stat(self, node: Node) -> os.stat_result:
+        if node is self.root:
+            return self.upper.fstat(self.upper.root_fd)
+        if node.parent is None:
+            for h in self.handles.values():
+                if isinstance(h, Handle) and h.node is node:
+                    return os.fstat(h.fd)
+            raise _err(errno.ENOENT, "removed")
+        if node.upper:
+            with self._upper_fd(node.parent) as pfd:
+                return self.upper.lstat(pfd, node.name)
+        async with self._lower_fd(node.parent) as pfd:
+            return await self.lower.lstat(pfd, node.name)
+
+    def _attr(self, node: Node, st: os.stat_result) -> Attr:
+        nlink = 1 if node.merged else st.st_nlink
+        if self.owner is not None:
+            uid, gid = self.owner
+        else:
+            uid, gid = st.st_uid, st.st_gid
+        return Attr(node.ino, st, nlink, uid, gid, self.ttl)
+
+    async def getattr(self, node: Node) -> Attr:
+        return self._attr(node, await self._stat(node))
+
+    # ------------------------------------------------------------------ lookup and listing
+
+    def node(self, ino: int) -> Node:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise _err(errno.ESTALE)
+        return node
+
+    async def lookup(self, parent: Node, name: bytes) -> tuple[Node, Attr]:
+        """Find *name*; the kernel now holds one more reference to the node."""
+        self._check_name(name)
+        node, st = await self._child(parent, name)
+        node.lookups += 1
+        return node, self._attr(node, st)
+
+    def forget(self, ino: int, count: int) -> None:
+        self.inodes.forget(ino, count)
+
+    async def _list(self, node: Node, *, with_stats: bool) -> list[Entry]:
+        """The merged entries of a directory, upper first."""
+        entries: dict[bytes, Entry] = {}
+        hidden: set[bytes] = set()
+        if node.upper:
+            with self._upper_fd(node) as fd:
+                for name, kind in self.upper.scandir(fd):
+                    if fmt.is_reserved(name):
+                        hidden.add(name[len(fmt.WHITEOUT_PREFIX):])
+                        continue
+                    if node is self.root and name == fmt.STATE_DIR:
+                        continue
+                    st = None
+                    if with_stats or kind == 0:
+                        try:
+                            st = self.upper.lstat(fd, name)
+                        except FileNotFoundError:
+                            continue
+                        if fmt.is_kernel_whiteout(st):
+                            hidden.add(name)
+                            continue
+                    entries[name] = Entry(name, st, None)
+        if node.lower is not None:
+            try:
+                async with self._lower_fd(node) as fd:
+                    if with_stats:
+                        lower = await self.lower.run(self.lower.layer.scan_stats, fd)
+                    else:
+                        lower = [(n, None) for n, _ in await self.lower.scandir(fd)]
+            except (FileNotFoundError, NotADirectoryError):
+                lower = []  # a redirect whose lower directory is gone
+            for name, st in lower:
+                if name in hidden or self._hidden_name(node, name):
+                    continue
+                if name in entries:
+                    entries[name].lower_st = st
+                else:
+                    entries[name] = Entry(name, None, st)
+        return list(entries.values())
+
+    async def opendir(self, node: Node) -> DirHandle:
+        if not node.is_dir:
+            raise _err(errno.ENOTDIR)
+        dh = DirHandle(next(self._fh), node, await self._list(node, with_stats=True))
+        self.handles[dh.fh] = dh
+        return dh
+
+    async def readdir_entry(self, dh: DirHandle, index: int) -> tuple[Node, Attr] | None:
+        """The node of entry *index* (not yet referenced), or None if it is gone."""
+        entry = dh.entries[index]
+        try:
+            node, st = await self._child(dh.node, entry.name, entry.lower_st)
+        except FileNotFoundError:
+            return None
+        return node, self._attr(node, st)
+
+    def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    def dirhandle(self, fh: int) -> DirHandle:
+        dh = self.handles.get(fh)
+        if not isinstance(dh, DirHandle):
+            raise _err(errno.EBADF)
+        return dh
+
+    async def readlink(self, node: Node) -> bytes:
+        if node.kind != stat.S_IFLNK:
+            raise _err(errno.EINVAL)
+        if node.upper:
+            with self._upper_fd(node.parent) as pfd:
+                return self.upper.readlink(pfd, node.name)
+        async with self._lower_fd(node.parent) as pfd:
+            return await self.lower.readlink(pfd, node.name)
+
+    # ------------------------------------------------------------------ copy-up
+
+    async def _copy_up(self, node: Node, *, truncate: bool = False) -> None:
+        """Give *node* an upper object (lock held).  Directories get metadata only."""
+        if node.upper:
+            return
+        if node.parent is None:
+            raise _err(errno.ENOENT, "removed")
+        await self._copy_up(node.parent)
+        tmp = self._work_name()
+        async with self._lower_fd(node.parent) as lpfd:
+            st = await self.lower.run(
+                lambda: copyup.copy_to_work(self.lower.layer, lpfd, node.name, self.work_fd, tmp,
+                                            truncate=truncate, privileged=self.privileged))
+        try:
+            with self._upper_fd(node.parent) as upfd, self._keep_times(upfd), self._writable(upfd):
+                os.rename(tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=upfd)
+                if node.is_dir:
+                    # Renaming a directory may touch its times on some file systems.
+                    os.utime(node.name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=upfd,
+                             follow_symlinks=False)
+        except BaseException:
+            self.state.discard(tmp)
+            raise
+        node.upper = True
+        if not node.is_dir:
+            node.lower = None
+        self.copy_ups += 1
+
+    @contextmanager
+    def _keep_times(self, dirfd: int):
+        """A copy-up into a directory is not a change of that directory: keep its times."""
+        st = os.fstat(dirfd)
+        try:
+            yield
+        finally:
+            os.utime(f"/proc/self/fd/{dirfd}", ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    # ------------------------------------------------------------------ creating
+
+    def _check_new(self, parent: Node, name: bytes) -> None:
+        self._check_name(name)
+        if self.readonly:
+            raise _err(errno.EROFS)
+        if fmt.is_reserved(name):
+            raise _err(errno.EINVAL, "names starting with .wh. are reserved for whiteouts")
+        if parent is self.root and name == fmt.STATE_DIR:
+            raise _err(errno.EPERM, "the name of nixfs' state folder is reserved")
+
+    async def _create(self, parent: Node, name: bytes, caller: Caller, mode: int, make):
+        """Create *name* with ``make(dirfd, name)``; return (node, attr, make's result)."""
+        self._check_new(parent, name)
+        async with self._lock:
+            if await self._exists(parent, name):
+                raise _err(errno.EEXIST)
+            await self._copy_up(parent)
+            with self._upper_fd(parent) as pfd, self._writable(pfd):
+                # A directory made where a lower entry is whited out is marked opaque too,
+                # so that every reader of the upper (not only nixfs) sees it replace that entry.
+                hides_lower = self._clear_kernel_whiteout(pfd, name) or (
+                    parent.lower is not None and fmt.has_whiteout(pfd, name))
+                opaque = hides_lower and stat.S_ISDIR(mode)
+                result = make(pfd, name)
+                try:
+                    self._set_owner(pfd, name, caller, mode)
+                    if opaque:
+                        cfd = self.upper.open_dir(pfd, name)
+                        try:
+                            fmt.make_opaque(cfd)
+                        finally:
+                            os.close(cfd)
+                    st = self.upper.lstat(pfd, name)
+                except BaseException:
+                    if isinstance(result, int):
+                        os.close(result)
+                    self._undo_create(pfd, name)
+                    raise
+            node = self.inodes.add(parent, name, stat.S_IFMT(st.st_mode), True, None)
+            node.lookups += 1
+            return node, self._attr(node, st), result
+
+    @staticmethod
+    def _undo_create(pfd: int, name: bytes) -> None:
+        try:
+            os.rmdir(name, dir_fd=pfd)
+        except NotADirectoryError:
+            os.unlink(name, dir_fd=pfd)
+        except OSError:
+            pass
+
+    def _clear_kernel_whiteout(self, pfd: int, name: bytes) -> bool:
+        """Turn a kernel whiteout at *name* into ours, so *name* can be created.
+
+        Returns whether there was one.
+        """
+        try:
+            st = self.upper.lstat(pfd, name)
+        except FileNotFoundError:
+            return False
+        if not fmt.is_kernel_whiteout(st):
+            return False
+        if fmt.whiteout_fits(name):
+            fmt.make_whiteout(pfd, name)
+        os.unlink(name, dir_fd=pfd)
+        return True
+
+    def _set_owner(self, pfd: int, name: bytes, caller: Caller, mode: int) -> None:
+        if not self.privileged:
+            return
+        parent_st = os.fstat(pfd)
+        gid = -1 if parent_st.st_mode & stat.S_ISGID else caller.gid
+        os.chown(name, caller.uid, gid, dir_fd=pfd, follow_symlinks=False)
+        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode):
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=pfd)  # chown cleared them
+
+    async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller):
+        def make(pfd, name):
+            os.mkdir(name, stat.S_IMODE(mode), dir_fd=pfd)
+        node, attr, _ = await self._create(parent, name, caller, mode | stat.S_IFDIR, make)
+        return node, attr
+
+    async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, caller: Caller):
+        def make(pfd, name):
+            os.mknod(name, mode, rdev, dir_fd=pfd)
+        node, attr, _ = await self._create(parent, name, caller, mode, make)
+        return node, attr
+
+    async def symlink(self, parent: Node, name: bytes, target: bytes, caller: Caller):
+        def make(pfd, name):
+            os.symlink(target, name, dir_fd=pfd)
+        node, attr, _ = await self._create(parent, name, caller, stat.S_IFLNK | 0o777, make)
+        return node, attr
+
+    async def create(self, parent: Node, name: bytes, mode: int, flags: int, caller: Caller):
+        def make(pfd, name):
+            return self.upper.open(pfd, name, (flags & _PASS_FLAGS) | os.O_CREAT | os.O_EXCL,
+                                   stat.S_IMODE(mode))
+        node, attr, fd = await self._create(parent, name, caller, mode, make)
+        return self._new_handle(node, fd, True, flags), node, attr
+
+    async def link(self, node: Node, new_parent: Node, new_name: bytes) -> Attr:
+        self._check_new(new_parent, new_name)
+        if node.is_dir:
+            raise _err(errno.EPERM)
+        async with self._lock:
+            if await self._exists(new_parent, new_name):
+                raise _err(errno.EEXIST)
+            await self._copy_up(node)
+            await self._copy_up(new_parent)
+            if node.parent is None:
+                raise _err(errno.ENOENT)
+            with self._upper_fd(node.parent) as sfd, self._upper_fd(new_parent) as dfd, \
+                    self._writable(dfd):
+                self._clear_kernel_whiteout(dfd, new_name)
+                os.link(node.name, new_name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                st = self.upper.lstat(dfd, new_name)
+            self.inodes.attach(node, new_parent, new_name)
+            self.inodes.register_upper_ino(node, st.st_ino)
+            node.lookups += 1
+            return self._attr(node, st)
+
+    # ------------------------------------------------------------------ removing
+
+    def _kernel_whiteout(self, pfd: int, name: bytes) -> None:
+        """Put a character-device whiteout at *name*, for names too long for ``.wh.``.
+
+        Built in the work folder and renamed into place, so a non-directory that
+        was there is replaced at once.
+        """
+        tmp = self._work_name("wh")
+        os.mknod(tmp, stat.S_IFCHR | 0o600, 0, dir_fd=self.work_fd)
+        try:
+            os.rename(tmp, name, src_dir_fd=self.work_fd, dst_dir_fd=pfd)
+        except BaseException:
+            self.state.discard(tmp)
+            raise
+
+    def _discard_upper(self, pfd: int, name: bytes) -> None:
+        """Remove an upper directory (holding only markers) at once, then its content."""
+        trash = self._work_name("trash")
+        os.rename(name, trash, src_dir_fd=pfd, dst_dir_fd=self.work_fd)
+        self.state.discard(trash)
+
+    async def unlink(self, parent: Node, name: bytes) -> None:
+        self._check_remove(name)
+        async with self._lock:
+            node, _ = await self._child(parent, name)
+            if node.is_dir:
+                raise _err(errno.EISDIR)
+            await self._remove(parent, name, node)
+
+    async def rmdir(self, parent: Node, name: bytes) -> None:
+        self._check_remove(name)
+        async with self._lock:
+            node, _ = await self._child(parent, name)
+            if not node.is_dir:
+                raise _err(errno.ENOTDIR)
+            if await self._list(node, with_stats=False):
+                raise _err(errno.ENOTEMPTY)
+            await self._remove(parent, name, node)
+
+    def _check_remove(self, name: bytes) -> None:
+        self._check_name(name)
+        if self.readonly:
+            raise _err(errno.EROFS)
+
+    async def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        cover = await self._lower_has(parent, name)
+        await self._copy_up(parent)
+        with self._upper_fd(parent) as pfd, self._writable(pfd):
+            if cover and fmt.whiteout_fits(name):
+                fmt.make_whiteout(pfd, name)
+                cover = False
+            if node.upper and node.is_dir:
+                self._discard_upper(pfd, name)
+            elif node.upper and not cover:
+                os.unlink(name, dir_fd=pfd)
+            if cover:
+                self._kernel_whiteout(pfd, name)
+        self._forget_dir_fds(node)
+        self.inodes.detach(node, parent, name)
+
+    def _forget_dir_fds(self, node: Node) -> None:
+        if node.is_dir:
+            self.fds.drop(("u", node.ino))
+            self.fds.drop(("l", node.ino))
+
+    # ------------------------------------------------------------------ rename
+
+    async def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+                     flags: int = 0) -> None:
+        self._check_name(old_name)
+        self._check_new(new_parent, new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (
+                flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE):
+            raise _err(errno.EINVAL)
+        async with self._lock:
+            src, _ = await self._child(old_parent, old_name)
+            try:
+                dst, _ = await self._child(new_parent, new_name)
+            except FileNotFoundError:
+                dst = None
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise _err(errno.ENOENT)
+                await self._exchange(old_parent, old_name, src, new_parent, new_name, dst)
+                return
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise _err(errno.EEXIST)
+                if dst is src:
+                    return  # two links of one file: POSIX says do nothing
+                if src.is_dir and not dst.is_dir:
+                    raise _err(errno.ENOTDIR)
+                if dst.is_dir and not src.is_dir:
+                    raise _err(errno.EISDIR)
+                if dst.is_dir and await self._list(dst, with_stats=False):
+                    raise _err(errno.ENOTEMPTY)
+            if src.is_dir and self._is_ancestor(src, new_parent):
+                raise _err(errno.EINVAL)
+            await self._move(old_parent, old_name, src, new_parent, new_name, dst)
+
+    def _is_ancestor(self, node: Node, other: Node | None) -> bool:
+        while other is not None:
+            if other is node:
+                return True
+            other = other.parent
+        return False
+
+    async def _move(self, old_parent, old_name, src, new_parent, new_name, dst) -> None:
+        same_place = old_parent is new_parent and old_name == new_name
+        cover_old = await self._lower_has(old_parent, old_name)
+        cover_new = src.is_dir and await self._lower_has(new_parent, new_name)
+        await self._copy_up(src)
+        await self._copy_up(new_parent)
+        redirect = self.lower_path(src) if src.is_dir and src.lower is not None else None
+        with self._upper_fd(old_parent) as ofd, self._upper_fd(new_parent) as nfd, \
+                self._writable(ofd), self._writable(nfd):
+            if src.is_dir and not same_place:
+                with self._upper_fd(src) as sfd:
+                    if redirect is not None:
+                        fmt.write_redirect(sfd, redirect)
+                    elif cover_new:
+                        fmt.make_opaque(sfd)
+            short = fmt.whiteout_fits(old_name)
+            if cover_old and short:
+                fmt.make_whiteout(ofd, old_name)
+            if dst is not None and dst.is_dir and dst.upper:
+                try:
+                    os.rename(old_name, new_name, src_dir_fd=ofd, dst_dir_fd=nfd)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    self._discard_upper(nfd, new_name)  # it held only markers
+                    os.rename(old_name, new_name, src_dir_fd=ofd, dst_dir_fd=nfd)
+            else:
+                os.rename(old_name, new_name, src_dir_fd=ofd, dst_dir_fd=nfd)
+            if cover_old and not short:
+                self._kernel_whiteout(ofd, old_name)
+        if redirect is not None:
+            src.lower = redirect
+        if dst is not None:
+            self._forget_dir_fds(dst)
+            self.inodes.detach(dst, new_parent, new_name)
+        self.inodes.move(src, old_parent, old_name, new_parent, new_name)
+
+    async def _exchange(self, a_parent, a_name, a, b_parent, b_name, b) -> None:
+        if a is b:
+            return
+        if (a.is_dir and self._is_ancestor(a, b_parent)) or (b.is_dir and self._is_ancestor(b, a_parent)):
+            raise _err(errno.EINVAL)
+        # Each object lands where the other was: a directory there must not merge
+        # with that name's lower entry unless it brings its own (a redirect).
+        moves = []
+        for node, to_parent, to_name in ((a, b_parent, b_name), (b, a_parent, a_name)):
+            cover = node.is_dir and await self._lower_has(to_parent, to_name)
+            moves.append((node, cover))
+        for node in (a, b):
+            await self._copy_up(node)
+        await self._copy_up(a_parent)
+        await self._copy_up(b_parent)
+        redirects = {}
+        for node, cover in moves:
+            if node.is_dir:
+                with self._upper_fd(node) as fd:
+                    if node.lower is not None:
+                        redirects[node] = self.lower_path(node)
+                        fmt.write_redirect(fd, redirects[node])
+                    elif cover:
+                        fmt.make_opaque(fd)
+        with self._upper_fd(a_parent) as afd, self._upper_fd(b_parent) as bfd, \
+                self._writable(afd), self._writable(bfd):
+            renameat2(afd, a_name, bfd, b_name, RENAME_EXCHANGE)
+        for node, path in redirects.items():
+            node.lower = path
+        self.inodes.exchange(a, a_parent, a_name, b, b_parent, b_name)
+
+    # ------------------------------------------------------------------ attributes, xattrs
+
+    async def setattr(self, node: Node, changes: SetAttr, handle: Handle | None = None) -> Attr:
+        if self.readonly:
+            raise _err(errno.EROFS)
+        async with self._lock:
+            await self._copy_up(node, truncate=changes.size == 0)
+            fd_for_size = handle.fd if handle is not None and handle.upper else None
+            with self._object(node) as (pfd, name):
+                if changes.size is not None:
+                    if node.is_dir:
+                        raise _err(errno.EISDIR)
+                    if fd_for_size is not None:
+                        os.ftruncate(fd_for_size, changes.size)
+                    else:
+                        fd = self.upper.open(pfd, name, os.O_WRONLY)
+                        try:
+                            os.ftruncate(fd, changes.size)
+                        finally:
+                            os.close(fd)
+                if changes.uid is not None or changes.gid is not None:
+                    self._chown(pfd, name, changes.uid, changes.gid)
+                if changes.mode is not None:
+                    if node.kind == stat.S_IFLNK:
+                        raise _err(errno.EOPNOTSUPP)
+                    os.chmod(name, stat.S_IMODE(changes.mode), dir_fd=pfd)
+                if changes.atime_ns is not None or changes.mtime_ns is not None:
+                    st = self.upper.lstat(pfd, name)
+                    times = (st.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
+                             st.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns)
+                    os.utime(name, ns=times, dir_fd=pfd, follow_symlinks=False)
+                st = self.upper.lstat(pfd, name)
+            return self._attr(node, st)
+
+    def _chown(self, pfd: int, name: bytes, uid: int | None, gid: int | None) -> None:
+        if self.owner is not None:
+            # Everything shows as the mounting user's; only a real change is passed on.
+            uid = None if uid == self.owner[0] else uid
+            gid = None if gid == self.owner[1] else gid
+            if uid is None and gid is None:
+                return
+        os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=pfd,
+                 follow_symlinks=False)
+
+    @contextmanager
+    def _object(self, node: Node):
+        """(dirfd, name) of *node*'s upper object; the root is (root fd, '.')."""
+        if node is self.root:
+            yield self.upper.root_fd, b"."
+            return
+        if node.parent is None:
+            raise _err(errno.ENOENT, "removed")
+        with self._upper_fd(node.parent) as pfd:
+            yield pfd, node.name
+
+    async def _lower_object_call(self, node: Node, fn, *args):
+        if node is self.root:
+            return await self.lower.run(fn, self.lower.root_fd, b".", *args)
+        async with self._lower_fd(node.parent) as pfd:
+            return await self.lower.run(fn, pfd, node.name, *args)
+
+    async def getxattr(self, node: Node, name: bytes) -> bytes:
+        key = os.fsdecode(name)
+        if fmt.is_overlay_xattr(key):
+            raise _err(errno.ENODATA)
+        try:
+            if node.upper:
+                with self._object(node) as (pfd, n):
+                    return self.upper.getxattr(pfd, n, key)
+            return await self._lower_object_call(node, self.lower.layer.getxattr, key)
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:
+                raise _err(errno.ENODATA) from None
+            raise
+
+    async def listxattr(self, node: Node) -> list[bytes]:
+        try:
+            if node.upper:
+                with self._object(node) as (pfd, n):
+                    names = self.upper.listxattr(pfd, n)
+            else:
+                names = await self._lower_object_call(node, self.lower.layer.listxattr)
+        except OSError as e:
+            if e.errno == errno.ENOTSUP:
+                return []
+            raise
+        return [os.fsencode(n) for n in names if not fmt.is_overlay_xattr(n)]
+
+    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        key = os.fsdecode(name)
+        if self.readonly:
+            raise _err(errno.EROFS)
+        if fmt.is_overlay_xattr(key):
+            raise _err(errno.EPERM, "overlay xattrs are reserved")
+        async with self._lock:
+            await self._copy_up(node)
+            with self._object(node) as (pfd, n):
+                copyup.set_xattr(pfd, n, key, value)
+
+    async def removexattr(self, node: Node, name: bytes) -> None:
+        if self.readonly:
+            raise _err(errno.EROFS)
+        await self.getxattr(node, name)  # ENODATA without a copy-up
+        key = os.fsdecode(name)
+        async with self._lock:
+            await self._copy_up(node)
+            with self._object(node) as (pfd, n):
+                fd = os.open(n, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                try:
+                    os.removexattr(f"/proc/self/fd/{fd}", key)
+                finally:
+                    os.close(fd)
+
+    def statfs(self) -> os.statvfs_result:
+        return os.fstatvfs(self.upper.root_fd)
+
+    # ------------------------------------------------------------------ file data
+
+    def _new_handle(self, node: Node, fd: int, upper: bool, flags: int) -> Handle:
+        h = Handle(next(self._fh), node, fd, upper, flags)
+        self.handles[h.fh] = h
+        return h
+
+    def handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if not isinstance(h, Handle):
+            raise _err(errno.EBADF)
+        return h
+
+    async def open(self, node: Node, flags: int) -> Handle:
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            if self.readonly:
+                raise _err(errno.EROFS)
+            async with self._lock:
+                await self._copy_up(node, truncate=bool(flags & os.O_TRUNC))
+        fd = await self._open_top(node, flags & _PASS_FLAGS)
+        return self._new_handle(node, fd, node.upper, flags)
+
+    async def _open_top(self, node: Node, flags: int) -> int:
+        if node.parent is None:
+            raise _err(errno.ENOENT, "removed")
+        if node.upper:
+            with self._upper_fd(node.parent) as pfd:
+                return self.upper.open(pfd, node.name, flags)
+        async with self._lower_fd(node.parent) as pfd:
+            return await self.lower.open(pfd, node.name, flags)
+
+    async def read(self, h: Handle, offset: int, size: int) -> bytes:
+        if not h.upper and h.node.upper:
+            # Copied up since it was opened: read the copy, as kernel overlayfs does.
+            fd = await self._open_top(h.node, h.flags & _PASS_FLAGS & ~os.O_TRUNC)
+            os.close(h.fd)
+            h.fd, h.upper = fd, True
+        if h.upper:
+            self.upper.calls["read"] += 1
+            return await trio.to_thread.run_sync(os.pread, h.fd, size, offset,
+                                                 limiter=self.data_limiter)
+        self.lower.calls["read"] += 1
+        return await self.lower.run(os.pread, h.fd, size, offset)
+
+    async def write(self, h: Handle, offset: int, data: bytes) -> int:
+        if not h.upper:
+            raise _err(errno.EBADF)
+        self.upper.calls["write"] += 1
+        return await trio.to_thread.run_sync(os.pwrite, h.fd, data, offset,
+                                             limiter=self.data_limiter)
+
+    async def fsync(self, h: Handle, datasync: bool) -> None:
+        if h.upper:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd,
+                                          limiter=self.data_limiter)
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if isinstance(h, Handle):
+            os.close(h.fd)
+
+    async def fsyncdir(self, node: Node, datasync: bool) -> None:
+        if node.upper:
+            with self._upper_fd(node) as fd:
+                await trio.to_thread.run_sync(os.fsync, fd, limiter=self.data_limiter)
+
+    async def sync(self) -> None:
+        """Flush everything written to the upper to disk."""
+        from .syscalls import syncfs
+        await trio.to_thread.run_sync(syncfs, self.upper.root_fd)

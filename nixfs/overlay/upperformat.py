@@ -1,0 +1,153 @@
+"""The upper layer's on-disk format: whiteouts, opaque directories, redirects.
+
+nixfs writes a format that needs no privileges (the OCI layer convention):
+
+- ``.wh.NAME`` beside ``NAME`` hides the lower ``NAME``.  An upper ``NAME`` next to
+  it is still shown; if that is a directory it does not merge with the lower one.
+- ``.wh..wh..opq`` inside a directory makes it opaque: no lower entries show.
+- ``.wh..wh..nixfs-redirect`` inside a directory holds the lower path (``/`` and
+  the path from the lower root, as raw bytes with no newline) whose entries the
+  directory merges with.  It is written when a
+  directory that has lower entries is renamed, and travels with the directory.
+
+It also reads what kernel overlayfs writes: character devices 0/0 as whiteouts,
+``trusted.overlay.opaque``/``user.overlay.opaque`` = ``y`` and
+``trusted.overlay.redirect``/``user.overlay.redirect``.
+
+Names starting with ``.wh.`` are reserved: they never appear in the merged view
+and cannot be created through it.  nixfs keeps its own state in ``.nixfs`` at
+the upper's root, which the merged view does not show either.
+"""
+
+import os
+import stat
+
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+REDIRECT_MARKER = b".wh..wh..nixfs-redirect"
+STATE_DIR = b".nixfs"
+NAME_MAX = 255
+
+# Kernel overlayfs keeps its metadata in these xattr namespaces; the merged view
+# neither shows nor accepts them.
+OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_OPAQUE_XATTRS = tuple(p + "opaque" for p in OVERLAY_XATTR_PREFIXES)
+_REDIRECT_XATTRS = tuple(p + "redirect" for p in OVERLAY_XATTR_PREFIXES)
+
+
+def is_reserved(name: bytes) -> bool:
+    """True for names the merged view never shows and never creates."""
+    return name.startswith(WHITEOUT_PREFIX)
+
+
+def whiteout_name(name: bytes) -> bytes:
+    return WHITEOUT_PREFIX + name
+
+
+def whiteout_fits(name: bytes) -> bool:
+    """Whether ``.wh.NAME`` is a legal name; longer names get a kernel whiteout."""
+    return len(name) + len(WHITEOUT_PREFIX) <= NAME_MAX
+
+
+def is_kernel_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_overlay_xattr(name: str) -> bool:
+    return name.startswith(OVERLAY_XATTR_PREFIXES)
+
+
+def _xattr_path(fd: int) -> str:
+    # O_PATH descriptors cannot be used with f*xattr; their /proc link can.
+    return f"/proc/self/fd/{fd}"
+
+
+def read_dir_flags(dirfd: int) -> tuple[bool, bytes | None]:
+    """Return ``(opaque, redirect)`` for an upper directory open as *dirfd*.
+
+    *redirect* is a lower path relative to the lower root, or a bare name that is
+    relative to the parent's lower directory (kernel overlayfs' short form),
+    marked by not starting with ``/``; nixfs' own redirects are always absolute.
+    """
+    opaque = _exists(dirfd, OPAQUE_MARKER)
+    redirect = None
+    try:
+        fd = os.open(REDIRECT_MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except FileNotFoundError:
+        pass
+    else:
+        try:
+            redirect = b"/" + _read_all(fd).strip(b"/")  # exact bytes: names may hold newlines
+        finally:
+            os.close(fd)
+    try:
+        names = os.listxattr(_xattr_path(dirfd))
+    except OSError:
+        names = []
+    for name in names:
+        if name in _OPAQUE_XATTRS:
+            opaque = opaque or _getxattr(dirfd, name) == b"y"
+        elif name in _REDIRECT_XATTRS and redirect is None:
+            value = _getxattr(dirfd, name)
+            if value:
+                redirect = value.rstrip(b"\0")
+    return opaque, redirect
+
+
+def write_redirect(dirfd: int, lower_path: bytes) -> None:
+    """Record that the directory open as *dirfd* merges with *lower_path*.
+
+    Written to a temporary name and renamed, so a crash leaves the old marker or
+    the new one, never a torn one.
+    """
+    tmp = REDIRECT_MARKER + b".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dirfd)
+    try:
+        os.write(fd, b"/" + lower_path.strip(b"/"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, REDIRECT_MARKER, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+
+
+def make_whiteout(dirfd: int, name: bytes) -> None:
+    """Hide the lower *name*: ``.wh.NAME``, or a kernel whiteout if that is too long."""
+    if whiteout_fits(name):
+        fd = os.open(whiteout_name(name), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dirfd)
+        os.close(fd)
+    else:
+        os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=dirfd)
+
+
+def has_whiteout(dirfd: int, name: bytes) -> bool:
+    return whiteout_fits(name) and _exists(dirfd, whiteout_name(name))
+
+
+def make_opaque(dirfd: int) -> None:
+    fd = os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=dirfd)
+    os.close(fd)
+
+
+def _exists(dirfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _getxattr(fd: int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(_xattr_path(fd), name)
+    except OSError:
+        return None
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
