@@ -59,6 +59,24 @@ def _caller(ctx) -> Caller:
     return Caller(ctx.uid, ctx.gid)
 
 
+class KernelNotifier:
+    """Drops what the kernel cached about objects the model changed behind its back.
+
+    Only attributes and entries: page invalidation from inside a request handler
+    could wait on a page whose read waits on us.
+    """
+
+    def attr_changed(self, ino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # the kernel does not have it: nothing to drop
+                log.warning("invalidating inode %d: %s", ino, e)
+
+    def entry_changed(self, parent_ino: int, name: bytes) -> None:
+        pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+
+
 class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -67,6 +85,7 @@ class FuseOps(pyfuse3.Operations):
     def __init__(self, overlay: Overlay):
         super().__init__()
         self.fs = overlay
+        overlay.notify = KernelNotifier()
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors = 0
 

@@ -22,14 +22,28 @@ def canonical(mountpoint: str) -> str:
     return os.path.join(os.path.realpath(parent), base) if base else path
 
 
+def host_uid() -> int:
+    """This process's uid outside any user namespace (root in ``unshare -Ur`` is a user)."""
+    uid = os.geteuid()
+    try:
+        with open("/proc/self/uid_map") as f:
+            for line in f:
+                inside, outside, count = map(int, line.split())
+                if inside <= uid < inside + count:
+                    return outside + uid - inside
+    except (OSError, ValueError):
+        pass
+    return uid
+
+
 def runtime_dir() -> Path:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.access(xdg, os.W_OK):
         base = Path(xdg) / "nixfs"
-    elif os.geteuid() == 0 and os.access("/run", os.W_OK):
+    elif host_uid() == 0 and os.access("/run", os.W_OK):
         base = Path("/run/nixfs")
     else:
-        base = Path(f"/tmp/nixfs-{os.geteuid()}")
+        base = Path(f"/tmp/nixfs-{host_uid()}")
     base.mkdir(mode=0o700, exist_ok=True)
     st = base.stat()
     if st.st_uid != os.geteuid():

@@ -21,7 +21,7 @@ def is_root() -> bool:
 needs_root = pytest.mark.skipif(not is_root(), reason="needs root")
 
 
-def make_lower(root: Path) -> Path:
+def make_lower(root: Path, abs_target: str = "/etc/passwd") -> Path:
     """A small lower tree with every kind of object an overlay must handle."""
     root.mkdir(parents=True, exist_ok=True)
     files = {
@@ -44,7 +44,7 @@ def make_lower(root: Path) -> Path:
     (root / "dir/ro-file").chmod(0o444)
     (root / "dir/empty").mkdir()
     os.link(root / "dir/hard1", root / "dir/hard2")
-    os.symlink("/etc/passwd", root / "dir/link-abs")
+    os.symlink(abs_target, root / "dir/link-abs")
     os.symlink("file", root / "dir/link-rel")
     os.symlink("libb.so", root / "store/bbb-lib/lib/libb.so.1")
     os.mkfifo(root / "dir/fifo")
@@ -109,3 +109,75 @@ def mounted(lower, upper, mnt):
 
 def run(*cmd, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+
+
+TEST_USER = "nixfstest"
+
+
+class OrdinaryUser:
+    """An unprivileged user that runs nixfs from a copy of the package it can read."""
+
+    def __init__(self, home: Path):
+        import pwd
+        self.name = TEST_USER
+        pw = pwd.getpwnam(TEST_USER)
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+        self.home = home
+        self.pythonpath = home / "src"
+        import shutil
+        shutil.copytree(Path(__file__).resolve().parent.parent / "nixfs", self.pythonpath / "nixfs",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, dirnames, filenames in os.walk(home):
+            os.chmod(dirpath, 0o755)
+            for name in filenames:
+                os.chmod(os.path.join(dirpath, name), 0o644)
+
+    def dir(self, name: str) -> Path:
+        path = self.home / name
+        path.mkdir()
+        os.chown(path, self.uid, self.gid)
+        return path
+
+    def env(self) -> dict:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(self.home),
+                "PYTHONPATH": str(self.pythonpath), "LANG": "C.UTF-8"}
+
+    def run(self, *cmd, env=None, **kw) -> subprocess.CompletedProcess:
+        full_env = self.env()
+        full_env.update(env or {})
+        args = ["runuser", "-u", self.name, "--", "env", "-i"]
+        args += [f"{k}={v}" for k, v in full_env.items()] + [str(c) for c in cmd]
+        return subprocess.run(args, capture_output=True, text=True, timeout=120, **kw)
+
+    def nixfs(self, *args, **kw) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "nixfs", *args, **kw)
+
+
+@pytest.fixture(scope="session")
+def _test_user():
+    if run("id", TEST_USER).returncode != 0:
+        subprocess.run(["useradd", "--create-home", TEST_USER], check=True)
+
+
+@pytest.fixture
+def fuse_for_all():
+    """/dev/fuse usable by ordinary users, as these machines need (restored after)."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", 0o666)
+    yield
+    os.chmod("/dev/fuse", mode)
+
+
+@pytest.fixture
+def user(_test_user, fuse_for_all):
+    if not is_root():
+        pytest.skip("needs root to act as an ordinary user")
+    import shutil
+    import tempfile
+    home = Path(tempfile.mkdtemp(prefix="nixfs-user-"))  # pytest's own tmp is root-only
+    try:
+        yield OrdinaryUser(home)
+    finally:
+        for path in home.iterdir():
+            force_unmount(path)
+        shutil.rmtree(home, ignore_errors=True)

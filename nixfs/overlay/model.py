@@ -96,6 +96,19 @@ class _Found:
     lower_st: os.stat_result | None
 
 
+class Notifier:
+    """How the model tells the kernel that something it may have cached changed.
+
+    The FUSE adapter implements it; without FUSE (unit tests) nothing is cached.
+    """
+
+    def attr_changed(self, ino: int) -> None:
+        pass
+
+    def entry_changed(self, parent_ino: int, name: bytes) -> None:
+        pass
+
+
 class Overlay:
     def __init__(self, lower: str, upper: str, *, owner: tuple[int, int] | None = None,
                  privileged: bool | None = None, readonly: bool = False, ttl: float = 1.0,
@@ -123,6 +136,7 @@ class Overlay:
         self._lock = trio.Lock()
         self.data_limiter = trio.CapacityLimiter(8)
         self.copy_ups = 0
+        self.notify = Notifier()
 
     def close(self) -> None:
         for h in list(self.handles.values()):
@@ -486,6 +500,7 @@ class Overlay:
         if not node.is_dir:
             node.lower = None
         self.copy_ups += 1
+        self.notify.attr_changed(node.ino)  # e.g. a merged directory's link count is 1
 
     @contextmanager
     def _keep_times(self, dirfd: int):
@@ -737,7 +752,7 @@ class Overlay:
         with self._upper_fd(old_parent) as ofd, self._upper_fd(new_parent) as nfd, \
                 self._writable(ofd), self._writable(nfd):
             if src.is_dir and not same_place:
-                with self._upper_fd(src) as sfd:
+                with self._upper_fd(src) as sfd, self._keep_times(sfd), self._writable(sfd):
                     if redirect is not None:
                         fmt.write_redirect(sfd, redirect)
                     elif cover_new:
@@ -782,7 +797,7 @@ class Overlay:
         redirects = {}
         for node, cover in moves:
             if node.is_dir:
-                with self._upper_fd(node) as fd:
+                with self._upper_fd(node) as fd, self._keep_times(fd), self._writable(fd):
                     if node.lower is not None:
                         redirects[node] = self.lower_path(node)
                         fmt.write_redirect(fd, redirects[node])

@@ -1,0 +1,200 @@
+"""Seeded random file system operations, for comparing nixfs with kernel overlayfs.
+
+An operation is a plain tuple of relative paths and values, chosen by looking at
+the reference mount; ``apply`` runs it on any mount and reports what happened
+as data (a value or an errno name), so two mounts can be compared call by call.
+"""
+
+import errno
+import hashlib
+import os
+import random
+import stat
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nixfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2  # noqa: E402
+
+NAMES = ["a", "b", "c", "d", "new", "file", "sub", "x", "ro-dir", "empty", "deep"]
+DATA = [b"", b"x", b"hello\n", b"0123456789" * 50, os.urandom(70000)]
+
+
+def _tree(root: str) -> tuple[list[str], list[str]]:
+    dirs, others = [""], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        rel = "" if rel == "." else rel
+        for d in dirnames:
+            p = os.path.join(rel, d)
+            (dirs if not os.path.islink(os.path.join(root, p)) else others).append(p)
+        others.extend(os.path.join(rel, f) for f in filenames)
+    return sorted(dirs), sorted(others)
+
+
+class Generator:
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def _existing(self, dirs, others, kind=None):
+        pool = {"dir": dirs[1:], "file": others}.get(kind, dirs[1:] + others)
+        return self.rng.choice(pool) if pool else self.rng.choice(NAMES)
+
+    def _new(self, dirs, others):
+        r = self.rng.random()
+        if r < 0.1 and others:  # below a non-directory: ENOTDIR
+            return os.path.join(self.rng.choice(others), "x")
+        if r < 0.15:
+            return os.path.join("missing", self.rng.choice(NAMES))
+        return os.path.join(self.rng.choice(dirs), self.rng.choice(NAMES))
+
+    def _any(self, dirs, others):
+        return self._existing(dirs, others) if self.rng.random() < 0.6 else self._new(dirs, others)
+
+    def next(self, root: str) -> tuple:
+        dirs, others = _tree(root)
+        rng = self.rng
+        kind = rng.choices(
+            ["write", "pwrite", "read", "truncate", "mkdir", "rmdir", "unlink", "rename",
+             "link", "symlink", "chmod", "utime", "setxattr", "removexattr", "mkfifo", "stat",
+             "listdir", "readlink", "getxattr"],
+            weights=[8, 4, 4, 3, 6, 4, 5, 10, 3, 2, 3, 2, 2, 1, 1, 3, 3, 1, 1])[0]
+        if kind == "write":
+            return kind, self._any(dirs, others), rng.choice(DATA), rng.choice(
+                [0, os.O_TRUNC, os.O_APPEND, os.O_EXCL])
+        if kind == "pwrite":
+            return kind, self._existing(dirs, others, "file"), rng.randrange(0, 100000), rng.choice(DATA)
+        if kind == "truncate":
+            return kind, self._any(dirs, others), rng.choice([0, 3, 5000, 100000])
+        if kind == "mkdir":
+            return kind, self._new(dirs, others), rng.choice([0o755, 0o700, 0o555])
+        if kind in ("rmdir", "listdir"):
+            return kind, self._existing(dirs, others, "dir") if rng.random() < 0.8 else self._any(dirs, others)
+        if kind == "rename":
+            src = self._existing(dirs, others)
+            dst = self._any(dirs, others)
+            return kind, src, dst, rng.choice([0, 0, 0, RENAME_NOREPLACE, RENAME_EXCHANGE])
+        if kind == "link":
+            return kind, self._existing(dirs, others, "file"), self._new(dirs, others)
+        if kind == "symlink":
+            return kind, rng.choice(["a", "../x", "../dir/file"]), self._new(dirs, others)
+        if kind == "chmod":
+            return kind, self._existing(dirs, others), rng.choice([0o644, 0o600, 0o755, 0o4755, 0o1777])
+        if kind == "utime":
+            return kind, self._existing(dirs, others), rng.randrange(10**18, 2 * 10**18)
+        if kind in ("setxattr", "removexattr", "getxattr"):
+            return kind, self._existing(dirs, others), rng.choice(["user.a", "user.b", "user.test"]), rng.choice([b"1", b"22"])
+        return kind, self._any(dirs, others)
+
+
+def _result(fn):
+    try:
+        return ("ok", fn())
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, e.errno))
+
+
+def apply(root: str, op: tuple):
+    """Run *op* below *root*; never follows a symlink (a lower one may point anywhere)."""
+    kind, path = op[0], os.path.join(root, op[1])
+    nofollow = os.O_NOFOLLOW | os.O_NONBLOCK  # and a FIFO must not block
+
+    def write():
+        _, _, data, flags = op
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | nofollow | flags, 0o644)
+        try:
+            return os.write(fd, data) if data else 0
+        finally:
+            os.close(fd)
+
+    def pwrite():
+        fd = os.open(path, os.O_WRONLY | nofollow)
+        try:
+            return os.pwrite(fd, op[3], op[2])
+        finally:
+            os.close(fd)
+
+    def read():
+        fd = os.open(path, os.O_RDONLY | nofollow)
+        try:
+            data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        finally:
+            os.close(fd)
+        return hashlib.sha256(data).hexdigest()[:12]
+
+    def st():
+        s = os.lstat(path)
+        return stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode), s.st_nlink, (
+            s.st_size if not stat.S_ISDIR(s.st_mode) else None)
+
+    def rename():
+        renameat2(-100, os.fsencode(path), -100, os.fsencode(os.path.join(root, op[2])), op[3])
+
+    def truncate():
+        fd = os.open(path, os.O_WRONLY | nofollow)
+        try:
+            os.ftruncate(fd, op[2])
+        finally:
+            os.close(fd)
+
+    def chmod():
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return "symlink"  # chmod would follow it
+        os.chmod(path, op[2])
+
+    def utime():
+        os.utime(path, ns=(op[2], op[2]), follow_symlinks=False)
+        return os.lstat(path).st_mtime_ns
+
+    actions = {
+        "write": write,
+        "pwrite": pwrite,
+        "read": read,
+        "truncate": truncate,
+        "mkdir": lambda: os.mkdir(path, op[2]),
+        "rmdir": lambda: os.rmdir(path),
+        "unlink": lambda: os.unlink(path),
+        "rename": rename,
+        "link": lambda: os.link(path, os.path.join(root, op[2]), follow_symlinks=False),
+        "symlink": lambda: os.symlink(op[1], os.path.join(root, op[2])),
+        "chmod": chmod,
+        "utime": utime,
+        "setxattr": lambda: os.setxattr(path, op[2], op[3], follow_symlinks=False),
+        "removexattr": lambda: os.removexattr(path, op[2], follow_symlinks=False),
+        "getxattr": lambda: os.getxattr(path, op[2], follow_symlinks=False),
+        "mkfifo": lambda: os.mkfifo(path),
+        "stat": st,
+        "listdir": lambda: sorted(os.listdir(path)),
+        "readlink": lambda: os.readlink(path),
+    }
+    if kind == "symlink":
+        path = os.path.join(root, op[2])
+    return _result(actions[kind])
+
+
+def compare_with_kernel(tmp_path, seed: int, steps: int) -> None:
+    from conftest import make_lower
+    from harness import KernelOverlay, NixfsMount, diff, snapshot
+
+    decoy = tmp_path / "decoy"  # what the lower's absolute symlink points to
+    decoy.write_bytes(b"decoy\n")
+    lower = make_lower(tmp_path / "lower", abs_target=str(decoy))
+    dirs = {name: tmp_path / name for name in ("k-upper", "k-work", "k-mnt", "n-upper", "n-mnt")}
+    for path in dirs.values():
+        path.mkdir()
+    start = time.time_ns() - 10**9
+    with KernelOverlay(lower, dirs["k-upper"], dirs["k-work"], dirs["k-mnt"]) as k, \
+            NixfsMount(lower, dirs["n-upper"], dirs["n-mnt"]) as n:
+        gen = Generator(seed)
+        for step in range(steps):
+            op = gen.next(str(k.mnt))
+            expected = apply(str(k.mnt), op)
+            got = apply(str(n.mnt), op)
+            assert got == expected, f"seed {seed} step {step} {op!r}: kernel {expected}, nixfs {got}"
+            if step % 25 == 24 or step == steps - 1:
+                problems = diff(snapshot(k.mnt, times_before=start),
+                                snapshot(n.mnt, times_before=start))
+                assert not problems, f"seed {seed} after step {step} {op!r}:\n" + "\n".join(problems)
+    assert decoy.read_bytes() == b"decoy\n" and os.stat(decoy).st_mode & 0o7777 == 0o644
+    assert os.listxattr(decoy) == []

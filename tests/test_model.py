@@ -1,0 +1,191 @@
+"""The overlay model on its own, without FUSE."""
+
+import errno
+import os
+import stat
+
+import pytest
+
+from nixfs.overlay import Caller, Overlay, SetAttr
+from nixfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+
+ME = Caller(os.getuid(), os.getgid())
+
+
+@pytest.fixture
+def fs(lower, upper):
+    overlay = Overlay(str(lower), str(upper))
+    yield overlay
+    overlay.close()
+
+
+async def walk(fs, path: str):
+    node = fs.root
+    for part in filter(None, path.split("/")):
+        node, _ = await fs.lookup(node, part.encode())
+    return node
+
+
+async def names(fs, path: str) -> list[bytes]:
+    dh = await fs.opendir(await walk(fs, path))
+    try:
+        return sorted(e.name for e in dh.entries)
+    finally:
+        fs.releasedir(dh.fh)
+
+
+async def read_all(fs, node) -> bytes:
+    h = await fs.open(node, os.O_RDONLY)
+    try:
+        return await fs.read(h, 0, 1 << 20)
+    finally:
+        fs.release(h.fh)
+
+
+async def expect_errno(code, coro):
+    with pytest.raises(OSError) as info:
+        await coro
+    assert info.value.errno == code, os.strerror(info.value.errno)
+
+
+async def test_lookup_merges_layers(fs, upper):
+    (upper / "dir").mkdir()
+    (upper / "dir/only-upper").write_text("u")
+    assert b"only-upper" in await names(fs, "dir")
+    assert b"file" in await names(fs, "dir")
+    node = await walk(fs, "dir")
+    assert node.upper and node.lower is not None and node.merged
+    attr = await fs.getattr(node)
+    assert attr.nlink == 1 and attr.ino == node.ino
+
+
+async def test_lookup_counts_and_forget(fs):
+    node = await walk(fs, "dir/sub/nested")
+    again = await walk(fs, "dir/sub/nested")
+    assert node is again and node.lookups == 2
+    parent = node.parent
+    fs.forget(node.ino, 2)
+    assert fs.inodes.get(node.ino) is None
+    assert fs.inodes.child(parent, b"nested") is None
+    fresh = await walk(fs, "dir/sub/nested")
+    assert fresh.ino != node.ino  # numbers are never reused
+
+
+async def test_reserved_names(fs):
+    await expect_errno(errno.ENOENT, fs.lookup(fs.root, b".nixfs"))
+    await expect_errno(errno.ENOENT, fs.lookup(fs.root, b".wh.dir"))
+    await expect_errno(errno.EINVAL, fs.mkdir(fs.root, b".wh.x", 0o755, ME))
+    await expect_errno(errno.EPERM, fs.mkdir(fs.root, b".nixfs", 0o755, ME))
+    await expect_errno(errno.ENAMETOOLONG, fs.lookup(fs.root, b"x" * 256))
+
+
+async def test_unlink_lower_writes_whiteout(fs, upper):
+    d = await walk(fs, "dir")
+    await fs.unlink(d, b"file")
+    assert (upper / "dir/.wh.file").exists()
+    await expect_errno(errno.ENOENT, fs.lookup(d, b"file"))
+    assert b"file" not in await names(fs, "dir")
+
+
+async def test_copy_up_is_atomic_and_leaves_no_temporaries(fs, upper):
+    node = await walk(fs, "dir/file")
+    h = await fs.open(node, os.O_WRONLY | os.O_APPEND)
+    await fs.write(h, 0, b"more\n")
+    fs.release(h.fh)
+    assert (upper / "dir/file").read_bytes() == b"content\nmore\n"
+    assert os.listdir(upper / ".nixfs/work") == []
+    assert fs.copy_ups == 2  # dir and dir/file
+
+
+async def test_open_trunc_skips_copying_data(fs, upper):
+    node = await walk(fs, "dir/file")
+    before = fs.lower.calls["read"]
+    h = await fs.open(node, os.O_WRONLY | os.O_TRUNC)
+    fs.release(h.fh)
+    assert fs.lower.calls["read"] == before
+    assert (upper / "dir/file").read_bytes() == b""
+
+
+async def test_rmdir_merged_dir_with_whiteouts(fs, upper):
+    empty = await walk(fs, "dir/ro-dir")
+    await fs.setattr(empty, SetAttr(mode=0o755))
+    await fs.unlink(empty, b"x")
+    await fs.rmdir(await walk(fs, "dir"), b"ro-dir")
+    assert not (upper / "dir/ro-dir").exists()
+    assert (upper / "dir/.wh.ro-dir").exists()
+    assert os.listdir(upper / ".nixfs/work") == []
+
+
+async def test_rename_errors(fs):
+    d = await walk(fs, "dir")
+    await expect_errno(errno.ENOTEMPTY, fs.rename(fs.root, b"store", fs.root, b"dir"))
+    await expect_errno(errno.EISDIR, fs.rename(fs.root, b"top-file", fs.root, b"dir"))
+    await expect_errno(errno.ENOTDIR, fs.rename(fs.root, b"dir", fs.root, b"top-file"))
+    await expect_errno(errno.EINVAL, fs.rename(fs.root, b"dir", d, b"inside"))
+    await expect_errno(errno.EEXIST, fs.rename(d, b"file", fs.root, b"top-file", RENAME_NOREPLACE))
+    await expect_errno(errno.ENOENT, fs.rename(d, b"missing", fs.root, b"x"))
+
+
+async def test_rename_exchange(fs):
+    d = await walk(fs, "dir")
+    await fs.rename(d, b"file", fs.root, b"top-file", RENAME_EXCHANGE)
+    assert await read_all(fs, await walk(fs, "dir/file")) == b"top\n"
+    assert await read_all(fs, await walk(fs, "top-file")) == b"content\n"
+
+
+async def test_rename_dir_over_empty_lower_dir(fs, upper):
+    d = await walk(fs, "dir")
+    await fs.mkdir(d, b"fresh", 0o755, ME)
+    await fs.rename(d, b"fresh", d, b"empty")
+    assert await names(fs, "dir/empty") == []
+    # Renamed over a lower directory: that directory's lower entries stay hidden.
+    await fs.rename(fs.root, b"store", d, b"empty")
+    assert await names(fs, "dir/empty") == [b"aaa-pkg", b"bbb-lib"]
+
+
+async def test_hard_link_shares_node(fs, upper):
+    d = await walk(fs, "dir")
+    node = await walk(fs, "dir/file")
+    attr = await fs.link(node, d, b"again")
+    assert attr.ino == node.ino and attr.nlink == 2
+    other, _ = await fs.lookup(d, b"again")
+    assert other is node
+    await fs.unlink(d, b"file")
+    assert (await fs.getattr(node)).nlink == 1
+    assert node.name == b"again"
+
+
+async def test_owner_is_squashed_for_unprivileged(lower, upper):
+    fs = Overlay(str(lower), str(upper), owner=(1234, 5678), privileged=False)
+    try:
+        attr = await fs.getattr(await walk(fs, "dir/file"))
+        assert (attr.uid, attr.gid) == (1234, 5678)
+    finally:
+        fs.close()
+
+
+async def test_readonly(lower, upper):
+    fs = Overlay(str(lower), str(upper), readonly=True)
+    try:
+        node = await walk(fs, "dir/file")
+        await expect_errno(errno.EROFS, fs.open(node, os.O_WRONLY))
+        await expect_errno(errno.EROFS, fs.mkdir(fs.root, b"x", 0o755, ME))
+        assert await read_all(fs, node) == b"content\n"
+    finally:
+        fs.close()
+
+
+async def test_symlink_never_followed(fs):
+    node = await walk(fs, "dir/link-abs")
+    assert node.kind == stat.S_IFLNK
+    assert await fs.readlink(node) == b"/etc/passwd"
+    await expect_errno(errno.ELOOP, fs.open(node, os.O_RDONLY))
+    await expect_errno(errno.ENOTDIR, fs.lookup(node, b"x"))
+
+
+async def test_recover_removes_leftovers(fs, upper):
+    (upper / ".nixfs/work/tmp.1.1").write_text("half a copy")
+    (upper / ".nixfs/work/trash.1.2").mkdir()
+    (upper / ".nixfs/work/trash.1.2/.wh.x").write_text("")
+    assert sorted(fs.state.recover()) == [b"tmp.1.1", b"trash.1.2"]
+    assert os.listdir(upper / ".nixfs/work") == []
