@@ -238,6 +238,11 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     ops = FuseOps(overlay)
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
     options.discard("rw")
+    if owner is None:
+        # libfuse defaults to nosuid,nodev; a root mount behaves like kernel overlayfs
+        # (and any root-mounted file system) unless asked. fusermount3 forces both for users.
+        options |= {"suid"} if "nosuid" not in options else set()
+        options |= {"dev"} if "nodev" not in options else set()
     if cfg.debug:
         options.add("debug")
     try:

@@ -104,11 +104,13 @@ class KernelOverlay:
         force_unmount(self.mnt)
 
 
-def snapshot(root, *, times_before: int | None = None, xattrs: bool = True) -> dict:
+def snapshot(root, *, times_before: int | None = None, xattrs: bool = True,
+             dir_times: bool = True) -> dict:
     """Everything observable of a tree, without following symlinks.
 
     Times are kept only where older than *times_before* (ns): those must have
-    been preserved; newer ones differ between runs by nature.
+    been preserved; newer ones differ between runs by nature.  *dir_times*
+    False leaves directories' times out.
     """
     root = os.fsencode(root)
     out = {}
@@ -118,7 +120,7 @@ def snapshot(root, *, times_before: int | None = None, xattrs: bool = True) -> d
         kind = stat.S_IFMT(st.st_mode)
         item = {"type": kind, "mode": stat.S_IMODE(st.st_mode), "nlink": st.st_nlink,
                 "uid": st.st_uid, "gid": st.st_gid}
-        if times_before is not None:
+        if times_before is not None and (kind != stat.S_IFDIR or dir_times):
             item["mtime"] = st.st_mtime_ns if st.st_mtime_ns < times_before else "new"
         if kind == stat.S_IFREG:
             item["size"] = st.st_size

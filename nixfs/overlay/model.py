@@ -131,6 +131,9 @@ class Overlay:
         for e in self._root_entries.values():
             e.pins = 1 << 62
         self.handles: dict[int, Handle | DirHandle] = {}
+        # Nodes removed from the tree while the kernel still holds them (an open file,
+        # a working directory): an O_PATH descriptor, so their attributes can still be read.
+        self._orphans: dict[int, int] = {}
         self._fh = itertools.count(1)
         self._tmp = itertools.count(1)
         self._lock = trio.Lock()
@@ -143,6 +146,9 @@ class Overlay:
             if isinstance(h, Handle):
                 os.close(h.fd)
         self.handles.clear()
+        for fd in self._orphans.values():
+            os.close(fd)
+        self._orphans.clear()
         self.fds.clear()
         self.state.close()
         self.upper.close()
@@ -153,6 +159,9 @@ class Overlay:
     def _on_drop(self, node: Node) -> None:
         self.fds.drop(("u", node.ino))
         self.fds.drop(("l", node.ino))
+        orphan = self._orphans.pop(node.ino, None)
+        if orphan is not None:
+            os.close(orphan)
 
     @contextmanager
     def _upper_fd(self, node: Node):
@@ -359,10 +368,10 @@ class Overlay:
         if node is self.root:
             return self.upper.fstat(self.upper.root_fd)
         if node.parent is None:
-            for h in self.handles.values():
-                if isinstance(h, Handle) and h.node is node:
-                    return os.fstat(h.fd)
-            raise _err(errno.ENOENT, "removed")
+            orphan = self._orphans.get(node.ino)
+            if orphan is None:
+                raise _err(errno.ENOENT, "removed")
+            return os.fstat(orphan)
         if node.upper:
             with self._upper_fd(node.parent) as pfd:
                 return self.upper.lstat(pfd, node.name)
@@ -682,6 +691,7 @@ class Overlay:
     async def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         cover = await self._lower_has(parent, name)
         await self._copy_up(parent)
+        await self._keep_orphan(node)
         with self._upper_fd(parent) as pfd, self._writable(pfd):
             if cover and fmt.whiteout_fits(name):
                 fmt.make_whiteout(pfd, name)
@@ -692,6 +702,26 @@ class Overlay:
                 os.unlink(name, dir_fd=pfd)
             if cover:
                 self._kernel_whiteout(pfd, name)
+        self._unlink_node(node, parent, name)
+
+    async def _keep_orphan(self, node: Node) -> None:
+        """Before *node* loses its last name, keep a handle on its object if the kernel
+        still holds the node (an unlinked open file, a removed working directory)."""
+        if node.lookups == 0 or node.aliases or node.ino in self._orphans:
+            return
+        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            if node.upper:
+                with self._upper_fd(node.parent) as pfd:
+                    fd = os.open(node.name, flags, dir_fd=pfd)
+            else:
+                async with self._lower_fd(node.parent) as pfd:
+                    fd = await self.lower.run(lambda: os.open(node.name, flags, dir_fd=pfd))
+        except OSError:
+            return
+        self._orphans[node.ino] = fd
+
+    def _unlink_node(self, node: Node, parent: Node, name: bytes) -> None:
         self._forget_dir_fds(node)
         self.inodes.detach(node, parent, name)
 
@@ -729,10 +759,17 @@ class Overlay:
                     raise _err(errno.ENOTDIR)
                 if dst.is_dir and not src.is_dir:
                     raise _err(errno.EISDIR)
-                if dst.is_dir and await self._list(dst, with_stats=False):
-                    raise _err(errno.ENOTEMPTY)
             if src.is_dir and self._is_ancestor(src, new_parent):
                 raise _err(errno.EINVAL)
+            # In kernel overlayfs' order, so that a rename that fails leaves the same
+            # (invisible but for link counts) copy-ups: a target with lower entries is
+            # checked first, the source copied up, then a pure upper target checked.
+            target_dir = dst is not None and dst.is_dir
+            if target_dir and dst.lower is not None and await self._list(dst, with_stats=False):
+                raise _err(errno.ENOTEMPTY)
+            await self._copy_up(src)
+            if target_dir and dst.lower is None and await self._list(dst, with_stats=False):
+                raise _err(errno.ENOTEMPTY)
             await self._move(old_parent, old_name, src, new_parent, new_name, dst)
 
     def _is_ancestor(self, node: Node, other: Node | None) -> bool:
@@ -749,6 +786,8 @@ class Overlay:
         await self._copy_up(src)
         await self._copy_up(new_parent)
         redirect = self.lower_path(src) if src.is_dir and src.lower is not None else None
+        if dst is not None:
+            await self._keep_orphan(dst)
         with self._upper_fd(old_parent) as ofd, self._upper_fd(new_parent) as nfd, \
                 self._writable(ofd), self._writable(nfd):
             if src.is_dir and not same_place:
@@ -775,8 +814,7 @@ class Overlay:
         if redirect is not None:
             src.lower = redirect
         if dst is not None:
-            self._forget_dir_fds(dst)
-            self.inodes.detach(dst, new_parent, new_name)
+            self._unlink_node(dst, new_parent, new_name)
         self.inodes.move(src, old_parent, old_name, new_parent, new_name)
 
     async def _exchange(self, a_parent, a_name, a, b_parent, b_name, b) -> None:
