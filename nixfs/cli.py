@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--log", dest="log_file", help="log file (default: UPPER/.nixfs/nixfs.log)")
+    m.add_argument("--no-nix", dest="nix", action="store_false",
+                   help="a plain overlay, even if the lower is a Nix state directory "
+                        "(store/ and var/nix/db)")
     m.add_argument("mountpoint")
 
     u = sub.add_parser("umount", help="unmount and wait until everything is on disk")
@@ -44,6 +47,7 @@ def _helper_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("-f", "--foreground", action="store_true")
     args = p.parse_args(argv)
     args.command, args.lower, args.upper, args.debug, args.log_file = "mount", None, None, False, None
+    args.nix = True
     return args
 
 
@@ -60,7 +64,7 @@ def _mount(args) -> int:
                          "(--lower/--upper, or -o lowerdir=...,upperdir=...)")
     cfg = MountConfig(lower=lower, upper=upper, mountpoint=args.mountpoint, options=options,
                       foreground=args.foreground, debug=args.debug, log_file=args.log_file,
-                      ttl=values.get("ttl", 1.0))
+                      ttl=values.get("ttl", 1.0), nix=args.nix and values.get("nix") != "off")
     return mount(cfg)
 
 

@@ -49,6 +49,7 @@ class MountConfig:
     debug: bool = False
     log_file: str | None = None
     ttl: float = 1.0
+    nix: bool = True  # treat a lower holding store/ and var/nix/db as a Nix store
 
     @property
     def readonly(self) -> bool:
@@ -60,7 +61,7 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
     out = set()
     for opt in filter(None, (o.strip() for o in text.split(","))):
         key, _, value = opt.partition("=")
-        if key in ("lowerdir", "upperdir", "ttl"):
+        if key in ("lowerdir", "upperdir", "ttl", "nix"):
             cfg_values[key] = value
         elif opt in FUSE_OPTIONS:
             out.add(opt)
@@ -153,11 +154,34 @@ def _user_allow_other() -> bool:
 
 # ------------------------------------------------------------------ mounting
 
+def is_nix_store(cfg: MountConfig) -> bool:
+    from .nixdb.sync import StoreSync
+    return cfg.nix and StoreSync.is_nix_store(cfg.lower)
+
+
+def store_uri(mountpoint: str) -> str:
+    """How a stock Nix reaches the store mounted at *mountpoint* (``.../nix``)."""
+    if mountpoint == "/nix":
+        return "/nix (the default store)"
+    parent, base = os.path.split(mountpoint)
+    if base == "nix":
+        return f"--store 'local?root={parent}'"
+    return (f"--store 'local?store=/nix/store&real={mountpoint}/store"
+            f"&state={mountpoint}/var/nix&log={mountpoint}/var/log/nix'")
+
+
 def mount(cfg: MountConfig) -> int:
     """Check, then serve *cfg* in the foreground or from a daemon; return the exit code."""
     check(cfg)
+    nix = is_nix_store(cfg)
+
+    def announce():
+        if nix:
+            print(f"nixfs: {cfg.mountpoint} merges the Nix store {cfg.lower}; Nix uses it with "
+                  f"{store_uri(cfg.mountpoint)}", flush=True)
+
     if cfg.foreground:
-        return serve(cfg, ready_fd=None)
+        return serve(cfg, ready_fd=None, on_ready=announce)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -172,6 +196,7 @@ def mount(cfg: MountConfig) -> int:
     with os.fdopen(r, "rb") as pipe:
         answer = pipe.read().decode(errors="replace").strip()
     if answer == "ok":
+        announce()
         return 0
     code, _, message = answer.partition(":")
     if not message:
@@ -201,12 +226,18 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
-def serve(cfg: MountConfig, ready_fd: int | None) -> int:
+def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     """Mount and answer requests until unmounted or signalled."""
+    import apsw
     import pyfuse3
     import trio
 
     from .fuse_ops import FuseOps
+    from .nixdb.schema import SchemaError
+    from .nixdb.snapshot import SnapshotError
+    from .nixdb.storeview import NixStorePolicy, StoreService
+    from .nixdb.sync import StoreSync
+    from .nixdb.worker import SyncWorker
     from .overlay import Overlay
     from .overlay.state import UpperInUse
 
@@ -217,6 +248,8 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
             os.close(ready_fd)
         elif code:
             print(f"nixfs: {message}", file=sys.stderr)
+        elif on_ready is not None:
+            on_ready()
         return code
 
     owner = None if privileged() else (os.geteuid(), os.getegid())
@@ -235,6 +268,22 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
     if recovered:
         log.warning("removed %d leftovers of an interrupted daemon from the work folder",
                     len(recovered))
+    service = None
+    if is_nix_store(cfg):
+        sync = StoreSync(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"))
+        try:
+            sync.prepare()  # on the upper directly: nothing can use it before the mount
+        except SchemaError as e:
+            overlay.close()
+            return report(str(e), 2)
+        except (SnapshotError, OSError, apsw.Error) as e:
+            overlay.close()
+            log.exception("preparing the merged store database failed")
+            return report(f"cannot prepare the merged store database: {e}", 1)
+        overlay.policy = NixStorePolicy(sync.index)
+        worker = SyncWorker(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
+                            cfg.mountpoint)
+        service = StoreService(worker, overlay)
     ops = FuseOps(overlay)
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
     options.discard("rw")
@@ -268,9 +317,13 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
                         async for signum in signals:
                             log.info("signal %d: unmounting", signum)
                             unmount = True
+                            if service is not None:
+                                await service.stop()  # its I/O goes through the mount
                             pyfuse3.terminate()
                             return
                 nursery.start_soon(on_signals)
+                if service is not None:
+                    nursery.start_soon(service.run)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
             await overlay.sync()
@@ -280,6 +333,8 @@ def serve(cfg: MountConfig, ready_fd: int | None) -> int:
         unmount = True
         raise
     finally:
+        if service is not None:
+            service.worker.stop()
         pyfuse3.close(unmount=unmount)
         overlay.close()
         runtime.remove_record(cfg.mountpoint)
@@ -308,7 +363,13 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
     if entry.fstype != runtime.FSTYPE:
         raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
     info = runtime.read_record(mnt)
-    err = _umount2(mnt, _MNT_DETACH if lazy else 0) if os.geteuid() == 0 else errno.EPERM
+    err = errno.EPERM
+    if os.geteuid() == 0:
+        for _ in range(20):  # the daemon itself may hold a file there for a moment
+            err = _umount2(mnt, _MNT_DETACH if lazy else 0)
+            if err != errno.EBUSY:
+                break
+            time.sleep(0.1)
     if err == errno.EBUSY:
         raise UsageError(f"{mountpoint} is busy: files on it are open or it is someone's "
                          "working directory (close them, or use --lazy)")

@@ -22,7 +22,7 @@ DERIVED = True
 
 class Node:
     __slots__ = ("ino", "parent", "name", "kind", "upper", "lower", "lookups",
-                 "children", "aliases")
+                 "children", "aliases", "tag")
 
     def __init__(self, ino: int, parent: "Node | None", name: bytes, kind: int,
                  upper: bool, lower):
@@ -36,6 +36,7 @@ class Node:
         self.children: dict[bytes, Node] | None = None
         # Other (parent, name) pairs of an upper object with several hard links.
         self.aliases: set[tuple[Node, bytes]] | None = None
+        self.tag: str | None = None  # set by the model's policy for directories it watches
 
     @property
     def is_dir(self) -> bool:

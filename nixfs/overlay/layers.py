@@ -98,6 +98,16 @@ class Layer:
                 pass
         return out
 
+    def stat_names(self, fd: int, names: list[bytes]) -> list[tuple[bytes, os.stat_result]]:
+        """The lstat of each of *names* that exists (a listing known from elsewhere)."""
+        out = []
+        for name in names:
+            try:
+                out.append((name, self.lstat(fd, name)))
+            except FileNotFoundError:
+                pass
+        return out
+
     def readlink(self, dirfd: int, name: bytes) -> bytes:
         self.calls["readlink"] += 1
         return os.readlink(name, dir_fd=dirfd)

@@ -23,6 +23,7 @@ from . import copyup, upperformat as fmt
 from .fdcache import FdCache, FdEntry
 from .inodes import DERIVED, InodeTable, Node
 from .layers import Layer, LowerLayer
+from .policy import LowerPolicy
 from .state import UpperState
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
@@ -113,7 +114,7 @@ class Overlay:
     def __init__(self, lower: str, upper: str, *, owner: tuple[int, int] | None = None,
                  privileged: bool | None = None, readonly: bool = False, ttl: float = 1.0,
                  lower_threads: int = 8, lower_timeout: float | None = None,
-                 fd_cache: int = 1024):
+                 fd_cache: int = 1024, policy: LowerPolicy | None = None):
         self.upper = Layer(upper, name="upper")
         self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
                                 timeout=lower_timeout)
@@ -126,6 +127,8 @@ class Overlay:
         self.inodes = InodeTable()
         self.inodes.on_drop = self._on_drop
         self.root = self.inodes.root
+        self.policy = policy or LowerPolicy()
+        self.root.tag = LowerPolicy.ROOT
         self.fds = FdCache(fd_cache)
         self._root_entries = {"u": FdEntry(self.upper.root_fd), "l": FdEntry(self.lower.root_fd)}
         for e in self._root_entries.values():
@@ -279,8 +282,11 @@ class Overlay:
         base = self.lower_path(parent)
         return base + b"/" + redirect if base else redirect
 
+    def _lower_visible(self, parent: Node, name: bytes) -> bool:
+        return parent.tag is None or self.policy.lower_visible(parent.tag, name)
+
     async def _lower_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
-        if parent.lower is None:
+        if parent.lower is None or not self._lower_visible(parent, name):
             return None
         try:
             async with self._lower_fd(parent) as pfd:
@@ -334,10 +340,16 @@ class Overlay:
             if node is not None:
                 self.inodes.attach(node, parent, name)
                 return node, st
-        node = self.inodes.add(parent, name, found.kind, found.upper_st is not None, found.lower)
+        node = self._new_node(parent, name, found.kind, found.upper_st is not None, found.lower)
         if found.upper_st is not None and st.st_nlink > 1 and not node.is_dir:
             self.inodes.register_upper_ino(node, st.st_ino)
         return node, st
+
+    def _new_node(self, parent: Node, name: bytes, kind: int, upper: bool, lower) -> Node:
+        node = self.inodes.add(parent, name, kind, upper, lower)
+        if parent.tag is not None and kind == stat.S_IFDIR:
+            node.tag = self.policy.tag(parent.tag, name)
+        return node
 
     async def _exists(self, parent: Node, name: bytes) -> bool:
         try:
@@ -430,16 +442,21 @@ class Overlay:
                             continue
                     entries[name] = Entry(name, st, None)
         if node.lower is not None:
+            names = self.policy.lower_names(node.tag) if node.tag is not None else None
             try:
                 async with self._lower_fd(node) as fd:
-                    if with_stats:
+                    if names is not None:
+                        names = [n for n in names if n not in entries and n not in hidden]
+                        lower = (await self.lower.run(self.lower.layer.stat_names, fd, names)
+                                 if with_stats else [(n, None) for n in names])
+                    elif with_stats:
                         lower = await self.lower.run(self.lower.layer.scan_stats, fd)
                     else:
                         lower = [(n, None) for n, _ in await self.lower.scandir(fd)]
             except (FileNotFoundError, NotADirectoryError):
                 lower = []  # a redirect whose lower directory is gone
             for name, st in lower:
-                if name in hidden or self._hidden_name(node, name):
+                if name in hidden or self._hidden_name(node, name) or not self._lower_visible(node, name):
                     continue
                 if name in entries:
                     entries[name].lower_st = st
@@ -559,7 +576,7 @@ class Overlay:
                         os.close(result)
                     self._undo_create(pfd, name)
                     raise
-            node = self.inodes.add(parent, name, stat.S_IFMT(st.st_mode), True, None)
+            node = self._new_node(parent, name, stat.S_IFMT(st.st_mode), True, None)
             node.lookups += 1
             return node, self._attr(node, st), result
 
@@ -692,6 +709,7 @@ class Overlay:
         cover = await self._lower_has(parent, name)
         await self._copy_up(parent)
         await self._keep_orphan(node)
+        hid_lower = cover
         with self._upper_fd(parent) as pfd, self._writable(pfd):
             if cover and fmt.whiteout_fits(name):
                 fmt.make_whiteout(pfd, name)
@@ -703,6 +721,8 @@ class Overlay:
             if cover:
                 self._kernel_whiteout(pfd, name)
         self._unlink_node(node, parent, name)
+        if hid_lower and parent.tag is not None:
+            self.policy.whiteout_made(parent.tag, name)
 
     async def _keep_orphan(self, node: Node) -> None:
         """Before *node* loses its last name, keep a handle on its object if the kernel
@@ -811,6 +831,8 @@ class Overlay:
                 os.rename(old_name, new_name, src_dir_fd=ofd, dst_dir_fd=nfd)
             if cover_old and not short:
                 self._kernel_whiteout(ofd, old_name)
+        if cover_old and old_parent.tag is not None:
+            self.policy.whiteout_made(old_parent.tag, old_name)
         if redirect is not None:
             src.lower = redirect
         if dst is not None:
@@ -847,6 +869,84 @@ class Overlay:
         for node, path in redirects.items():
             node.lower = path
         self.inodes.exchange(a, a_parent, a_name, b, b_parent, b_name)
+
+    # ------------------------------------------------------------------ changes from outside
+
+    def find(self, *names: bytes) -> Node | None:
+        """The node at a merged path if the kernel holds it (no I/O)."""
+        node = self.root
+        for name in names:
+            node = self.inodes.child(node, name)
+            if node is None:
+                return None
+        return node
+
+    def lower_entry_changed(self, dir_names: tuple[bytes, ...], name: bytes) -> None:
+        """The lower gained or lost *name* (or the policy changed its mind about it):
+        forget what nixfs and the kernel cached about that entry."""
+        parent = self.find(*dir_names)
+        if parent is None:
+            return  # nobody has looked below it: nothing is cached
+        child = self.inodes.child(parent, name)
+        if child is not None:
+            if child.upper:
+                if child.is_dir and child.lower is not None:
+                    self.fds.drop(("l", child.ino))
+                    child.lower = None if not self._lower_visible(parent, name) else child.lower
+            else:
+                self._unlink_node(child, parent, name)
+        self.notify.entry_changed(parent.ino, name)
+
+    async def discard_upper(self, dir_names: tuple[bytes, ...], name: bytes) -> bool:
+        """Remove the upper copy of ``dir/name`` so the lower one shows (a duplicate)."""
+        async with self._lock:
+            pfd = self.upper.open_dir_path(b"/".join(dir_names))
+            try:
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return False
+                if fmt.is_kernel_whiteout(st):
+                    return False
+                with self._writable(pfd):
+                    trash = self._work_name("trash")
+                    os.rename(name, trash, src_dir_fd=pfd, dst_dir_fd=self.work_fd)
+            finally:
+                os.close(pfd)
+            parent = self.find(*dir_names)
+            child = self.inodes.child(parent, name) if parent else None
+            if child is not None:
+                self._unlink_node(child, parent, name)
+            if parent is not None:
+                self.notify.entry_changed(parent.ino, name)
+        await trio.to_thread.run_sync(self.state.discard, trash)
+        return True
+
+    async def unhide(self, dir_names: tuple[bytes, ...], name: bytes) -> bool:
+        """Undo the whiteout of a lower ``dir/name``; False if there was none."""
+        async with self._lock:
+            pfd = self.upper.open_dir_path(b"/".join(dir_names))
+            try:
+                removed = False
+                with self._writable(pfd):
+                    if fmt.whiteout_fits(name):
+                        try:
+                            os.unlink(fmt.whiteout_name(name), dir_fd=pfd)
+                            removed = True
+                        except FileNotFoundError:
+                            pass
+                    try:
+                        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                        if fmt.is_kernel_whiteout(st):
+                            os.unlink(name, dir_fd=pfd)
+                            removed = True
+                    except FileNotFoundError:
+                        pass
+            finally:
+                os.close(pfd)
+            if removed:
+                self.lower_entry_changed(dir_names, name)
+            return removed
 
     # ------------------------------------------------------------------ attributes, xattrs
 

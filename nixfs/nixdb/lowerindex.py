@@ -1,0 +1,117 @@
+"""nixfs' own index of the lower store's valid paths (``UPPER/.nixfs/lower-index.sqlite``).
+
+The merged view shows a lower store entry only if the lower database says it
+is a valid path, so lookups in ``store/`` ask this index.  It lives beside the
+merged database, not in it: the daemon reads it directly (microseconds, no FUSE
+round trip, no risk of waiting on its own mount), while the merged database is
+only ever touched through the mount once mounted.
+
+``paths`` holds one row per valid lower path: its name in ``store/``, its id in
+the lower database, and whether the merged view shows it (a path whose closure
+lost a member, hidden by ``rm``, is kept but not shown).  ``meta`` records how
+far the lower database has been followed.
+"""
+
+import os
+
+import apsw
+
+SHOWN, BROKEN = 0, 1
+
+SCHEMA = """
+create table if not exists paths (
+    name     blob primary key,      -- basename in store/, e.g. b"<hash>-hello-2.12"
+    lower_id integer not null,      -- ValidPaths.id in the lower database
+    state    integer not null default 0  -- 0 shown, 1 not shown (closure broken or hidden)
+) without rowid;
+create index if not exists paths_lower_id on paths(lower_id);
+create table if not exists meta (key text primary key, value) without rowid;
+"""
+
+
+class LowerIndex:
+    FILE = "lower-index.sqlite"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.conn = self._open(path)
+
+    @staticmethod
+    def _open(path: str) -> apsw.Connection:
+        conn = apsw.Connection(path)
+        conn.setbusytimeout(60_000)
+        conn.execute("pragma journal_mode=wal").fetchall()
+        conn.execute("pragma synchronous=normal").fetchall()
+        conn.execute(SCHEMA).fetchall()  # apsw runs every statement as the cursor is read
+        return conn
+
+    def reader(self) -> "LowerIndex":
+        """A second connection, for another thread."""
+        other = LowerIndex.__new__(LowerIndex)
+        other.path = self.path
+        other.conn = self._open(self.path)
+        return other
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ queries
+
+    def shown(self, name: bytes) -> bool:
+        row = self.conn.execute("select state from paths where name = ?", (name,)).fetchone()
+        return row is not None and row[0] == SHOWN
+
+    def state(self, name: bytes) -> tuple[int, int] | None:
+        """(lower_id, state) of *name*, or None if it is no valid lower path."""
+        return self.conn.execute("select lower_id, state from paths where name = ?",
+                                 (name,)).fetchone()
+
+    def shown_names(self) -> list[bytes]:
+        return [r[0] for r in self.conn.execute("select name from paths where state = 0")]
+
+    def ids(self, up_to: int) -> dict[int, bytes]:
+        return dict(self.conn.execute("select lower_id, name from paths where lower_id <= ?",
+                                      (up_to,)))
+
+    def names_for_ids(self, ids) -> dict[int, bytes]:
+        out = {}
+        for i in ids:
+            row = self.conn.execute("select name from paths where lower_id = ?", (i,)).fetchone()
+            if row:
+                out[i] = row[0]
+        return out
+
+    def count(self) -> int:
+        return self.conn.execute("select count(*) from paths").fetchone()[0]
+
+    def get(self, key: str, default=None):
+        row = self.conn.execute("select value from meta where key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    # ------------------------------------------------------------------ changes
+
+    def transaction(self):
+        return self.conn
+
+    def put(self, key: str, value) -> None:
+        self.conn.execute("insert or replace into meta values (?, ?)", (key, value))
+
+    def add(self, rows) -> None:
+        """Rows of (name, lower_id, state)."""
+        self.conn.executemany("insert or replace into paths values (?, ?, ?)", rows)
+
+    def remove(self, names) -> None:
+        self.conn.executemany("delete from paths where name = ?", ((n,) for n in names))
+
+    def set_state(self, names, state: int) -> None:
+        self.conn.executemany("update paths set state = ? where name = ?",
+                              ((state, n) for n in names))
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(self.path + suffix).st_size
+            except FileNotFoundError:
+                pass
+        return total

@@ -1,0 +1,364 @@
+"""A lock-free, consistent view of a SQLite database that someone else writes.
+
+The lower store's database may sit on NFS, where SQLite's locks are unreliable
+and a stale lock can hang every reader, or on a read-only mount where no
+``-shm`` can be made; its writer (nix-daemon) keeps recent transactions in
+``db.sqlite-wal`` until a checkpoint.  So nixfs reads it without any lock:
+
+- it parses the WAL itself (header, salts, checksums) and takes every frame up
+  to the last committed transaction;
+- an apsw VFS presents "main file overlaid with those frames" to SQLite as an
+  immutable database in rollback mode;
+- after reading, ``validate()`` checks that no checkpoint or WAL restart could
+  have torn what was read: the main file is unchanged, or the WAL is the same
+  generation and nothing appended since touches a page read from the main file.
+  A failed validation means: read again.
+"""
+
+import itertools
+import os
+import struct
+import threading
+
+import apsw
+
+WAL_MAGIC = (0x377F0682, 0x377F0683)
+WAL_HEADER = 32
+FRAME_HEADER = 24
+_VFS_NAME = "nixfs-snapshot"
+
+
+class SnapshotError(Exception):
+    """The database could not be read consistently."""
+
+
+def _checksum(data: bytes, s0: int, s1: int, big_endian: bool) -> tuple[int, int]:
+    words = struct.unpack((">" if big_endian else "<") + f"{len(data) // 4}I", data)
+    mask = 0xFFFFFFFF
+    it = iter(words)
+    for a, b in zip(it, it):
+        s0 = (s0 + a + s1) & mask
+        s1 = (s1 + b + s0) & mask
+    return s0, s1
+
+
+class WalIndex:
+    """The committed frames of a WAL file: page number -> file offset of its latest copy."""
+
+    def __init__(self):
+        self.salts = None
+        self.generation = None  # (salt1, salt2, checkpoint sequence)
+        self.page_size = 0
+        self.big_endian = False
+        self.pages: dict[int, int] = {}
+        self.end = WAL_HEADER  # offset just past the last committed frame
+        self.db_pages = 0  # database size in pages after the last commit (0: no commit)
+        self._cksum = (0, 0)
+
+    @classmethod
+    def read(cls, fd: int) -> "WalIndex":
+        wal = cls()
+        header = os.pread(fd, WAL_HEADER, 0)
+        if len(header) < WAL_HEADER:
+            return wal
+        magic, version, page_size, ckpt, salt1, salt2, c1, c2 = struct.unpack(">8I", header)
+        if magic not in WAL_MAGIC or page_size < 512 or page_size & (page_size - 1):
+            return wal
+        big_endian = magic & 1 == 1
+        if _checksum(header[:24], 0, 0, big_endian) != (c1, c2):
+            return wal
+        wal.salts, wal.generation = (salt1, salt2), (salt1, salt2, ckpt)
+        wal.page_size, wal.big_endian, wal._cksum = page_size, big_endian, (c1, c2)
+        wal._scan(fd, commit=True)
+        return wal
+
+    def _scan(self, fd: int, *, commit: bool) -> set[int]:
+        """Walk valid frames after ``self.end``.  With *commit*, take those up to the last
+        commit into the index; otherwise return the pages the valid frames touch."""
+        frame_size = FRAME_HEADER + self.page_size
+        offset, cksum = self.end, self._cksum
+        pending: dict[int, int] = {}
+        touched: set[int] = set()
+        while True:
+            frame = os.pread(fd, frame_size, offset)
+            if len(frame) < frame_size:
+                break
+            pgno, db_pages, salt1, salt2, c1, c2 = struct.unpack(">6I", frame[:FRAME_HEADER])
+            if (salt1, salt2) != self.salts:
+                break
+            cksum = _checksum(frame[:8], *cksum, self.big_endian)
+            cksum = _checksum(frame[FRAME_HEADER:], *cksum, self.big_endian)
+            if cksum != (c1, c2):
+                break
+            touched.add(pgno)
+            pending[pgno] = offset + FRAME_HEADER
+            offset += frame_size
+            if db_pages and commit:
+                self.pages.update(pending)
+                pending.clear()
+                self.end, self.db_pages, self._cksum = offset, db_pages, cksum
+        return touched
+
+    def appended_pages(self, fd: int) -> set[int] | None:
+        """Pages touched by frames appended since this index was read; None if the
+        WAL was restarted since (another generation)."""
+        header = os.pread(fd, WAL_HEADER, 0)
+        if len(header) < WAL_HEADER:
+            return None
+        _, _, _, ckpt, salt1, salt2, _, _ = struct.unpack(">8I", header)
+        if (salt1, salt2, ckpt) != self.generation:
+            return None
+        return self._scan(fd, commit=False)
+
+
+class Snapshot:
+    """One consistent read of the database at *path* (and its ``-wal``)."""
+
+    _counter = itertools.count()
+    _registry: dict[str, "Snapshot"] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: str):
+        self.path = path
+        self.db_fd = -1
+        self.wal_fd = -1
+        self.wal = WalIndex()
+        self.main_pages_read: set[int] = set()
+        self.reads = 0
+
+    def __enter__(self) -> "Snapshot":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def open(self) -> None:
+        # A fresh open() makes an NFS client revalidate what it cached (close-to-open).
+        self.db_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.main_st = os.fstat(self.db_fd)
+        try:
+            self.wal_fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.wal_fd = -1
+        else:
+            self.wal = WalIndex.read(self.wal_fd)
+        header = os.pread(self.db_fd, 100, 0)
+        if len(header) >= 100 and header[:16] == b"SQLite format 3\0":
+            size = struct.unpack(">H", header[16:18])[0]
+            self.page_size = 65536 if size == 1 else size
+        elif self.wal.page_size:
+            self.page_size = self.wal.page_size
+        else:
+            raise SnapshotError(f"{self.path} is not a SQLite database")
+        if self.wal.page_size and self.wal.page_size != self.page_size:
+            self.wal = WalIndex()  # a WAL from another life of the file: unusable
+
+    def close(self) -> None:
+        for fd in (self.db_fd, self.wal_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.db_fd = self.wal_fd = -1
+        with self._registry_lock:
+            for key, snap in list(self._registry.items()):
+                if snap is self:
+                    del self._registry[key]
+
+    # ------------------------------------------------------------------ the view
+
+    def size(self) -> int:
+        if self.wal.db_pages:
+            return self.wal.db_pages * self.page_size
+        return self.main_st.st_size
+
+    def read(self, amount: int, offset: int) -> bytes:
+        self.reads += 1
+        out = bytearray()
+        end = min(offset + amount, self.size())
+        pos = offset
+        while pos < end:
+            pgno = pos // self.page_size + 1
+            in_page = pos % self.page_size
+            n = min(self.page_size - in_page, end - pos)
+            frame = self.wal.pages.get(pgno)
+            if frame is not None:
+                chunk = os.pread(self.wal_fd, n, frame + in_page)
+            else:
+                self.main_pages_read.add(pgno)
+                chunk = os.pread(self.db_fd, n, pos)
+            out += chunk
+            pos += n
+        if offset <= 19 and offset + len(out) > 18:
+            # Present the file in rollback mode: the WAL is already folded in.
+            for i in (18, 19):
+                if offset <= i < offset + len(out) and out[i - offset] == 2:
+                    out[i - offset] = 1
+        return bytes(out)
+
+    def validate(self) -> bool:
+        """Whether everything read since open() belongs to one committed state."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        main_same = (st.st_ino, st.st_size, st.st_mtime_ns) == (
+            self.main_st.st_ino, self.main_st.st_size, self.main_st.st_mtime_ns)
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return main_same
+        try:
+            if self.wal_fd < 0 or self.wal.generation is None:
+                # There was no usable WAL: any committed frame now may have been checkpointed.
+                return main_same and WalIndex.read(fd).db_pages == 0
+            appended = self.wal.appended_pages(fd)
+        finally:
+            os.close(fd)
+        if appended is None:
+            return False  # the WAL restarted: the main file may hold newer pages
+        return not (appended & self.main_pages_read)
+
+    # ------------------------------------------------------------------ SQLite access
+
+    def connect(self) -> apsw.Connection:
+        """A read-only connection on this snapshot (no locks, no journal)."""
+        _ensure_vfs()
+        key = f"/{_VFS_NAME}/{next(self._counter)}"
+        with self._registry_lock:
+            self._registry[key] = self
+        return apsw.Connection(f"file:{key}?immutable=1",
+                               flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
+                               vfs=_VFS_NAME)
+
+    def clone_to(self, dest: str) -> None:
+        """Write this snapshot as a database file at *dest* (WAL mode, as the source is)."""
+        size = self.size()
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _clone_range(self.db_fd, fd, min(size, self.main_st.st_size))
+            self.main_pages_read.update(range(1, self.main_st.st_size // self.page_size + 1))
+            for pgno, frame in self.wal.pages.items():
+                if pgno * self.page_size <= size:
+                    os.pwrite(fd, os.pread(self.wal_fd, self.page_size, frame),
+                              (pgno - 1) * self.page_size)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _clone_range(src: int, dst: int, size: int) -> None:
+    """Copy *size* bytes: a reflink where the file system offers one, else in-kernel."""
+    try:
+        import fcntl
+        FICLONE = 0x40049409
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    off = 0
+    while off < size:
+        try:
+            n = os.copy_file_range(src, dst, min(size - off, 1 << 30), off, off)
+        except OSError:
+            n = os.pwrite(dst, os.pread(src, min(size - off, 1 << 20), off), off)
+        if n == 0:
+            break
+        off += n
+
+
+class _SnapshotFile:
+    def __init__(self, snap: Snapshot):
+        self.snap = snap
+
+    def xRead(self, amount, offset):
+        data = self.snap.read(amount, offset)
+        if len(data) < amount:
+            raise apsw.IOError("short read")  # SQLite zero-fills on SQLITE_IOERR_SHORT_READ
+        return data
+
+    def xFileSize(self):
+        return self.snap.size()
+
+    def xWrite(self, data, offset):
+        raise apsw.ReadOnlyError("snapshot")
+
+    def xTruncate(self, size):
+        raise apsw.ReadOnlyError("snapshot")
+
+    def xSync(self, flags):
+        pass
+
+    def xLock(self, level):
+        pass
+
+    def xUnlock(self, level):
+        pass
+
+    def xCheckReservedLock(self):
+        return False
+
+    def xFileControl(self, op, ptr):
+        return False
+
+    def xSectorSize(self):
+        return 4096
+
+    def xDeviceCharacteristics(self):
+        return apsw.SQLITE_IOCAP_IMMUTABLE
+
+    def xClose(self):
+        pass
+
+
+class _SnapshotVFS(apsw.VFS):
+    def __init__(self):
+        super().__init__(_VFS_NAME, base="")
+
+    def xOpen(self, name, flags):
+        key = name.filename() if isinstance(name, apsw.URIFilename) else name
+        snap = Snapshot._registry.get(key)
+        if snap is None:
+            raise apsw.CantOpenError(f"no snapshot for {key}")
+        flags[1] = apsw.SQLITE_OPEN_READONLY
+        return _SnapshotFile(snap)
+
+    def xAccess(self, name, flags):
+        return False
+
+    def xFullPathname(self, name):
+        return name
+
+    def xDelete(self, name, syncdir):
+        raise apsw.ReadOnlyError("snapshot")
+
+
+_vfs = None
+_vfs_lock = threading.Lock()
+
+
+def _ensure_vfs() -> None:
+    global _vfs
+    with _vfs_lock:
+        if _vfs is None:
+            _vfs = _SnapshotVFS()
+
+
+def read_consistent(path: str, fn, *, attempts: int = 8):
+    """Run ``fn(connection, snapshot)`` on consistent snapshots of *path* until one
+    validates; SnapshotError after *attempts* tries."""
+    for _ in range(attempts):
+        with Snapshot(path) as snap:
+            conn = snap.connect()
+            try:
+                result = fn(conn, snap)
+            except apsw.Error as e:
+                # A torn read looks like corruption; it is one only if nothing changed.
+                if snap.validate():
+                    raise SnapshotError(f"{path}: {e}") from e
+                continue
+            finally:
+                conn.close()
+            if snap.validate():
+                return result
+    raise SnapshotError(f"{path} kept changing while being read ({attempts} tries)")

@@ -1,0 +1,122 @@
+"""A Nix store as the lower: what the merged view shows, and following the lower live.
+
+The view shows a lower ``store/`` entry only if the lower database holds it as a
+valid path (per nixfs' index): no ``.links``, no ``.nfs*`` files, no half-copied
+paths or lock files, so Nix's GC and ``--optimise`` never see them.  The lower's
+``var/nix/db`` (and its temporary roots and daemon socket) never show: the
+merged state directory has its own.
+
+``StoreService`` runs in the daemon's nursery.  It polls the lower database (a
+few cheap opens), applies what changed to the merged database through the
+mount (so nixfs' writes share Nix's locks and ``-shm``), then tells the overlay,
+which drops what it and the kernel cached about those entries.
+"""
+
+import logging
+
+import trio
+
+from ..overlay.policy import LowerPolicy
+from .lowerindex import LowerIndex
+from .worker import WorkerError
+
+log = logging.getLogger(__name__)
+
+STORE = (b"store",)
+# Lower entries of var/nix the merged view never shows: the merged state is its own.
+UPPER_ONLY = {b"db", b"temproots", b"daemon-socket", b"gc.lock", b"userpool"}
+
+
+class NixStorePolicy(LowerPolicy):
+    def __init__(self, index: LowerIndex):
+        self.index = index
+        self.on_whiteout = None  # set by the StoreService
+
+    def tag(self, parent_tag, name):
+        if parent_tag == self.ROOT:
+            return {b"store": "store", b"var": "var"}.get(name)
+        if parent_tag == "var" and name == b"nix":
+            return "var/nix"
+        return None
+
+    def lower_visible(self, parent_tag, name):
+        if parent_tag == "store":
+            return self.index.shown(name)
+        if parent_tag == "var/nix":
+            return name not in UPPER_ONLY
+        return True
+
+    def lower_names(self, parent_tag):
+        return self.index.shown_names() if parent_tag == "store" else None
+
+    def whiteout_made(self, parent_tag, name):
+        if parent_tag == "store" and self.on_whiteout is not None:
+            self.on_whiteout(name)
+
+
+class StoreService:
+    """Follows the lower store while mounted (the database work runs in SyncWorker)."""
+
+    def __init__(self, worker, overlay, *, interval: float = 0.5):
+        self.worker = worker
+        self.overlay = overlay
+        self.interval = interval
+        self._wake = trio.Event()
+        self._hide: set[bytes] = set()
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+        self.errors = 0
+        self.last_error = ""
+        self.duplicates = 0
+        overlay.policy.on_whiteout = self._whiteout_made
+
+    def _whiteout_made(self, name: bytes) -> None:
+        if self.overlay.policy.index.state(name):
+            self._hide.add(name)
+            self._wake.set()
+
+    async def run(self) -> None:
+        with self._scope:
+            while True:
+                with trio.move_on_after(self.interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                try:
+                    await self.step()
+                except (OSError, WorkerError) as e:
+                    self.errors += 1
+                    self.last_error = str(e).strip().splitlines()[-1]
+                    log.warning("following the lower store: %s", e)
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop following; returns once no request is under way (the mount still answers)."""
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    async def step(self, force: bool = False) -> None:
+        """One round: hide what was removed through the mount, then follow the lower."""
+        if self._hide:
+            names, self._hide = self._hide, set()
+            self._forget(await self.worker.call("hide", sorted(names)))
+        result = await self.worker.call("step", force)
+        if result is None:
+            return
+        shown, hidden, duplicates = result
+        self._forget(list(hidden) + list(shown))
+        for name in duplicates:
+            if await self.overlay.discard_upper(STORE, name):
+                self.duplicates += 1
+                log.info("dropped the upper copy of %s: the lower has it", name.decode())
+
+    async def unhide(self, names: list[bytes]) -> list[bytes]:
+        """``nixfs unhide``: show hidden lower paths again, with what they took along."""
+        for name in names:
+            await self.overlay.unhide(STORE, name)
+        restored = await self.worker.call("restore", names)
+        self._forget(restored)
+        return restored
+
+    def _forget(self, names) -> None:
+        for name in names:
+            self.overlay.lower_entry_changed(STORE, name)

@@ -1,0 +1,440 @@
+"""Keeping the merged store database in step with the lower store's.
+
+First mount: the lower database is cloned (a reflink where the file system
+offers one, else an in-kernel copy) with its committed WAL frames folded in, so
+every lower path is valid at once with its own rows; nixfs then adds its GC root
+and adopts rows of paths the upper already holds.  The private index of lower
+paths is written last: it is the commit point of the first build.
+
+Afterwards the lower database is followed by its ids (``ValidPaths.id`` only
+grows): rows above the last seen id are new, and a count that does not add up
+means deletions, found by comparing ids.  Nothing ever rescans the whole lower.
+
+Ordering keeps Nix safe: a new lower path is made valid in the merged database
+(with its GC root reference, in one transaction) before the merged view shows
+its files; a path that left the lower leaves the database with everything that
+refers to it, then the view.
+"""
+
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+from . import gcroot
+from .lowerindex import BROKEN, SHOWN, LowerIndex
+from .merged import MergedDb, PathRow, open_db
+from .schema import STORE_DIR, SchemaError, read_schema_version
+from .snapshot import Snapshot, SnapshotError, read_consistent
+
+log = logging.getLogger(__name__)
+
+WHITEOUT = b".wh."
+
+
+def basename(path: str) -> bytes:
+    return path.rsplit("/", 1)[1].encode()
+
+
+@dataclass
+class LowerChanges:
+    """What one consistent read of the lower database found since the last one."""
+    max_id: int
+    count: int
+    rows: list = field(default_factory=list)        # (lower_id, PathRow) ascending
+    refs: dict = field(default_factory=dict)        # lower_id -> [reference path]
+    outputs: dict = field(default_factory=dict)     # lower_id -> [(output name, path)]
+    deleted: dict = field(default_factory=dict)     # lower_id -> name
+
+    def __bool__(self):
+        return bool(self.rows or self.deleted)
+
+
+@dataclass
+class SyncResult:
+    shown: list = field(default_factory=list)       # names the view now shows
+    hidden: list = field(default_factory=list)      # names the view no longer shows
+    duplicates: list = field(default_factory=list)  # upper copies identical to a lower path
+
+
+def _row_query(where: str) -> str:
+    return ("select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca "
+            f"from ValidPaths where {where} order by id")
+
+
+def _rows_from(conn, where: str, args) -> list:
+    return [(r[0], PathRow(*r[1:])) for r in conn.execute(_row_query(where), args)]
+
+
+def _refs_and_outputs(conn, ids) -> tuple[dict, dict]:
+    refs: dict = {}
+    outputs: dict = {}
+    for i in ids:
+        refs[i] = [p for (p,) in conn.execute(
+            "select v.path from Refs r join ValidPaths v on v.id = r.reference "
+            "where r.referrer = ?", (i,))]
+        out = conn.execute("select id, path from DerivationOutputs where drv = ?", (i,)).fetchall()
+        if out:
+            outputs[i] = out
+    return refs, outputs
+
+
+def _missing(present, known):
+    """(id, name) of *known* (ascending ids) whose id is not in *present* (ascending):
+    a merge walk in constant memory."""
+    present = iter(present)
+    current = next(present, None)
+    for i, name in known:
+        while current is not None and current[0] < i:
+            current = next(present, None)
+        if current is None or current[0] != i:
+            yield i, name
+
+
+class UpperStore:
+    """Direct, read-only looks at the upper's ``store/`` (whiteouts, upper copies)."""
+
+    def __init__(self, upper: str):
+        self.path = os.path.join(upper, "store")
+
+    def hidden(self, name: bytes) -> bool:
+        try:
+            os.lstat(os.path.join(self.path, os.fsdecode(WHITEOUT + name)))
+            return True
+        except (FileNotFoundError, OSError):
+            pass
+        try:
+            st = os.lstat(os.path.join(self.path, os.fsdecode(name)))
+        except OSError:
+            return False
+        return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+    def has(self, name: bytes) -> bool:
+        try:
+            st = os.lstat(os.path.join(self.path, os.fsdecode(name)))
+        except OSError:
+            return False
+        return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0)
+
+    def hidden_names(self) -> set[bytes]:
+        out = set()
+        try:
+            entries = os.scandir(self.path)
+        except FileNotFoundError:
+            return out
+        with entries:
+            for e in entries:
+                name = os.fsencode(e.name)
+                if name.startswith(WHITEOUT):
+                    out.add(name[len(WHITEOUT):])
+                elif not e.is_dir(follow_symlinks=False) and self.hidden(name):
+                    out.add(name)
+        return out
+
+
+class StoreSync:
+    """The merged database of one mount and how it follows the lower."""
+
+    def __init__(self, lower: str, upper: str, state_dir: str):
+        self.lower = lower
+        self.upper = upper
+        self.lower_db_dir = os.path.join(lower, "var/nix/db")
+        self.lower_db = os.path.join(self.lower_db_dir, "db.sqlite")
+        self.merged_dir = os.path.join(upper, "var/nix/db")
+        self.merged_db = os.path.join(self.merged_dir, "db.sqlite")
+        self.index_path = os.path.join(state_dir, LowerIndex.FILE)
+        self.work = os.path.join(state_dir, "work")
+        self.upper_store = UpperStore(upper)
+        self.index: LowerIndex | None = None
+        self.stats = {"syncs": 0, "added": 0, "removed": 0, "duplicates": 0, "last_sync": 0.0,
+                      "lower_polls": 0}
+        self._lower_sig = None
+
+    @staticmethod
+    def is_nix_store(lower: str) -> bool:
+        return os.path.isfile(os.path.join(lower, "var/nix/db/db.sqlite")) and \
+            os.path.isdir(os.path.join(lower, "store"))
+
+    # ------------------------------------------------------------------ before mounting
+
+    def prepare(self) -> None:
+        """Make the merged database current, working on the upper directly.
+
+        Runs before the mount is live, when nothing else can have the files open.
+        """
+        version = read_schema_version(self.lower_db_dir)
+        if os.path.exists(self.index_path):
+            self.index = LowerIndex(self.index_path)
+            if self.index.get("state") == "complete" and os.path.exists(self.merged_db):
+                if self.index.get("schema") != version:
+                    raise SchemaError(f"the lower store's database changed from schema "
+                                      f"{self.index.get('schema')} to {version}; "
+                                      "remove the upper's var/nix/db to rebuild the merged one")
+                db = MergedDb(open_db(self.merged_db))
+                try:
+                    self.apply(db, self.read_changes())
+                finally:
+                    db.close()
+                return
+            self.index.close()
+            self.index = None
+        self.build(version)
+
+    def build(self, version: int) -> None:
+        """First mount: clone the lower database and index it."""
+        t0 = time.monotonic()
+        os.makedirs(self.merged_dir, exist_ok=True)
+        tmp_db = os.path.join(self.work, "merged.sqlite")
+        tmp_index = os.path.join(self.work, "lower-index.sqlite")
+        for path in (tmp_db, tmp_index, tmp_index + "-wal", tmp_index + "-shm"):
+            if os.path.exists(path):
+                os.unlink(path)
+        for attempt in range(8):
+            with Snapshot(self.lower_db) as snap:
+                snap.clone_to(tmp_db)
+                if snap.validate():
+                    break
+        else:
+            raise SnapshotError(f"{self.lower_db} kept changing while being copied")
+        db = MergedDb(open_db(tmp_db, bulk=True))
+        index = LowerIndex(tmp_index)
+        try:
+            with db.conn:
+                max_id, count = db.conn.execute(
+                    "select coalesce(max(id), 0), count(*) from ValidPaths").fetchone()
+                lower_rows = [(basename(p), i) for i, p in
+                              db.conn.execute("select id, path from ValidPaths")]
+                hidden = self.upper_store.hidden_names()
+                gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n, _ in lower_rows
+                                  if n in hidden]) if hidden else set()
+                broken = {basename(p) for p in gone}
+                adopted = self._adopt(db, {n for n, _ in lower_rows})
+                root_id = db.insert(gcroot.root_row(int(time.time())))
+                db.conn.execute("insert into Refs (referrer, reference) select ?, id from "
+                                "ValidPaths where id != ? and id <= ?", (root_id, root_id, max_id))
+            db.conn.execute("pragma journal_mode=wal").fetchall()
+            with index.conn:
+                index.add((n, i, BROKEN if n in broken else SHOWN) for n, i in lower_rows)
+                index.put("lower_max_id", max_id)
+                index.put("lower_count", count)
+                index.put("schema", version)
+                index.put("root", gcroot.root_path())
+                index.put("state", "complete")
+        finally:
+            db.close()
+        index.close()
+        for suffix in ("-wal", "-shm"):
+            try:
+                os.unlink(self.merged_db + suffix)
+            except FileNotFoundError:
+                pass
+        os.rename(tmp_db, self.merged_db)
+        with open(os.path.join(self.merged_dir, "schema"), "w") as f:
+            f.write(str(version))
+        gcroot.install_files(self.upper)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(tmp_index + suffix):
+                os.rename(tmp_index + suffix, self.index_path + suffix)
+        os.rename(tmp_index, self.index_path)  # the commit point
+        self.index = LowerIndex(self.index_path)
+        log.info("built the merged database: %d lower paths, %d upper paths adopted, %.1f s",
+                 count, adopted, time.monotonic() - t0)
+
+    def _adopt(self, db: MergedDb, lower_names: set[bytes]) -> int:
+        """Carry over rows of paths the upper holds from an earlier database there."""
+        if not os.path.exists(self.merged_db):
+            return 0
+        from .merged import open_db as _open
+        old = _open(self.merged_db)
+        try:
+            rows = [(i, r) for i, r in _rows_from(old, "1", ())
+                    if self.upper_store.has(basename(r.path))
+                    and basename(r.path) not in lower_names and r.path != gcroot.root_path()]
+            refs, outputs = _refs_and_outputs(old, [i for i, _ in rows])
+        finally:
+            old.close()
+        self._insert_rows(db, rows, refs, outputs, root_id=None)
+        return len(rows)
+
+    # ------------------------------------------------------------------ following the lower
+
+    def lower_signature(self):
+        """Cheap identity of the lower database's current state (fresh opens: NFS
+        revalidates what it cached on open)."""
+        sig = []
+        for suffix in ("", "-wal"):
+            try:
+                fd = os.open(self.lower_db + suffix, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                sig.append(None)
+                continue
+            try:
+                st = os.fstat(fd)
+                sig.append((st.st_ino, st.st_size, st.st_mtime_ns, os.pread(fd, 32, 0)))
+            finally:
+                os.close(fd)
+        return tuple(sig)
+
+    def changed(self) -> bool:
+        self.stats["lower_polls"] += 1
+        sig = self.lower_signature()
+        if sig == self._lower_sig:
+            return False
+        self._lower_sig = sig
+        return True
+
+    def read_changes(self, index: LowerIndex | None = None) -> LowerChanges:
+        index = index or self.index
+        last_max = index.get("lower_max_id", 0)
+        last_count = index.get("lower_count", 0)
+
+        def read(conn, snap):
+            max_id, count = conn.execute(
+                "select coalesce(max(id), 0), count(*) from ValidPaths").fetchone()
+            changes = LowerChanges(max_id, count)
+            if max_id > last_max:
+                changes.rows = _rows_from(conn, "id > ?", (last_max,))
+                changes.refs, changes.outputs = _refs_and_outputs(conn, [i for i, _ in changes.rows])
+            if count != last_count + len(changes.rows):
+                changes.deleted = dict(_missing(
+                    conn.execute("select id from ValidPaths where id <= ? order by id", (last_max,)),
+                    index.conn.execute("select lower_id, name from paths where lower_id <= ? "
+                                       "order by lower_id", (last_max,))))
+            return changes
+
+        return read_consistent(self.lower_db, read)
+
+    def apply(self, db: MergedDb, changes: LowerChanges, index: LowerIndex | None = None) -> SyncResult:
+        """Bring the merged database and the index up to *changes*."""
+        index = index or self.index
+        result = SyncResult()
+        if not changes and changes.max_id == index.get("lower_max_id", 0):
+            return result
+        new_index_rows = []
+        lower_broken: list[bytes] = []
+        with db.begin():
+            root_id = db.id_of(gcroot.root_path())
+            if changes.deleted:
+                leaving = [f"{STORE_DIR}/{os.fsdecode(n)}" for n in changes.deleted.values()
+                           if not self.upper_store.has(n)]
+                gone = db.remove(leaving)
+                result.hidden.extend(changes.deleted.values())
+                broken = {basename(p) for p in gone} - set(changes.deleted.values())
+                lower_broken = [n for n in broken if index.state(n)]
+                result.hidden.extend(lower_broken)
+            rows = []
+            for lower_id, row in changes.rows:
+                name = basename(row.path)
+                if self.upper_store.hidden(name):
+                    new_index_rows.append((name, lower_id, BROKEN))
+                    continue
+                rows.append((lower_id, row))
+            added, dups = self._insert_rows(db, rows, changes.refs, changes.outputs, root_id)
+            for lower_id, row in rows:
+                name = basename(row.path)
+                state = SHOWN if lower_id in added or name in dups else BROKEN
+                new_index_rows.append((name, lower_id, state))
+                if state == SHOWN:
+                    result.shown.append(name)
+            result.duplicates.extend(dups)
+        with index.conn:
+            if changes.deleted:
+                index.remove(changes.deleted.values())
+                index.set_state(lower_broken, BROKEN)
+            index.add(new_index_rows)
+            index.put("lower_max_id", changes.max_id)
+            index.put("lower_count", changes.count)
+        self.stats["syncs"] += 1
+        self.stats["added"] += len(result.shown)
+        self.stats["removed"] += len(changes.deleted)
+        self.stats["last_sync"] = time.time()
+        return result
+
+    def _insert_rows(self, db: MergedDb, rows, refs, outputs, root_id) -> tuple[set, set]:
+        """Insert rows (ascending lower id) whose closure is complete in the merged db.
+
+        Returns (lower ids now valid, names already valid there with the same hash
+        in an upper copy: duplicates the caller may drop).
+        """
+        added: set = set()
+        dups: set = set()
+        for lower_id, row in rows:
+            existing = db.id_of(row.path)
+            name = basename(row.path)
+            if existing is not None:
+                if self.upper_store.has(name):
+                    # Built in the upper too: the lower copy wins (the view would show the
+                    # upper one, and a GC of it would otherwise hide the lower path).
+                    if db.hash_of(row.path) != row.hash:
+                        log.warning("%s differs between the layers; the lower copy wins", row.path)
+                        db.replace(existing, row)
+                    dups.add(name)
+                else:
+                    added.add(lower_id)  # already there (an interrupted sync)
+                if root_id is not None:
+                    db.add_refs(root_id, [existing])
+                continue
+            ref_ids = []
+            for ref in refs.get(lower_id, ()):
+                if ref == row.path:
+                    continue
+                rid = db.id_of(ref)
+                if rid is None:
+                    break  # its closure is not complete here: leave it out
+                ref_ids.append(rid)
+            else:
+                new_id = db.insert(row)
+                if row.path in refs.get(lower_id, ()):
+                    ref_ids.append(new_id)
+                db.add_refs(new_id, ref_ids)
+                db.add_outputs(new_id, outputs.get(lower_id, ()))
+                if root_id is not None:
+                    db.add_refs(root_id, [new_id])
+                added.add(lower_id)
+        return added, dups
+
+    # ------------------------------------------------------------------ changes made through the mount
+
+    def hide(self, db: MergedDb, names: set[bytes]) -> list[bytes]:
+        """Lower paths removed through the mount leave the database, with everything that
+        refers to them; returns the lower paths that went along (no longer shown either)."""
+        with db.begin():
+            gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in names])
+        lower = [n for n in (basename(p) for p in gone) if self.index.state(n)]
+        with self.index.conn:
+            self.index.set_state(set(lower) | set(names), BROKEN)
+        log.info("%d lower paths hidden through the mount left the database (%d in all)",
+                 len(names), len(gone))
+        return [n for n in lower if n not in names]
+
+    def restore(self, db: MergedDb, names: list[bytes]) -> list[bytes]:
+        """Make lower paths valid again (``nixfs unhide``), with the lower paths that
+        were hidden because they referred to them; returns the names shown again."""
+        index = self.index
+
+        def read(conn, snap):
+            ids = [st[0] for st in map(index.state, names) if st]
+            todo, seen = list(ids), set(ids)
+            while todo:
+                i = todo.pop()
+                for (r, path) in conn.execute(
+                        "select r.referrer, v.path from Refs r join ValidPaths v "
+                        "on v.id = r.referrer where r.reference = ?", (i,)):
+                    st = index.state(basename(path))
+                    if r not in seen and st and st[1] == BROKEN:
+                        seen.add(r)
+                        todo.append(r)
+            rows = [x for i in sorted(seen) for x in _rows_from(conn, "id = ?", (i,))]
+            refs, outputs = _refs_and_outputs(conn, [i for i, _ in rows])
+            return rows, refs, outputs
+
+        rows, refs, outputs = read_consistent(self.lower_db, read)
+        rows = [(i, r) for i, r in rows if not self.upper_store.hidden(basename(r.path))]
+        with db.begin():
+            added, _ = self._insert_rows(db, rows, refs, outputs, db.id_of(gcroot.root_path()))
+        shown = [basename(r.path) for i, r in rows if i in added]
+        with index.conn:
+            index.set_state(shown, SHOWN)
+        return shown
+

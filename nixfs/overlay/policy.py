@@ -1,0 +1,25 @@
+"""What a particular kind of lower asks of the merged view.
+
+The overlay shows every lower entry by default.  A policy can hide some (a Nix
+store shows only the lower's valid store paths, and none of its database), list
+a directory from somewhere cheaper than the lower itself, and hear about
+whiteouts.  Directories the policy cares about carry a *tag*, given as nodes
+are made: the root's is ``"/"``; a child's is ``tag(parent_tag, name)``.
+"""
+
+
+class LowerPolicy:
+    ROOT = "/"
+
+    def tag(self, parent_tag: str, name: bytes) -> str | None:
+        return None
+
+    def lower_visible(self, parent_tag: str, name: bytes) -> bool:
+        return True
+
+    def lower_names(self, parent_tag: str) -> list[bytes] | None:
+        """The visible lower names of a tagged directory, or None to list the lower."""
+        return None
+
+    def whiteout_made(self, parent_tag: str, name: bytes) -> None:
+        """A lower entry was hidden through the mount (``rm``, ``mv``)."""
