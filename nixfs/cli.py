@@ -6,7 +6,7 @@ import sys
 from . import __version__
 from .mount import MountConfig, UsageError, parse_options
 
-COMMANDS = ("mount", "umount")
+COMMANDS = ("mount", "umount", "status", "sync", "unhide", "gc", "promote")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,6 +35,31 @@ def _parser() -> argparse.ArgumentParser:
     u = sub.add_parser("umount", help="unmount and wait until everything is on disk")
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
     u.add_argument("mountpoint")
+
+    st = sub.add_parser("status", help="what a mount's daemon is doing")
+    st.add_argument("--json", action="store_true", help="machine-readable")
+    st.add_argument("mountpoint")
+
+    sy = sub.add_parser("sync", help="make a Nix store mount's database catch up with the "
+                                     "lower now (it does within a second anyway)")
+    sy.add_argument("mountpoint")
+
+    uh = sub.add_parser("unhide", help="show lower store paths removed through a mount again")
+    uh.add_argument("--mount", dest="mountpoint",
+                    help="the nixfs mount (default: the only Nix store mount there is)")
+    uh.add_argument("paths", nargs="+", metavar="STOREPATH",
+                    help="/nix/store/HASH-NAME, or just HASH-NAME")
+
+    g = sub.add_parser("gc", help="free dead upper paths of a Nix store mount (cost grows "
+                                  "with the upper, not the lower)")
+    g.add_argument("--dry-run", action="store_true", help="only print what would go")
+    g.add_argument("mountpoint")
+
+    pr = sub.add_parser("promote", help="move valid upper paths (with the upper part of their "
+                                        "closure) into a writable lower store")
+    pr.add_argument("--upper", required=True)
+    pr.add_argument("--into", required=True, metavar="LOWER", help="the lower Nix directory")
+    pr.add_argument("paths", nargs="*", metavar="STOREPATH", help="default: every upper path")
     return p
 
 
@@ -73,17 +98,112 @@ def _umount(args) -> int:
     return umount(args.mountpoint, lazy=args.lazy)
 
 
+def _status(args) -> int:
+    import json
+
+    from . import control, status
+    result = control.request(args.mountpoint, "status")
+    print(json.dumps(result, indent=2) if args.json else status.render(result))
+    return 0
+
+
+def _sync(args) -> int:
+    from . import control
+    _record_of(args.mountpoint)
+    control.request(args.mountpoint, "sync")
+    return 0
+
+
+def _nix_mounts() -> list[str]:
+    from . import runtime
+    return [m.mountpoint for m in runtime.mounts() if m.fstype == runtime.FSTYPE
+            and (runtime.read_record(m.mountpoint) or {}).get("nix")]
+
+
+def _unhide(args) -> int:
+    from . import control
+    mnt = args.mountpoint
+    if mnt is None:
+        mounts = _nix_mounts()
+        if len(mounts) != 1:
+            raise UsageError("say which mount with --mount (nixfs Nix store mounts here: "
+                             f"{', '.join(mounts) or 'none'})")
+        mnt = mounts[0]
+    names = []
+    for path in args.paths:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if len(name) < 34 or name[32] != "-":
+            raise UsageError(f"not a store path: {path}")
+        names.append(name)
+    shown = control.request(mnt, "unhide", names=names)
+    for name in shown:
+        print(f"/nix/store/{name}")
+    return 0
+
+
+def _record_of(mountpoint: str) -> dict:
+    from . import runtime
+    info = runtime.read_record(mountpoint)
+    if info is None or not info.get("nix"):
+        raise UsageError(f"{mountpoint} is not a nixfs mount of a Nix store")
+    return info
+
+
+def _gc(args) -> int:
+    from .nixdb.gc import collect
+    info = _record_of(args.mountpoint)
+    paths, total = collect(info["mountpoint"], info["upper"], dry_run=args.dry_run)
+    for p in paths:
+        print(p)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"nixfs: {verb} {len(paths)} of {total} upper paths", file=sys.stderr)
+    return 0
+
+
+def _promote(args) -> int:
+    import os
+
+    from . import control, runtime
+    from .nixdb.promote import promote
+    upper = os.path.realpath(args.upper)
+    mounted = None
+    for m in runtime.mounts():
+        info = runtime.read_record(m.mountpoint) if m.fstype == runtime.FSTYPE else None
+        if info and info.get("upper") == upper:
+            mounted = info["mountpoint"]
+    # While mounted, the merged database is only read through the mount.
+    db_root = mounted or os.path.join(upper)
+    merged = os.path.join(db_root, "var/nix/db/db.sqlite")
+    if not os.path.exists(merged):
+        raise UsageError(f"{args.upper} holds no merged Nix database")
+    moved = promote(upper, os.path.realpath(args.into), merged, args.paths or None)
+    for p in moved:
+        print(p)
+    if mounted:
+        control.request(mounted, "sync")
+    print(f"nixfs: promoted {len(moved)} paths into {args.into}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         args = _helper_args(argv)
     else:
         args = _parser().parse_args(argv)
+    from .control import ControlError
+    from .nixdb.gc import GcError
+    from .nixdb.promote import PromoteError
+    from .nixdb.schema import SchemaError
     try:
-        return {"mount": _mount, "umount": _umount}[args.command](args)
-    except UsageError as e:
+        return {"mount": _mount, "umount": _umount, "status": _status, "sync": _sync,
+                "unhide": _unhide, "gc": _gc, "promote": _promote}[args.command](args)
+    except (UsageError, SchemaError, PromoteError) as e:
         print(f"nixfs: {e}", file=sys.stderr)
         return 2
+    except (ControlError, GcError) as e:
+        print(f"nixfs: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

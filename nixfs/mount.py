@@ -161,13 +161,9 @@ def is_nix_store(cfg: MountConfig) -> bool:
 
 def store_uri(mountpoint: str) -> str:
     """How a stock Nix reaches the store mounted at *mountpoint* (``.../nix``)."""
-    if mountpoint == "/nix":
-        return "/nix (the default store)"
-    parent, base = os.path.split(mountpoint)
-    if base == "nix":
-        return f"--store 'local?root={parent}'"
-    return (f"--store 'local?store=/nix/store&real={mountpoint}/store"
-            f"&state={mountpoint}/var/nix&log={mountpoint}/var/log/nix'")
+    from .nixdb.gc import nix_store_args
+    args = nix_store_args(mountpoint)
+    return f"--store '{args[1]}'" if args else "/nix (the default store)"
 
 
 def mount(cfg: MountConfig) -> int:
@@ -299,7 +295,28 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     except RuntimeError as e:
         overlay.close()
         return report(f"mounting at {cfg.mountpoint} failed ({e}); see the messages above", 1)
-    runtime.write_record(cfg.mountpoint, lower=cfg.lower, upper=cfg.upper)
+    from . import control, status
+    started = time.time()
+
+    async def op_status():
+        return await trio.to_thread.run_sync(lambda: status.collect(
+            cfg=cfg, ops=ops, overlay=overlay, service=service, started=started))
+
+    async def op_unhide(names):
+        if service is None:
+            raise ValueError("this mount is not a Nix store")
+        return [n.decode() for n in await service.unhide([n.encode() for n in names])]
+
+    async def op_sync():
+        if service is not None:
+            await service.step(force=True)
+            service.last_ok = time.time()
+        return True
+
+    control_server = control.ControlServer(control.socket_path(cfg.mountpoint), {
+        "status": op_status, "unhide": op_unhide, "sync": op_sync})
+    runtime.write_record(cfg.mountpoint, lower=cfg.lower, upper=cfg.upper,
+                         control=control_server.path, nix=service is not None)
     log.info("mounted %s (lower %s, upper %s)", cfg.mountpoint, cfg.lower, cfg.upper)
     report("ok")
     if ready_fd is not None and log_path is not None:
@@ -322,6 +339,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                             pyfuse3.terminate()
                             return
                 nursery.start_soon(on_signals)
+                await nursery.start(control_server.serve)
                 if service is not None:
                     nursery.start_soon(service.run)
                 await pyfuse3.main()

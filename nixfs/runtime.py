@@ -51,9 +51,12 @@ def runtime_dir() -> Path:
     return base
 
 
+def record_key(mountpoint: str) -> str:
+    return hashlib.sha256(canonical(mountpoint).encode()).hexdigest()[:32]
+
+
 def _record_path(mountpoint: str) -> Path:
-    digest = hashlib.sha256(canonical(mountpoint).encode()).hexdigest()[:32]
-    return runtime_dir() / f"{digest}.json"
+    return runtime_dir() / f"{record_key(mountpoint)}.json"
 
 
 def _start_time(pid: int) -> str | None:

@@ -86,22 +86,25 @@ class MergedDb:
         self.conn.executemany("insert or replace into DerivationOutputs (drv, id, path) "
                               "values (?, ?, ?)", ((drv, name, path) for name, path in outputs))
 
-    def referrers_closure(self, paths) -> set[str]:
-        """*paths* (those present) and every path that refers to one of them, transitively."""
-        ids = {i for i in (self.id_of(p) for p in paths) if i is not None}
+    def referrers_closure(self, paths, keep=()) -> set[str]:
+        """*paths* (those present) and every path that refers to one of them, transitively;
+        paths in *keep* are neither included nor followed."""
+        kept = {i for i in (self.id_of(p) for p in keep) if i is not None}
+        ids = {i for i in (self.id_of(p) for p in paths) if i is not None} - kept
         todo = list(ids)
         while todo:
             i = todo.pop()
             for (r,) in self.conn.execute("select referrer from Refs where reference = ?", (i,)):
-                if r not in ids:
+                if r not in ids and r not in kept:
                     ids.add(r)
                     todo.append(r)
         return {self.conn.execute("select path from ValidPaths where id = ?", (i,)).fetchone()[0]
                 for i in ids}
 
-    def remove(self, paths) -> set[str]:
-        """Invalidate *paths* and everything that refers to them; return what went."""
-        gone = self.referrers_closure(paths)
+    def remove(self, paths, keep=()) -> set[str]:
+        """Invalidate *paths* and everything that refers to them but *keep* (whose
+        references to them go); return what went."""
+        gone = self.referrers_closure(paths, keep)
         ids = [self.id_of(p) for p in gone]
         # References to what goes are dropped first, so "on delete restrict" never fires.
         self.conn.executemany("delete from Refs where reference = ?", ((i,) for i in ids))

@@ -13,6 +13,7 @@ which drops what it and the kernel cached about those entries.
 """
 
 import logging
+import time
 
 import trio
 
@@ -68,6 +69,7 @@ class StoreService:
         self.errors = 0
         self.last_error = ""
         self.duplicates = 0
+        self.last_ok = 0.0  # when a round last found the merged database in step
         overlay.policy.on_whiteout = self._whiteout_made
 
     def _whiteout_made(self, name: bytes) -> None:
@@ -83,6 +85,7 @@ class StoreService:
                 self._wake = trio.Event()
                 try:
                     await self.step()
+                    self.last_ok = time.time()
                 except (OSError, WorkerError) as e:
                     self.errors += 1
                     self.last_error = str(e).strip().splitlines()[-1]

@@ -207,7 +207,7 @@ class StoreSync:
                               db.conn.execute("select id, path from ValidPaths")]
                 hidden = self.upper_store.hidden_names()
                 gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n, _ in lower_rows
-                                  if n in hidden]) if hidden else set()
+                                  if n in hidden]) if hidden else set()  # before the root exists
                 broken = {basename(p) for p in gone}
                 adopted = self._adopt(db, {n for n, _ in lower_rows})
                 root_id = db.insert(gcroot.root_row(int(time.time())))
@@ -318,7 +318,7 @@ class StoreSync:
             if changes.deleted:
                 leaving = [f"{STORE_DIR}/{os.fsdecode(n)}" for n in changes.deleted.values()
                            if not self.upper_store.has(n)]
-                gone = db.remove(leaving)
+                gone = db.remove(leaving, keep=[gcroot.root_path()])
                 result.hidden.extend(changes.deleted.values())
                 broken = {basename(p) for p in gone} - set(changes.deleted.values())
                 lower_broken = [n for n in broken if index.state(n)]
@@ -345,6 +345,7 @@ class StoreSync:
             index.add(new_index_rows)
             index.put("lower_max_id", changes.max_id)
             index.put("lower_count", changes.count)
+            index.put("last_sync_time", time.time())
         self.stats["syncs"] += 1
         self.stats["added"] += len(result.shown)
         self.stats["removed"] += len(changes.deleted)
@@ -400,7 +401,8 @@ class StoreSync:
         """Lower paths removed through the mount leave the database, with everything that
         refers to them; returns the lower paths that went along (no longer shown either)."""
         with db.begin():
-            gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in names])
+            gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in names],
+                             keep=[gcroot.root_path()])
         lower = [n for n in (basename(p) for p in gone) if self.index.state(n)]
         with self.index.conn:
             self.index.set_state(set(lower) | set(names), BROKEN)

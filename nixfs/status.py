@@ -1,0 +1,83 @@
+"""What ``nixfs status`` reports: gathered in the daemon, printed by the command."""
+
+import os
+import time
+
+
+def tree_size(path: str, skip: str | None = None) -> int:
+    """Bytes allocated below *path* (not following symlinks)."""
+    total = 0
+    stack = [path]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = os.scandir(top)
+        except OSError:
+            continue
+        with entries:
+            for e in entries:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += st.st_blocks * 512
+                if e.is_dir(follow_symlinks=False) and e.path != skip:
+                    stack.append(e.path)
+    return total
+
+
+def collect(*, cfg, ops, overlay, service, started: float) -> dict:
+    """The daemon's view of itself (runs in a worker thread: it walks the upper)."""
+    lower, upper = overlay.lower.layer, overlay.upper
+    out = {
+        "mountpoint": cfg.mountpoint, "lower": cfg.lower, "upper": cfg.upper,
+        "pid": os.getpid(), "uptime_s": round(time.time() - started, 1),
+        "fuse_requests": dict(ops.requests), "errors": ops.errors,
+        "lower_calls": dict(lower.calls), "upper_calls": dict(upper.calls),
+        "copy_ups": overlay.copy_ups, "nodes": len(overlay.inodes),
+        "open_dir_fds": len(overlay.fds),
+        "upper_bytes": tree_size(cfg.upper),
+    }
+    if service is not None:
+        from .nixdb.merged import db_size
+        index = overlay.policy.index
+        last = service.last_ok
+        out["nix"] = {
+            "lower_paths": index.count(),
+            "lower_paths_not_shown": index.conn.execute(
+                "select count(*) from paths where state != 0").fetchone()[0],
+            "lower_max_id": index.get("lower_max_id", 0),
+            "merged_db_bytes": db_size(os.path.join(cfg.upper, "var/nix/db")),
+            "index_bytes": index.size_bytes(),
+            "last_sync_age_s": round(time.time() - last, 1) if last else None,
+            "sync_errors": service.errors, "last_sync_error": service.last_error,
+            "upper_copies_dropped": service.duplicates,
+        }
+    return out
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render(s: dict) -> str:
+    lines = [f"{s['mountpoint']}  (pid {s['pid']}, up {s['uptime_s']} s)",
+             f"  lower  {s['lower']}", f"  upper  {s['upper']}  ({_human(s['upper_bytes'])})",
+             f"  FUSE requests {sum(s['fuse_requests'].values())}, errors {s['errors']}, "
+             f"copy-ups {s['copy_ups']}, nodes {s['nodes']}",
+             "  lower calls " + (", ".join(f"{k} {v}" for k, v in sorted(s["lower_calls"].items()))
+                                 or "none")]
+    if "nix" in s:
+        n = s["nix"]
+        lag = "never" if n["last_sync_age_s"] is None else f"{n['last_sync_age_s']} s ago"
+        lines += [f"  Nix store: {n['lower_paths']} lower paths ({n['lower_paths_not_shown']} "
+                  f"hidden), last change followed {lag}, sync errors {n['sync_errors']}",
+                  f"  merged database {_human(n['merged_db_bytes'])} in the upper, lower index "
+                  f"{_human(n['index_bytes'])}, upper copies dropped {n['upper_copies_dropped']}"]
+        if n["last_sync_error"]:
+            lines.append(f"  last sync error: {n['last_sync_error']}")
+    return "\n".join(lines)

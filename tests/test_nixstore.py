@@ -1,0 +1,313 @@
+"""A stock Nix (Debian's nix-bin 2.8) on a nixfs mount of a Nix store."""
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+
+import pytest
+from harness import NixfsMount, run_nixfs
+from nixstore import busybox_dir, derivations_nix, nix, nix_build
+
+LOWER_DRVS = {"liba": [], "libb": ["liba"], "app": ["liba", "libb"]}
+
+
+@pytest.fixture(scope="session")
+def built_lower(tmp_path_factory):
+    """A lower store built once by Nix: liba <- libb <- app."""
+    base = tmp_path_factory.mktemp("nixlower")
+    bb = busybox_dir(base)
+    expr = base / "lower.nix"
+    expr.write_text(derivations_nix(bb, LOWER_DRVS))
+    outs = nix_build(base / "L", expr, *LOWER_DRVS)
+    return base, dict(zip(LOWER_DRVS, outs))
+
+
+class Store:
+    """A copy of the built lower, an upper, and a mountpoint at ROOT/nix."""
+
+    def __init__(self, tmp_path, built_lower):
+        base, self.paths = built_lower
+        self.busybox = base / "busybox"
+        self.lower_root = tmp_path / "L"
+        subprocess.run(["cp", "-a", str(base / "L"), str(self.lower_root)], check=True)
+        self.lower = self.lower_root / "nix"
+        self.upper = tmp_path / "upper"
+        self.root = tmp_path / "M"
+        self.mnt = self.root / "nix"
+        self.upper.mkdir()
+        self.mnt.mkdir(parents=True)
+        self.tmp = tmp_path
+
+    def mount(self, *options):
+        return NixfsMount(self.lower, self.upper, self.mnt, *options)
+
+    def expr(self, names: dict):
+        """An expression with the lower's derivations and *names* (which may use them)."""
+        f = self.tmp / f"expr-{'-'.join(names)}.nix"  # one per set of names: thread-safe
+        f.write_text(derivations_nix(self.busybox, {**LOWER_DRVS, **names}))
+        return f
+
+    def q(self, *args, check=True):
+        return nix(self.root, "nix-store", *args, check=check)
+
+    def valid(self, path) -> bool:
+        return self.q("--check-validity", path, check=False).returncode == 0
+
+    def lower_valid(self, path) -> bool:
+        return nix(self.lower_root, "nix-store", "--check-validity", path, check=False).returncode == 0
+
+    def wait(self, cond, what, timeout=2.0):
+        """Poll *cond* for up to *timeout* seconds (the issue's bound), failing if not met."""
+        start = time.monotonic()
+        while not cond():
+            if time.monotonic() - start > timeout:
+                raise AssertionError(f"{what}: not within {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+
+@pytest.fixture
+def store(tmp_path, built_lower):
+    return Store(tmp_path, built_lower)
+
+
+def upper_store(store) -> set[str]:
+    return {n for n in os.listdir(store.upper / "store") if not n.startswith(".")
+            and not n.endswith("nixfs-lower-roots")}
+
+
+def test_mount_prints_store_uri_and_queries_see_lower(store):
+    proc = run_nixfs("mount", "--lower", store.lower, "--upper", store.upper, store.mnt)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert f"--store 'local?root={store.root}'" in proc.stdout
+        app, libb, liba = store.paths["app"], store.paths["libb"], store.paths["liba"]
+        assert set(store.q("-q", "--references", app).stdout.split()) == {liba, libb}
+        assert store.q("-q", "--hash", app).stdout == nix(store.lower_root, "nix-store", "-q",
+                                                         "--hash", app).stdout
+        assert store.q("-q", "--deriver", app).stdout.strip().endswith("-app.drv")
+        drv = store.q("-q", "--deriver", app).stdout.strip()
+        assert store.q("-q", "--outputs", drv).stdout.strip() == app
+    finally:
+        run_nixfs("umount", store.mnt)
+
+
+def test_build_reuses_lower_and_lands_in_upper(store):
+    with store.mount():
+        expr = store.expr({"app2": ["libb"]})
+        proc = subprocess.run(["nix-build", "--store", f"local?root={store.root}", str(expr),
+                               "-A", "app", "-A", "app2", "--no-out-link"],
+                              capture_output=True, text=True, env=__import__("nixstore").nix_env())
+        assert proc.returncode == 0, proc.stderr
+        built = [line for line in proc.stderr.splitlines() if line.startswith("building ")]
+        assert len(built) == 1 and "app2" in built[0], proc.stderr  # nothing from the lower
+        app2 = proc.stdout.split()[1]
+        assert (store.mnt / app2[len("/nix/"):] / "bin/app2").read_text().startswith("app2")
+        assert {n.split("-", 1)[1] for n in upper_store(store)} == {"app2", "app2.drv"}
+        assert store.q("--verify", "--check-contents").returncode == 0
+
+
+def test_gc_frees_upper_and_never_touches_lower(store):
+    with store.mount():
+        expr = store.expr({"junk": ["liba"]})
+        nix_build(store.root, expr, "junk")
+        assert any(n.endswith("-junk") for n in upper_store(store))
+        out = store.q("--gc").stdout
+        assert upper_store(store) == set()
+        for name, path in store.paths.items():
+            assert store.valid(path), name
+            assert (store.mnt / path[len("/nix/"):]).exists()
+        assert not any(n.startswith(".wh.") for n in os.listdir(store.upper / "store")), out
+        proc = store.q("--delete", store.paths["liba"], check=False)
+        assert proc.returncode != 0 and "still alive" in proc.stderr
+        assert store.valid(store.paths["liba"])
+
+
+def test_store_view_hides_invalid_lower_entries(store):
+    junk = ["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-half-copied", ".nfs000000001", "x.lock",
+            os.path.basename(store.paths["app"]) + ".lock"]
+    (store.lower / "store/.links").mkdir(exist_ok=True)
+    (store.lower / "store/.links/0abc").write_text("linked")
+    for name in junk:
+        (store.lower / "store" / name).mkdir()
+    with store.mount():
+        listing = set(os.listdir(store.mnt / "store"))
+        assert listing >= {os.path.basename(p) for p in store.paths.values()}
+        assert not listing & set(junk) and ".links" not in listing
+        for name in junk + [".links"]:
+            assert not (store.mnt / "store" / name).exists()
+        # Nix's own .links in the upper is shown; Nix's GC leaves the lower's junk alone.
+        store.q("--gc")
+        for name in junk:
+            assert (store.lower / "store" / name).exists()
+        assert not any(n.startswith(".wh.") for n in os.listdir(store.upper / "store"))
+
+
+def test_live_add_and_delete_in_lower(store):
+    with store.mount():
+        expr = store.expr({"live": ["liba"]})
+        new = nix_build(store.lower_root, expr, "live")[0]  # the lower's own Nix
+        took = store.wait(lambda: store.valid(new), "a new lower path valid through the mount")
+        assert (store.mnt / new[len("/nix/"):] / "bin/live").read_text().startswith("live")
+        assert took < 2
+        nix(store.lower_root, "nix-store", "--delete", new)
+        store.wait(lambda: not store.valid(new), "a deleted lower path invalid through the mount")
+        assert not (store.mnt / new[len("/nix/"):]).exists()
+        again = nix_build(store.root, expr, "live")[0]  # recreated in the upper, no remount
+        assert again == new and store.valid(new)
+        assert os.path.basename(new) in upper_store(store)
+        assert store.q("--verify", "--check-contents").returncode == 0
+
+
+def test_upper_copy_of_a_new_lower_path_is_dropped(store):
+    with store.mount():
+        expr = store.expr({"dup": ["libb"]})
+        path = nix_build(store.root, expr, "dup")[0]
+        assert os.path.basename(path) in upper_store(store)
+        nix_build(store.lower_root, expr, "dup")  # the same path lands in the lower
+        store.wait(lambda: os.path.basename(path) not in upper_store(store),
+                   "the upper copy dropped")
+        assert store.valid(path)
+        assert (store.mnt / path[len("/nix/"):] / "bin/dup").exists()
+        assert store.q("--verify", "--check-contents").returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a read-only bind mount")
+def test_read_only_lower(store):
+    ro = store.tmp / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(store.lower), str(ro)], check=True)
+    try:
+        before = sorted(os.listdir(store.lower / "var/nix/db"))
+        with NixfsMount(ro, store.upper, store.mnt):
+            assert store.valid(store.paths["app"])
+            nix_build(store.root, store.expr({"ro": ["app"]}), "ro")
+        assert sorted(os.listdir(store.lower / "var/nix/db")) == before  # no -wal, no -shm
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_remount_keeps_upper_and_catches_up(store):
+    expr = store.expr({"persist": ["liba"], "later": ["libb"]})
+    with store.mount():
+        mine = nix_build(store.root, expr, "persist")[0]
+    later = nix_build(store.lower_root, expr, "later")[0]  # while unmounted
+    with store.mount():
+        assert store.valid(mine) and store.valid(later)  # at once: caught up before mounting
+        assert (store.mnt / mine[len("/nix/"):]).exists()
+
+
+def test_rm_hides_lower_path_and_unhide_restores(store):
+    libb, app = store.paths["libb"], store.paths["app"]
+    with store.mount() as m:
+        shutil.rmtree(store.mnt / libb[len("/nix/"):])
+        store.wait(lambda: not store.valid(libb), "a removed lower path invalid")
+        assert not store.valid(app)  # its referrer went with it: files and database agree
+        assert os.path.basename(app) not in os.listdir(store.mnt / "store")
+        proc = run_nixfs("unhide", "--mount", m.mnt, libb)
+        assert proc.returncode == 0, proc.stderr
+        assert set(proc.stdout.split()) == {libb, app}
+        assert store.valid(libb) and store.valid(app)
+        assert (store.mnt / app[len("/nix/"):] / "bin/app").exists()
+        assert store.q("--verify", "--check-contents").returncode == 0
+
+
+def test_unknown_schema_is_refused(store):
+    (store.lower / "var/nix/db/schema").write_text("42")
+    proc = run_nixfs("mount", "--lower", store.lower, "--upper", store.upper, store.mnt)
+    assert proc.returncode == 2
+    assert "schema version 42" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.ismount(store.mnt)
+
+
+def test_promote_into_lower(store):
+    expr = store.expr({"p1": ["liba"], "p2": ["p1"]})
+    with store.mount():
+        p2 = nix_build(store.root, expr, "p2")[0]
+        proc = run_nixfs("promote", "--upper", store.upper, "--into", store.lower, p2)
+        assert proc.returncode == 0, proc.stderr
+        moved = proc.stdout.split()
+        assert p2 in moved and any(p.endswith("-p1") for p in moved)
+        assert store.lower_valid(p2)
+        store.wait(lambda: os.path.basename(p2) not in upper_store(store), "upper copies dropped")
+        assert store.valid(p2)
+    assert nix(store.lower_root, "nix-store", "--verify", "--check-contents").returncode == 0
+
+
+def test_nixfs_gc_frees_only_dead_upper_paths(store):
+    expr = store.expr({"keep": ["liba"], "drop": ["libb"]})
+    with store.mount() as m:
+        keep = nix_build(store.root, expr, "keep")[0]
+        subprocess.run(["nix-build", "--store", f"local?root={store.root}", str(expr), "-A",
+                        "keep", "-o", str(store.tmp / "keep-root")], check=True,
+                       capture_output=True, env=__import__("nixstore").nix_env())
+        drop = nix_build(store.root, expr, "drop")[0]
+        proc = run_nixfs("gc", m.mnt)
+        assert proc.returncode == 0, proc.stderr
+        assert drop in proc.stdout.split() and keep not in proc.stdout.split()
+        assert not store.valid(drop) and store.valid(keep)
+        for path in store.paths.values():
+            assert store.valid(path)
+
+
+def test_concurrent_nix_and_changing_lower(store):
+    """Nix builds and adds through the mount while the lower gains and loses paths."""
+    stop = threading.Event()
+    errors = []
+
+    def lower_churn():
+        i = 0
+        while not stop.is_set():
+            expr = store.expr({f"churn{i}": ["liba"]})
+            try:
+                p = nix_build(store.lower_root, expr, f"churn{i}")[0]
+                if i % 2:
+                    nix(store.lower_root, "nix-store", "--delete", p)
+            except Exception as e:  # reported below
+                errors.append(e)
+            i += 1
+
+    with store.mount():
+        t = threading.Thread(target=lower_churn)
+        t.start()
+        try:
+            for i in range(6):
+                nix_build(store.root, store.expr({f"mine{i}": ["libb"]}), f"mine{i}")
+                f = store.tmp / f"added{i}"
+                f.write_text(f"added {i}")
+                store.q("--add", f)
+        finally:
+            stop.set()
+            t.join()
+        assert not errors, errors
+        assert run_nixfs("sync", store.mnt).returncode == 0  # follow the last lower change now
+        assert store.q("--verify", "--check-contents").returncode == 0
+    db = sqlite3.connect(store.upper / "var/nix/db/db.sqlite")
+    assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    assert db.execute("pragma foreign_key_check").fetchall() == []
+
+
+def _root_refs(store) -> int:
+    db = sqlite3.connect(f"file:{store.mnt}/var/nix/db/db.sqlite?mode=ro", uri=True)
+    try:
+        return db.execute("select count(*) from Refs r join ValidPaths v on v.id = r.referrer "
+                          "where v.path like '%-nixfs-lower-roots'").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_gc_root_survives_hiding_and_lower_deletions(store):
+    with store.mount() as m:
+        before = _root_refs(store)
+        assert before == 2 * len(store.paths) + 1  # with the .drv files and busybox
+        shutil.rmtree(store.mnt / store.paths["libb"][len("/nix/"):])
+        assert run_nixfs("sync", m.mnt).returncode == 0
+        assert _root_refs(store) == before - 2  # libb and app left; the root stays
+        run_nixfs("unhide", "--mount", m.mnt, store.paths["libb"])
+        assert _root_refs(store) == before
+        store.q("--gc")
+        for path in store.paths.values():
+            assert store.valid(path)
