@@ -278,8 +278,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             return report(f"cannot prepare the merged store database: {e}", 1)
         overlay.policy = NixStorePolicy(sync.index)
         worker = SyncWorker(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
-                            cfg.mountpoint)
-        service = StoreService(worker, overlay)
+                            cfg.mountpoint, log_path, cfg.debug)
+        service = StoreService(worker, overlay, finish_pending=sync.unfinished())
     ops = FuseOps(overlay)
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
     options.discard("rw")
@@ -313,14 +313,28 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             service.last_ok = time.time()
         return True
 
+    async def op_pause(seconds=10.0):
+        if service is not None:
+            await service.pause(seconds)
+        return True
+
     control_server = control.ControlServer(control.socket_path(cfg.mountpoint), {
-        "status": op_status, "unhide": op_unhide, "sync": op_sync})
+        "status": op_status, "unhide": op_unhide, "sync": op_sync, "pause": op_pause})
     runtime.write_record(cfg.mountpoint, lower=cfg.lower, upper=cfg.upper,
                          control=control_server.path, nix=service is not None)
-    log.info("mounted %s (lower %s, upper %s)", cfg.mountpoint, cfg.lower, cfg.upper)
-    report("ok")
-    if ready_fd is not None and log_path is not None:
-        _detach_stdio()
+
+    async def announce():
+        """The mount is usable: tell the parent (and the user)."""
+        if service is not None:
+            try:
+                await service.start()
+            except Exception as e:
+                report(f"cannot take Nix's GC lock through the mount: {e}", 1)
+                raise
+        log.info("mounted %s (lower %s, upper %s)", cfg.mountpoint, cfg.lower, cfg.upper)
+        report("ok")
+        if ready_fd is not None and log_path is not None:
+            _detach_stdio()
 
     unmount = False
     try:
@@ -340,8 +354,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                             return
                 nursery.start_soon(on_signals)
                 await nursery.start(control_server.serve)
-                if service is not None:
-                    nursery.start_soon(service.run)
+
+                async def start():
+                    await announce()
+                    if service is not None:
+                        nursery.start_soon(service.run)
+                nursery.start_soon(start)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
             await overlay.sync()
@@ -381,6 +399,12 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
     if entry.fstype != runtime.FSTYPE:
         raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
     info = runtime.read_record(mnt)
+    if info is not None and info.get("nix"):
+        from . import control
+        try:
+            control.request(mnt, "pause")  # its database work lets go of the mount
+        except control.ControlError:
+            pass
     err = errno.EPERM
     if os.geteuid() == 0:
         for _ in range(20):  # the daemon itself may hold a file there for a moment

@@ -311,3 +311,21 @@ def test_gc_root_survives_hiding_and_lower_deletions(store):
         store.q("--gc")
         for path in store.paths.values():
             assert store.valid(path)
+
+
+def test_gc_right_after_first_mount_waits_for_the_root(tmp_path):
+    """The GC root of a large lower is completed after the mount goes live; a collector
+    started at once must wait for it, never delete a lower path."""
+    from nixstore import generate_db
+    lower = tmp_path / "L/nix"
+    (lower / "store").mkdir(parents=True)
+    paths = generate_db(lower / "var/nix/db/db.sqlite", 60_000, store_dirs=lower / "store")
+    upper, root = tmp_path / "upper", tmp_path / "M"
+    upper.mkdir()
+    (root / "nix").mkdir(parents=True)
+    with NixfsMount(lower, upper, root / "nix"):
+        proc = nix(root, "nix-store", "--gc")
+        assert "0 store paths deleted" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+        assert not [n for n in os.listdir(upper / "store") if n.startswith(".wh.")]
+        for p in paths[::997]:
+            assert nix(root, "nix-store", "--check-validity", p, check=False).returncode == 0

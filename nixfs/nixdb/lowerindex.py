@@ -16,15 +16,18 @@ import os
 
 import apsw
 
+from .schema import STORE_DIR
+
 SHOWN, BROKEN = 0, 1
 
+# Made after the first build, off the path to a usable mount (deletions are found by id).
+ID_INDEX = "create index if not exists paths_lower_id on paths(lower_id)"
 SCHEMA = """
 create table if not exists paths (
     name     blob primary key,      -- basename in store/, e.g. b"<hash>-hello-2.12"
     lower_id integer not null,      -- ValidPaths.id in the lower database
     state    integer not null default 0  -- 0 shown, 1 not shown (closure broken or hidden)
 ) without rowid;
-create index if not exists paths_lower_id on paths(lower_id);
 create table if not exists meta (key text primary key, value) without rowid;
 """
 
@@ -44,6 +47,24 @@ class LowerIndex:
         conn.execute("pragma synchronous=normal").fetchall()
         conn.execute(SCHEMA).fetchall()  # apsw runs every statement as the cursor is read
         return conn
+
+    @classmethod
+    def create_from(cls, path: str, store_db: str) -> None:
+        """Write a new index of every path in the store database *store_db*, in bulk
+        (the file is new: no journal; its id order index is made later)."""
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+                               | apsw.SQLITE_OPEN_URI)
+        try:
+            for pragma in ("journal_mode=off", "synchronous=off", "cache_size=-500000"):
+                conn.execute(f"pragma {pragma}").fetchall()
+            conn.execute(SCHEMA).fetchall()
+            conn.execute("attach ? as src", (f"file:{store_db}?mode=ro",))
+            conn.execute("insert into paths select cast(substr(path, length(?) + 2) as blob), id, 0 "
+                         "from src.ValidPaths order by 1", (STORE_DIR,))
+            conn.execute("detach src")
+            conn.execute("pragma journal_mode=wal").fetchall()
+        finally:
+            conn.close()
 
     def reader(self) -> "LowerIndex":
         """A second connection, for another thread."""

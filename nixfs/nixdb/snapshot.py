@@ -230,7 +230,7 @@ class Snapshot:
                                flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI,
                                vfs=_VFS_NAME)
 
-    def clone_to(self, dest: str) -> None:
+    def clone_to(self, dest: str, *, sync: bool = True) -> None:
         """Write this snapshot as a database file at *dest* (WAL mode, as the source is)."""
         size = self.size()
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -242,7 +242,8 @@ class Snapshot:
                     os.pwrite(fd, os.pread(self.wal_fd, self.page_size, frame),
                               (pgno - 1) * self.page_size)
             os.ftruncate(fd, size)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -58,14 +58,17 @@ class NixStorePolicy(LowerPolicy):
 class StoreService:
     """Follows the lower store while mounted (the database work runs in SyncWorker)."""
 
-    def __init__(self, worker, overlay, *, interval: float = 0.5):
+    def __init__(self, worker, overlay, *, finish_pending: bool = False, interval: float = 0.5):
         self.worker = worker
+        self.finish_pending = finish_pending
         self.overlay = overlay
         self.interval = interval
         self._wake = trio.Event()
         self._hide: set[bytes] = set()
         self._scope = trio.CancelScope()
         self._stopped = trio.Event()
+        self._paused_until = 0.0
+        self._busy = False
         self.errors = 0
         self.last_error = ""
         self.duplicates = 0
@@ -77,25 +80,52 @@ class StoreService:
             self._hide.add(name)
             self._wake.set()
 
+    async def start(self) -> None:
+        """Before the mount is announced: hold Nix's GC lock if a first build is unfinished."""
+        if self.finish_pending:
+            await self.worker.call("hold_gc_lock")
+
     async def run(self) -> None:
         with self._scope:
             while True:
-                with trio.move_on_after(self.interval):
-                    await self._wake.wait()
+                if not self.finish_pending:
+                    with trio.move_on_after(self.interval):
+                        await self._wake.wait()
                 self._wake = trio.Event()
+                if trio.current_time() < self._paused_until:
+                    await trio.sleep_until(self._paused_until)
+                    continue
+                self._busy = True
                 try:
+                    if self.finish_pending:
+                        self.finish_pending = not await self.worker.call("finish_step")
                     await self.step()
                     self.last_ok = time.time()
                 except (OSError, WorkerError) as e:
                     self.errors += 1
                     self.last_error = str(e).strip().splitlines()[-1]
                     log.warning("following the lower store: %s", e)
+                finally:
+                    self._busy = False
         self._stopped.set()
 
     async def stop(self) -> None:
         """Stop following; returns once no request is under way (the mount still answers)."""
         self._scope.cancel()
         await self._stopped.wait()
+
+    async def pause(self, seconds: float) -> None:
+        """Hold all database work (an unmount is coming): the worker keeps nothing open
+        on the mount.  Resumes by itself if the mount is still there after *seconds*.
+
+        An unfinished first build is finished first: until then the worker holds
+        Nix's GC lock, and dropping it early could let a collector in too soon."""
+        while self.finish_pending and not self._stopped.is_set():
+            await trio.sleep(0.05)
+        self._paused_until = trio.current_time() + seconds
+        self._wake.set()
+        while self._busy:
+            await trio.sleep(0.01)
 
     async def step(self, force: bool = False) -> None:
         """One round: hide what was removed through the mount, then follow the lower."""

@@ -20,10 +20,12 @@ import logging
 import os
 import stat
 import time
+
+import apsw
 from dataclasses import dataclass, field
 
 from . import gcroot
-from .lowerindex import BROKEN, SHOWN, LowerIndex
+from .lowerindex import BROKEN, ID_INDEX, SHOWN, LowerIndex
 from .merged import MergedDb, PathRow, open_db
 from .schema import STORE_DIR, SchemaError, read_schema_version
 from .snapshot import Snapshot, SnapshotError, read_consistent
@@ -166,6 +168,10 @@ class StoreSync:
         version = read_schema_version(self.lower_db_dir)
         if os.path.exists(self.index_path):
             self.index = LowerIndex(self.index_path)
+            if self.index.get("durable", 1) == 0 and not self._intact():
+                log.error("the merged database of an interrupted first mount is damaged: rebuilding")
+                with self.index.conn:
+                    self.index.put("state", "damaged")
             if self.index.get("state") == "complete" and os.path.exists(self.merged_db):
                 if self.index.get("schema") != version:
                     raise SchemaError(f"the lower store's database changed from schema "
@@ -182,7 +188,12 @@ class StoreSync:
         self.build(version)
 
     def build(self, version: int) -> None:
-        """First mount: clone the lower database and index it."""
+        """First mount: clone the lower database and index it.
+
+        Only what a query needs is done before the mount goes live (about a second
+        for a million paths).  The GC root's references, the index's id order and the
+        fsyncs follow in ``finish()``, while the worker holds Nix's GC lock.
+        """
         t0 = time.monotonic()
         os.makedirs(self.merged_dir, exist_ok=True)
         tmp_db = os.path.join(self.work, "merged.sqlite")
@@ -192,37 +203,34 @@ class StoreSync:
                 os.unlink(path)
         for attempt in range(8):
             with Snapshot(self.lower_db) as snap:
-                snap.clone_to(tmp_db)
+                snap.clone_to(tmp_db, sync=False)
                 if snap.validate():
                     break
         else:
             raise SnapshotError(f"{self.lower_db} kept changing while being copied")
+        t_clone = time.monotonic()
+        LowerIndex.create_from(tmp_index, tmp_db)  # every lower path, shown
+        t_index = time.monotonic()
         db = MergedDb(open_db(tmp_db, bulk=True))
-        index = LowerIndex(tmp_index)
         try:
             with db.conn:
                 max_id, count = db.conn.execute(
                     "select coalesce(max(id), 0), count(*) from ValidPaths").fetchone()
-                lower_rows = [(basename(p), i) for i, p in
-                              db.conn.execute("select id, path from ValidPaths")]
                 hidden = self.upper_store.hidden_names()
-                gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n, _ in lower_rows
-                                  if n in hidden]) if hidden else set()  # before the root exists
-                broken = {basename(p) for p in gone}
-                adopted = self._adopt(db, {n for n, _ in lower_rows})
-                root_id = db.insert(gcroot.root_row(int(time.time())))
-                db.conn.execute("insert into Refs (referrer, reference) select ?, id from "
-                                "ValidPaths where id != ? and id <= ?", (root_id, root_id, max_id))
+                gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in hidden]) if hidden else set()
+                adopted = self._adopt(db, max_id)
+                db.insert(gcroot.root_row(int(time.time())))
             db.conn.execute("pragma journal_mode=wal").fetchall()
-            with index.conn:
-                index.add((n, i, BROKEN if n in broken else SHOWN) for n, i in lower_rows)
-                index.put("lower_max_id", max_id)
-                index.put("lower_count", count)
-                index.put("schema", version)
-                index.put("root", gcroot.root_path())
-                index.put("state", "complete")
         finally:
             db.close()
+        index = LowerIndex(tmp_index)
+        with index.conn:
+            index.set_state({basename(p) for p in gone}, BROKEN)
+            for key, value in (("lower_max_id", max_id), ("lower_count", count),
+                               ("schema", version), ("root", gcroot.root_path()),
+                               ("root_refs_upto", 0), ("root_refs_target", max_id),
+                               ("durable", 0), ("state", "complete")):
+                index.put(key, value)
         index.close()
         for suffix in ("-wal", "-shm"):
             try:
@@ -238,22 +246,81 @@ class StoreSync:
                 os.rename(tmp_index + suffix, self.index_path + suffix)
         os.rename(tmp_index, self.index_path)  # the commit point
         self.index = LowerIndex(self.index_path)
-        log.info("built the merged database: %d lower paths, %d upper paths adopted, %.1f s",
-                 count, adopted, time.monotonic() - t0)
+        log.info("built the merged database: %d lower paths, %d upper paths adopted in %.1f s "
+                 "(clone %.1f s, index %.1f s)", count, adopted, time.monotonic() - t0,
+                 t_clone - t0, t_index - t_clone)
 
-    def _adopt(self, db: MergedDb, lower_names: set[bytes]) -> int:
-        """Carry over rows of paths the upper holds from an earlier database there."""
+    def unfinished(self) -> bool:
+        return (self.index.get("durable", 1) == 0 or
+                self.index.get("root_refs_upto", 0) < self.index.get("root_refs_target", 0))
+
+    def finish(self, db_through_mount, batch: int = 20_000, batches: int | None = None) -> bool:
+        """The rest of a first build, after the mount went live (the caller holds Nix's
+        GC lock, so no collector runs before every lower path is referenced).
+
+        Does at most *batches* batches of root references; True once all is done."""
+        index = self.index
+        if index.get("durable", 1) == 0:
+            index.conn.execute(ID_INDEX)
+            for path in (self.merged_db, self.index_path):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)  # the file, whoever wrote it: our clone and Nix's writes
+                finally:
+                    os.close(fd)
+            with index.conn:
+                index.put("durable", 1)
+        upto = index.get("root_refs_upto", 0)
+        target = index.get("root_refs_target", 0)
+        if upto >= target:
+            return True
+        db = db_through_mount()
+        try:
+            root_id = db.id_of(gcroot.root_path())
+            while upto < target and batches != 0:
+                batches = None if batches is None else batches - 1
+                end = min(upto + batch, target)
+                with db.begin():  # short transactions: Nix's writers wait briefly at most
+                    db.conn.execute("insert or ignore into Refs (referrer, reference) select ?, id "
+                                    "from ValidPaths where id > ? and id <= ? and id != ?",
+                                    (root_id, upto, end, root_id))
+                with index.conn:
+                    index.put("root_refs_upto", end)
+                upto = end
+        finally:
+            db.close()
+        if upto >= target:
+            log.info("the GC root references every lower path")
+        return upto >= target
+
+    def _intact(self) -> bool:
+        try:
+            conn = open_db(self.merged_db)
+            try:
+                return conn.execute("pragma quick_check").fetchone()[0] == "ok"
+            finally:
+                conn.close()
+        except (apsw.Error, SchemaError):
+            return False
+
+    def _adopt(self, db: MergedDb, lower_max: int) -> int:
+        """Carry over rows of paths the upper holds from an earlier database there
+        (a merged one whose index was lost, or one written by another overlay)."""
         if not os.path.exists(self.merged_db):
             return 0
-        from .merged import open_db as _open
-        old = _open(self.merged_db)
         try:
-            rows = [(i, r) for i, r in _rows_from(old, "1", ())
-                    if self.upper_store.has(basename(r.path))
-                    and basename(r.path) not in lower_names and r.path != gcroot.root_path()]
-            refs, outputs = _refs_and_outputs(old, [i for i, _ in rows])
-        finally:
-            old.close()
+            old = open_db(self.merged_db)
+            try:
+                rows = [(i, r) for i, r in _rows_from(old, "1", ())
+                        if self.upper_store.has(basename(r.path)) and r.path != gcroot.root_path()
+                        and db.id_of(r.path) is None]
+                refs, outputs = _refs_and_outputs(old, [i for i, _ in rows])
+            finally:
+                old.close()
+        except (apsw.Error, SchemaError) as e:
+            log.error("the upper's earlier database is unreadable (%s): its paths stay "
+                      "unregistered; Nix rebuilds or substitutes them when needed", e)
+            return 0
         self._insert_rows(db, rows, refs, outputs, root_id=None)
         return len(rows)
 

@@ -12,9 +12,11 @@ the merged one through the mount and keeps the lower index; the daemon only
 tells the overlay what changed.
 """
 
+import json
 import logging
-import multiprocessing
 import os
+import subprocess
+import sys
 import traceback
 
 import trio
@@ -29,27 +31,39 @@ class WorkerError(Exception):
 class SyncWorker:
     """Daemon side: starts the worker and sends it requests, one at a time."""
 
-    def __init__(self, lower: str, upper: str, state_dir: str, mountpoint: str):
-        self.args = (lower, upper, state_dir, mountpoint)
+    def __init__(self, lower: str, upper: str, state_dir: str, mountpoint: str,
+                 log_file: str | None = None, debug: bool = False):
+        self.args = (lower, upper, state_dir, mountpoint, log_file, debug)
         self.proc = None
         self.conn = None
         self.limiter = trio.CapacityLimiter(1)
 
     def start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a threaded trio process
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, *self.args), name="nixfs-db",
-                                daemon=True)
-        self.proc.start()
-        child.close()
+        # A plain subprocess (not multiprocessing, whose helper processes would inherit
+        # the caller's stdout): only two pipe ends are passed, stdio goes nowhere.
+        import nixfs
+        from multiprocessing.connection import Connection
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(nixfs.__file__)))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nixfs.nixdb.worker", str(to_worker_r), str(from_worker_w),
+             json.dumps(self.args)],
+            pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=None if self.args[4] is None else subprocess.DEVNULL,
+            env=env)
+        os.close(to_worker_r)
+        os.close(from_worker_w)
+        self._send = Connection(to_worker_w, readable=False)
+        self._recv = Connection(from_worker_r, writable=False)
 
     def _call(self, op: str, args: tuple):
-        if self.proc is None or not self.proc.is_alive():
+        if self.proc is None or self.proc.poll() is not None:
             self.start()
-        self.conn.send((op, args))
         try:
-            status, value = self.conn.recv()
-        except EOFError:
+            self._send.send((op, args))
+            status, value = self._recv.recv()
+        except (EOFError, OSError):
             self.proc = None
             raise WorkerError("the database worker died") from None
         if status != "ok":
@@ -60,14 +74,19 @@ class SyncWorker:
         return await trio.to_thread.run_sync(self._call, op, args, limiter=self.limiter)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.is_alive():
+        if self.proc is not None and self.proc.poll() is None:
             try:
-                self.conn.send(("quit", ()))
+                self._send.send(("quit", ()))
             except OSError:
                 pass
-            self.proc.join(10)
-            if self.proc.is_alive():
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self._send.close()
+            self._recv.close()
         self.proc = None
 
 
@@ -81,6 +100,8 @@ class _Handler:
         self.sync = StoreSync(lower, upper, state_dir)
         self.sync.index = LowerIndex(self.sync.index_path)
         self.db_path = os.path.join(mountpoint, "var/nix/db/db.sqlite")
+        self.gc_lock_path = os.path.join(mountpoint, "var/nix/gc.lock")
+        self.gc_lock_fd = None
 
     def _db(self):
         from .merged import MergedDb, open_db
@@ -100,6 +121,23 @@ class _Handler:
             db.close()
         return r.shown, r.hidden, r.duplicates
 
+    def hold_gc_lock(self):
+        """Take Nix's GC lock shared (through the mount: it is Nix's own lock), so no
+        collector starts before the first build is finished."""
+        import fcntl
+        if self.gc_lock_fd is None:
+            fd = os.open(self.gc_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # Nix locks gc.lock with flock(), not fcntl()
+            self.gc_lock_fd = fd
+
+    def finish_step(self):
+        """Some of the rest of a first build; True once it is all done (lock released)."""
+        done = self.sync.finish(self._db, batches=1)
+        if done and self.gc_lock_fd is not None:
+            os.close(self.gc_lock_fd)
+            self.gc_lock_fd = None
+        return done
+
     def hide(self, names):
         db = self._db()
         try:
@@ -118,17 +156,31 @@ class _Handler:
         return dict(self.sync.stats)
 
 
-def _serve(conn, lower, upper, state_dir, mountpoint) -> None:
-    logging.basicConfig(level=logging.INFO)
+def _serve(send, recv, lower, upper, state_dir, mountpoint, log_file, debug) -> None:
+    # Log where the daemon logs; never to the terminal the mount was started from.
+    if log_file:
+        out = logging.FileHandler(log_file)
+    else:
+        out = logging.StreamHandler()
+    out.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().handlers[:] = [out]
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.INFO)
     handler = _Handler(lower, upper, state_dir, mountpoint)
     while True:
         try:
-            op, args = conn.recv()
+            op, args = recv.recv()
         except (EOFError, OSError):
             return  # the daemon is gone
         if op == "quit":
             return
         try:
-            conn.send(("ok", getattr(handler, op)(*args)))
+            send.send(("ok", getattr(handler, op)(*args)))
         except Exception:
-            conn.send(("err", traceback.format_exc()))
+            send.send(("err", traceback.format_exc()))
+
+
+if __name__ == "__main__":
+    from multiprocessing.connection import Connection
+    _serve(Connection(int(sys.argv[2]), readable=False), Connection(int(sys.argv[1]), writable=False),
+           *json.loads(sys.argv[3]))

@@ -34,6 +34,11 @@ _PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSY
                | os.O_DIRECT | os.O_TRUNC | os.O_LARGEFILE)
 
 
+# Upper reads and writes up to this size are made inline: the upper is a local file
+# system, and a worker-thread round trip costs more than such a call.
+INLINE_IO = 64 * 1024
+
+
 def _err(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
@@ -456,8 +461,10 @@ class Overlay:
             except (FileNotFoundError, NotADirectoryError):
                 lower = []  # a redirect whose lower directory is gone
             for name, st in lower:
-                if name in hidden or self._hidden_name(node, name) or not self._lower_visible(node, name):
+                if name in hidden or self._hidden_name(node, name):
                     continue
+                if names is None and not self._lower_visible(node, name):
+                    continue  # (names from the policy are visible by definition)
                 if name in entries:
                     entries[name].lower_st = st
                 else:
@@ -474,8 +481,19 @@ class Overlay:
     async def readdir_entry(self, dh: DirHandle, index: int) -> tuple[Node, Attr] | None:
         """The node of entry *index* (not yet referenced), or None if it is gone."""
         entry = dh.entries[index]
+        parent = dh.node
+        if self.inodes.child(parent, entry.name) is None:
+            # The listing already looked at both layers: what it saw makes the node,
+            # unless it is an upper directory (whose markers decide how it merges).
+            st = entry.upper_st or entry.lower_st
+            if entry.upper_st is None and entry.lower_st is not None:
+                node = self._new_node(parent, entry.name, stat.S_IFMT(st.st_mode), False, DERIVED)
+                return node, self._attr(node, st)
+            if st is not None and not stat.S_ISDIR(st.st_mode) and st.st_nlink == 1:
+                node = self._new_node(parent, entry.name, stat.S_IFMT(st.st_mode), True, None)
+                return node, self._attr(node, st)
         try:
-            node, st = await self._child(dh.node, entry.name, entry.lower_st)
+            node, st = await self._child(parent, entry.name, entry.lower_st)
         except FileNotFoundError:
             return None
         return node, self._attr(node, st)
@@ -1106,6 +1124,8 @@ class Overlay:
             h.fd, h.upper = fd, True
         if h.upper:
             self.upper.calls["read"] += 1
+            if size <= INLINE_IO:
+                return os.pread(h.fd, size, offset)  # local and small: a thread hop costs more
             return await trio.to_thread.run_sync(os.pread, h.fd, size, offset,
                                                  limiter=self.data_limiter)
         self.lower.calls["read"] += 1
@@ -1115,6 +1135,8 @@ class Overlay:
         if not h.upper:
             raise _err(errno.EBADF)
         self.upper.calls["write"] += 1
+        if len(data) <= INLINE_IO:
+            return os.pwrite(h.fd, data, offset)
         return await trio.to_thread.run_sync(os.pwrite, h.fd, data, offset,
                                              limiter=self.data_limiter)
 
