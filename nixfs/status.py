@@ -52,6 +52,7 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
             "last_sync_age_s": round(time.time() - last, 1) if last else None,
             "sync_errors": service.errors, "last_sync_error": service.last_error,
             "upper_copies_dropped": service.duplicates,
+            "first_build_finishing": service.finish_pending,
         }
     return out
 
