@@ -329,3 +329,13 @@ def test_gc_right_after_first_mount_waits_for_the_root(tmp_path):
         assert not [n for n in os.listdir(upper / "store") if n.startswith(".wh.")]
         for p in paths[::997]:
             assert nix(root, "nix-store", "--check-validity", p, check=False).returncode == 0
+
+
+def test_optimise_never_copies_lower_files_up(store):
+    with store.mount():
+        nix_build(store.root, store.expr({"opt": ["liba"]}), "opt")
+        proc = store.q("--optimise")
+        assert proc.returncode == 0, proc.stderr
+        lower_names = {os.path.basename(p) for p in store.paths.values()}
+        assert not lower_names & set(os.listdir(store.upper / "store"))
+        assert store.q("--verify", "--check-contents").returncode == 0

@@ -12,6 +12,7 @@ mount (so nixfs' writes share Nix's locks and ``-shm``), then tells the overlay,
 which drops what it and the kernel cached about those entries.
 """
 
+import errno
 import logging
 import time
 
@@ -38,7 +39,15 @@ class NixStorePolicy(LowerPolicy):
             return {b"store": "store", b"var": "var"}.get(name)
         if parent_tag == "var" and name == b"nix":
             return "var/nix"
+        if parent_tag == "store" and name == b".links":
+            return "store/.links"
         return None
+
+    def link_lower_errno(self, dest_tag):
+        # nix-store --optimise links every file of every valid path into store/.links; for
+        # a lower file that would copy it into the upper.  Nix 2.8 takes ENOSPC from that
+        # link() as "do not deduplicate this file" and goes on.
+        return errno.ENOSPC if dest_tag == "store/.links" else None
 
     def lower_visible(self, parent_tag, name):
         if parent_tag == "store":

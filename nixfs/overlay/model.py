@@ -664,6 +664,10 @@ class Overlay:
         async with self._lock:
             if await self._exists(new_parent, new_name):
                 raise _err(errno.EEXIST)
+            if not node.upper:
+                refused = self.policy.link_lower_errno(new_parent.tag)
+                if refused:
+                    raise _err(refused, "linking this lower file would copy it up")
             await self._copy_up(node)
             await self._copy_up(new_parent)
             if node.parent is None:

@@ -23,3 +23,8 @@ class LowerPolicy:
 
     def whiteout_made(self, parent_tag: str, name: bytes) -> None:
         """A lower entry was hidden through the mount (``rm``, ``mv``)."""
+
+    def link_lower_errno(self, dest_tag: str | None) -> int | None:
+        """An errno to refuse hard-linking a lower file into a directory with *dest_tag*
+        (which would copy the file up), or None to allow it."""
+        return None
