@@ -12,11 +12,11 @@ from nixfs.nixdb.snapshot import Snapshot, SnapshotError, read_consistent
 
 @pytest.fixture
 def busy_db(tmp_path):
-    """A WAL database with a writer committing batches and checkpointing often."""
+    """A WAL database with a writer committing batches (a busier nix-daemon than most)."""
     path = str(tmp_path / "db.sqlite")
     w = apsw.Connection(path)
     w.execute("pragma journal_mode=wal").fetchall()
-    w.execute("pragma wal_autocheckpoint=20").fetchall()
+    w.execute("pragma wal_autocheckpoint=100").fetchall()
     w.execute("create table t (id integer primary key, v text)")
     stop = threading.Event()
 
@@ -25,7 +25,7 @@ def busy_db(tmp_path):
             with w:
                 for _ in range(10):
                     w.execute("insert into t (v) values (?)", ("x" * 500,))
-            time.sleep(0.0005)
+            time.sleep(0.002)
 
     thread = threading.Thread(target=write)
     thread.start()

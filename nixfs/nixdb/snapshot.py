@@ -11,14 +11,18 @@ and a stale lock can hang every reader, or on a read-only mount where no
   immutable database in rollback mode;
 - after reading, ``validate()`` checks that no checkpoint or WAL restart could
   have torn what was read: the main file is unchanged, or the WAL is the same
-  generation and nothing appended since touches a page read from the main file.
-  A failed validation means: read again.
+  generation and no page read from the main file holds a version that a frame
+  appended since carries (a checkpoint may copy such frames into the main file
+  at any time, also before the page was read).  A failed validation means: read
+  again.
 """
 
 import itertools
 import os
 import struct
 import threading
+import time
+import zlib
 
 import apsw
 
@@ -72,13 +76,13 @@ class WalIndex:
         wal._scan(fd, commit=True)
         return wal
 
-    def _scan(self, fd: int, *, commit: bool) -> set[int]:
+    def _scan(self, fd: int, *, commit: bool) -> dict[int, list[int]]:
         """Walk valid frames after ``self.end``.  With *commit*, take those up to the last
-        commit into the index; otherwise return the pages the valid frames touch."""
+        commit into the index; otherwise return page -> offsets of those frames' data."""
         frame_size = FRAME_HEADER + self.page_size
         offset, cksum = self.end, self._cksum
         pending: dict[int, int] = {}
-        touched: set[int] = set()
+        touched: dict[int, list[int]] = {}
         while True:
             frame = os.pread(fd, frame_size, offset)
             if len(frame) < frame_size:
@@ -90,7 +94,7 @@ class WalIndex:
             cksum = _checksum(frame[FRAME_HEADER:], *cksum, self.big_endian)
             if cksum != (c1, c2):
                 break
-            touched.add(pgno)
+            touched.setdefault(pgno, []).append(offset + FRAME_HEADER)
             pending[pgno] = offset + FRAME_HEADER
             offset += frame_size
             if db_pages and commit:
@@ -99,9 +103,9 @@ class WalIndex:
                 self.end, self.db_pages, self._cksum = offset, db_pages, cksum
         return touched
 
-    def appended_pages(self, fd: int) -> set[int] | None:
-        """Pages touched by frames appended since this index was read; None if the
-        WAL was restarted since (another generation)."""
+    def appended_pages(self, fd: int) -> dict[int, list[int]] | None:
+        """Pages touched by frames appended since this index was read (with where their
+        data is); None if the WAL was restarted since (another generation)."""
         header = os.pread(fd, WAL_HEADER, 0)
         if len(header) < WAL_HEADER:
             return None
@@ -123,7 +127,8 @@ class Snapshot:
         self.db_fd = -1
         self.wal_fd = -1
         self.wal = WalIndex()
-        self.main_pages_read: set[int] = set()
+        self.main_pages_read: dict[int, int] = {}  # page -> crc32 of what was read
+        self._clone = None  # a clone's path: its pages stand for what was read
         self.reads = 0
 
     def __enter__(self) -> "Snapshot":
@@ -184,8 +189,10 @@ class Snapshot:
             if frame is not None:
                 chunk = os.pread(self.wal_fd, n, frame + in_page)
             else:
-                self.main_pages_read.add(pgno)
                 chunk = os.pread(self.db_fd, n, pos)
+                if pgno not in self.main_pages_read:
+                    page = chunk if n == self.page_size else self._main_page(pgno)
+                    self.main_pages_read[pgno] = zlib.crc32(page)
             out += chunk
             pos += n
         if offset <= 19 and offset + len(out) > 18:
@@ -194,6 +201,29 @@ class Snapshot:
                 if offset <= i < offset + len(out) and out[i - offset] == 2:
                     out[i - offset] = 1
         return bytes(out)
+
+    def _main_page(self, pgno: int) -> bytes:
+        return os.pread(self.db_fd, self.page_size, (pgno - 1) * self.page_size)
+
+    def _not_from(self, appended: dict[int, list[int]], wal_fd: int) -> bool:
+        """Whether no page read from the main file is a version one of these appended
+        frames carries (which a checkpoint could have put there)."""
+        clone = os.open(self._clone, os.O_RDONLY | os.O_CLOEXEC) if self._clone else -1
+        try:
+            for pgno, offsets in appended.items():
+                if pgno not in self.main_pages_read:
+                    continue
+                if clone >= 0:
+                    seen = zlib.crc32(os.pread(clone, self.page_size, (pgno - 1) * self.page_size))
+                else:
+                    seen = self.main_pages_read[pgno]
+                for off in offsets:
+                    if zlib.crc32(os.pread(wal_fd, self.page_size, off)) == seen:
+                        return False
+            return True
+        finally:
+            if clone >= 0:
+                os.close(clone)
 
     def validate(self) -> bool:
         """Whether everything read since open() belongs to one committed state."""
@@ -212,11 +242,11 @@ class Snapshot:
                 # There was no usable WAL: any committed frame now may have been checkpointed.
                 return main_same and WalIndex.read(fd).db_pages == 0
             appended = self.wal.appended_pages(fd)
+            if appended is None:
+                return False  # the WAL restarted: the main file may hold anything newer
+            return self._not_from(appended, fd)
         finally:
             os.close(fd)
-        if appended is None:
-            return False  # the WAL restarted: the main file may hold newer pages
-        return not (appended & self.main_pages_read)
 
     # ------------------------------------------------------------------ SQLite access
 
@@ -236,7 +266,10 @@ class Snapshot:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             _clone_range(self.db_fd, fd, min(size, self.main_st.st_size))
-            self.main_pages_read.update(range(1, self.main_st.st_size // self.page_size + 1))
+            self._clone = dest
+            self.main_pages_read.update(dict.fromkeys(
+                (p for p in range(1, self.main_st.st_size // self.page_size + 1)
+                 if p not in self.wal.pages), 0))
             for pgno, frame in self.wal.pages.items():
                 if pgno * self.page_size <= size:
                     os.pwrite(fd, os.pread(self.wal_fd, self.page_size, frame),
@@ -345,10 +378,13 @@ def _ensure_vfs() -> None:
             _vfs = _SnapshotVFS()
 
 
-def read_consistent(path: str, fn, *, attempts: int = 8):
+def read_consistent(path: str, fn, *, attempts: int = 20):
     """Run ``fn(connection, snapshot)`` on consistent snapshots of *path* until one
-    validates; SnapshotError after *attempts* tries."""
-    for _ in range(attempts):
+    validates; SnapshotError after *attempts* tries (with growing pauses between them,
+    so a busy writer's checkpoint can pass)."""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(min(0.2, 0.002 * 2 ** attempt))
         with Snapshot(path) as snap:
             conn = snap.connect()
             try:
