@@ -12,7 +12,7 @@ import logging
 
 import pyfuse3
 
-from .overlay import Attr, Caller, Overlay, SetAttr
+from .overlay import Attr, Caller, NegativeEntry, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,13 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def lookup(self, parent_inode, name, ctx=None):
-        _, attr = await self.fs.lookup(self._node(parent_inode), name)
+        try:
+            _, attr = await self.fs.lookup(self._node(parent_inode), name)
+        except NegativeEntry as e:
+            entry = pyfuse3.EntryAttributes()  # inode 0: "not there", for entry_timeout
+            entry.st_ino = 0
+            entry.entry_timeout = e.ttl
+            return entry
         return _entry(attr)
 
     def forget(self, inode_list):

@@ -235,6 +235,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .nixdb.sync import StoreSync
     from .nixdb.worker import SyncWorker
     from .overlay import Overlay
+    from .overlay.dircache import ListingStore
     from .overlay.state import UpperInUse
 
     def report(message: str, code: int = 0) -> int:
@@ -277,6 +278,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             log.exception("preparing the merged store database failed")
             return report(f"cannot prepare the merged store database: {e}", 1)
         overlay.policy = NixStorePolicy(sync.index)
+        overlay.dircache.store = ListingStore(os.path.join(cfg.upper, ".nixfs", ListingStore.FILE))
         worker = SyncWorker(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
                             cfg.mountpoint, log_path, cfg.debug)
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())

@@ -35,7 +35,11 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
         "fuse_requests": dict(ops.requests), "errors": ops.errors,
         "lower_calls": dict(lower.calls), "upper_calls": dict(upper.calls),
         "copy_ups": overlay.copy_ups, "nodes": len(overlay.inodes),
-        "open_dir_fds": len(overlay.fds),
+        "open_dir_fds": len(overlay.fds), "shared_lower_files": len(overlay.lower_files),
+        "cache": {"hits": overlay.dircache.hits, "misses": overlay.dircache.misses,
+                  "loaded_from_disk": overlay.dircache.loads, "listings": len(overlay.dircache),
+                  "bytes_on_disk": overlay.dircache.store.size_bytes()
+                  if overlay.dircache.store else 0},
         "upper_bytes": tree_size(cfg.upper),
     }
     if service is not None:
@@ -71,7 +75,9 @@ def render(s: dict) -> str:
              f"  FUSE requests {sum(s['fuse_requests'].values())}, errors {s['errors']}, "
              f"copy-ups {s['copy_ups']}, nodes {s['nodes']}",
              "  lower calls " + (", ".join(f"{k} {v}" for k, v in sorted(s["lower_calls"].items()))
-                                 or "none")]
+                                 or "none"),
+             f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "
+             f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"]
     if "nix" in s:
         n = s["nix"]
         lag = "never" if n["last_sync_age_s"] is None else f"{n['last_sync_age_s']} s ago"

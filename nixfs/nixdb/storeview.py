@@ -39,9 +39,28 @@ class NixStorePolicy(LowerPolicy):
             return {b"store": "store", b"var": "var"}.get(name)
         if parent_tag == "var" and name == b"nix":
             return "var/nix"
-        if parent_tag == "store" and name == b".links":
-            return "store/.links"
+        if parent_tag == "store":
+            return "store/.links" if name == b".links" else "storepath"
+        if parent_tag == "storepath":
+            return "storepath"
         return None
+
+    def immutable(self, parent_tag):
+        # A valid store path never changes (lower objects only: upper ones are not asked).
+        return parent_tag in ("store", "storepath")
+
+    def complete(self, tag):
+        return tag == "storepath"
+
+    def cache_key(self, lower_path):
+        parts = lower_path.split(b"/", 2)
+        if len(parts) < 2 or parts[0] != b"store":
+            return None
+        state = self.index.state(parts[1])
+        if state is None or state[1] != 0:
+            return None
+        # Valid exactly as long as this path is: its id changes if it leaves and comes back.
+        return b"%s\0%d\0%s" % (parts[1], state[0], parts[2] if len(parts) > 2 else b"")
 
     def link_lower_errno(self, dest_tag):
         # nix-store --optimise links every file of every valid path into store/.links; for

@@ -108,6 +108,29 @@ class Layer:
                 pass
         return out
 
+    def read_listing(self, dirfd: int, name: bytes):
+        """Everything about ``dirfd/name`` in one go: its stat as ``.``, a directory's
+        entries with theirs, symlink targets (for a kept, immutable object)."""
+        from .dircache import Listing, LStat
+        st = self.lstat(dirfd, name)
+        entries, targets = {b".": LStat.of(st)}, {}
+        if stat.S_ISLNK(st.st_mode):
+            targets[b"."] = self.readlink(dirfd, name)
+        elif stat.S_ISDIR(st.st_mode):
+            fd = self.open_dir(dirfd, name)
+            try:
+                for child, _ in self.scandir(fd):
+                    try:
+                        cst = self.lstat(fd, child)
+                    except FileNotFoundError:
+                        continue
+                    entries[child] = LStat.of(cst)
+                    if stat.S_ISLNK(cst.st_mode):
+                        targets[child] = self.readlink(fd, child)
+            finally:
+                os.close(fd)
+        return Listing(entries, targets)
+
     def readlink(self, dirfd: int, name: bytes) -> bytes:
         self.calls["readlink"] += 1
         return os.readlink(name, dir_fd=dirfd)

@@ -14,12 +14,15 @@ import itertools
 import logging
 import os
 import stat
+from collections import OrderedDict
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
+import cachetools
 import trio
 
 from . import copyup, upperformat as fmt
+from .dircache import DirCache, Listing, ListingStore
 from .fdcache import FdCache, FdEntry
 from .inodes import DERIVED, InodeTable, Node
 from .layers import Layer, LowerLayer
@@ -73,10 +76,12 @@ class SetAttr:
 
 class Handle:
     """An open file: a descriptor in the layer the node lived in when opened."""
-    __slots__ = ("fh", "node", "fd", "upper", "flags")
+    __slots__ = ("fh", "node", "fd", "upper", "flags", "shared")
 
-    def __init__(self, fh: int, node: Node, fd: int, upper: bool, flags: int):
+    def __init__(self, fh: int, node: Node, fd: int, upper: bool, flags: int,
+                 shared: bytes | None = None):
         self.fh, self.node, self.fd, self.upper, self.flags = fh, node, fd, upper, flags
+        self.shared = shared  # the SharedFds key, if the descriptor is shared
 
 
 @dataclass(slots=True)
@@ -102,6 +107,66 @@ class _Found:
     lower_st: os.stat_result | None
 
 
+class NegativeEntry(FileNotFoundError):
+    """ENOENT that the kernel may remember for *ttl* seconds."""
+
+    def __init__(self, ttl: float):
+        super().__init__(errno.ENOENT, os.strerror(errno.ENOENT))
+        self.ttl = ttl
+
+
+class SharedFds:
+    """Open lower files of immutable objects, shared by every handle on them: opening
+    the same store file again (every start of a program) costs no lower call."""
+
+    def __init__(self, idle: int):
+        self.idle = idle  # how many unused descriptors to keep
+        self._fds: dict[bytes, list] = {}  # key -> [fd, users]
+        self._unused: OrderedDict = OrderedDict()
+
+    def acquire(self, key: bytes) -> int | None:
+        item = self._fds.get(key)
+        if item is None:
+            return None
+        item[1] += 1
+        self._unused.pop(key, None)
+        return item[0]
+
+    def add(self, key: bytes, fd: int) -> int:
+        item = self._fds.get(key)
+        if item is not None:  # opened twice at once: keep one
+            os.close(fd)
+            item[1] += 1
+            self._unused.pop(key, None)
+            return item[0]
+        self._fds[key] = [fd, 1]
+        return fd
+
+    def release(self, key: bytes) -> None:
+        item = self._fds[key]
+        item[1] -= 1
+        if item[1] == 0:
+            self._unused[key] = True
+            while len(self._unused) > self.idle:
+                old, _ = self._unused.popitem(last=False)
+                os.close(self._fds.pop(old)[0])
+
+    def forget(self, prefix: bytes) -> None:
+        """Close unused descriptors at or below *prefix* (the object left the lower)."""
+        for key in [k for k in self._unused if k == prefix or k.startswith(prefix + b"/")]:
+            del self._unused[key]
+            os.close(self._fds.pop(key)[0])
+
+    def close(self) -> None:
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._unused.clear()
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+
 class Notifier:
     """How the model tells the kernel that something it may have cached changed.
 
@@ -119,7 +184,8 @@ class Overlay:
     def __init__(self, lower: str, upper: str, *, owner: tuple[int, int] | None = None,
                  privileged: bool | None = None, readonly: bool = False, ttl: float = 1.0,
                  lower_threads: int = 8, lower_timeout: float | None = None,
-                 fd_cache: int = 1024, policy: LowerPolicy | None = None):
+                 fd_cache: int = 1024, policy: LowerPolicy | None = None,
+                 listings: ListingStore | None = None, immutable_ttl: float = 3600.0):
         self.upper = Layer(upper, name="upper")
         self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
                                 timeout=lower_timeout)
@@ -134,6 +200,11 @@ class Overlay:
         self.root = self.inodes.root
         self.policy = policy or LowerPolicy()
         self.root.tag = LowerPolicy.ROOT
+        self.dircache = DirCache(listings)
+        self.immutable_ttl = immutable_ttl
+        self._fetching: dict[bytes, trio.Event] = {}
+        self._xattrs: cachetools.LRUCache = cachetools.LRUCache(20_000)
+        self.lower_files = SharedFds(256)
         self.fds = FdCache(fd_cache)
         self._root_entries = {"u": FdEntry(self.upper.root_fd), "l": FdEntry(self.lower.root_fd)}
         for e in self._root_entries.values():
@@ -151,9 +222,12 @@ class Overlay:
 
     def close(self) -> None:
         for h in list(self.handles.values()):
-            if isinstance(h, Handle):
+            if isinstance(h, Handle) and h.shared is None:
                 os.close(h.fd)
         self.handles.clear()
+        self.lower_files.close()
+        if self.dircache.store is not None:
+            self.dircache.store.close()
         for fd in self._orphans.values():
             os.close(fd)
         self._orphans.clear()
@@ -293,11 +367,72 @@ class Overlay:
     async def _lower_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
         if parent.lower is None or not self._lower_visible(parent, name):
             return None
+        listing = await self._node_listing(parent)
+        if listing is not None:
+            return listing.entries.get(name) if name != b"." else None
+        listing = await self._listing_at(parent, name, self._child_lower_path(parent, name))
+        if listing is not None:
+            return listing.entries.get(b".")
         try:
             async with self._lower_fd(parent) as pfd:
                 return await self.lower.lstat(pfd, name)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    # ------------------------------------------------------------------ immutable lower objects
+
+    def _child_lower_path(self, parent: Node, name: bytes) -> bytes:
+        base = self.lower_path(parent)
+        return base + b"/" + name if base else name
+
+    async def _listing_at(self, parent: Node, name: bytes, path: bytes) -> Listing | None:
+        """The listing of the lower object *path* (``parent``'s lower entry *name*) if
+        the policy keeps it: from memory, from the store, or fetched in one go."""
+        key = self.policy.cache_key(path)
+        if key is None:
+            return None
+        listing = self.dircache.get(path, key)
+        if listing is not None:
+            return listing
+        busy = self._fetching.get(path)
+        if busy is not None:  # someone is fetching it: wait for theirs
+            await busy.wait()
+            return self.dircache.get(path, key)
+        self._fetching[path] = done = trio.Event()
+        try:
+            async with self._lower_fd(parent) as pfd:
+                listing = await self.lower.run(self.lower.layer.read_listing, pfd, name)
+        except (FileNotFoundError, NotADirectoryError):
+            listing = None
+        finally:
+            del self._fetching[path]
+            done.set()
+        if listing is not None:
+            self.dircache.put(path, key, listing)
+        return listing
+
+    async def _node_listing(self, node: Node) -> Listing | None:
+        """The kept listing of a node's lower object, if there is one to keep."""
+        if node.lower is not DERIVED or node.parent is None:
+            return None
+        return await self._listing_at(node.parent, node.name, self.lower_path(node))
+
+    def _immutable(self, node: Node) -> bool:
+        """A lower object the policy says never changes (and no upper copy of it)."""
+        if node.upper or node.lower is not DERIVED or node.parent is None:
+            return False
+        return self.policy.immutable(node.parent.tag)
+
+    async def _lower_xattrs(self, node: Node) -> dict[str, bytes]:
+        """All xattrs of an immutable lower object, kept (exec asks for
+        security.capability every time)."""
+        path = self.lower_path(node)
+        xattrs = self._xattrs.get(path)
+        if xattrs is None:
+            async with self._lower_fd(node.parent) as pfd:
+                xattrs = await self.lower.run(self.lower.layer.read_xattrs, pfd, node.name)
+            self._xattrs[path] = xattrs
+        return xattrs
 
     async def _resolve(self, parent: Node, name: bytes, lower_st=...) -> _Found:
         """Find *name* in *parent* across the layers; ENOENT if it is not there.
@@ -392,8 +527,10 @@ class Overlay:
         if node.upper:
             with self._upper_fd(node.parent) as pfd:
                 return self.upper.lstat(pfd, node.name)
-        async with self._lower_fd(node.parent) as pfd:
-            return await self.lower.lstat(pfd, node.name)
+        st = await self._lower_stat(node.parent, node.name)
+        if st is None:
+            raise _err(errno.ENOENT, "gone from the lower")
+        return st
 
     def _attr(self, node: Node, st: os.stat_result) -> Attr:
         nlink = 1 if node.merged else st.st_nlink
@@ -401,7 +538,8 @@ class Overlay:
             uid, gid = self.owner
         else:
             uid, gid = st.st_uid, st.st_gid
-        return Attr(node.ino, st, nlink, uid, gid, self.ttl)
+        ttl = self.immutable_ttl if self._immutable(node) else self.ttl
+        return Attr(node.ino, st, nlink, uid, gid, ttl)
 
     async def getattr(self, node: Node) -> Attr:
         return self._attr(node, await self._stat(node))
@@ -415,9 +553,18 @@ class Overlay:
         return node
 
     async def lookup(self, parent: Node, name: bytes) -> tuple[Node, Attr]:
-        """Find *name*; the kernel now holds one more reference to the node."""
+        """Find *name*; the kernel now holds one more reference to the node.
+
+        A name missing from a lower directory that never changes raises NegativeEntry,
+        which the kernel may keep."""
         self._check_name(name)
-        node, st = await self._child(parent, name)
+        try:
+            node, st = await self._child(parent, name)
+        except FileNotFoundError:
+            if (not parent.upper and parent.lower is DERIVED and parent.is_dir
+                    and self.policy.complete(parent.tag) and self._immutable(parent)):
+                raise NegativeEntry(self.immutable_ttl) from None
+            raise
         node.lookups += 1
         return node, self._attr(node, st)
 
@@ -446,7 +593,16 @@ class Overlay:
                             hidden.add(name)
                             continue
                     entries[name] = Entry(name, st, None)
-        if node.lower is not None:
+        kept = await self._node_listing(node) if node.lower is not None else None
+        if kept is not None:
+            for name, st in kept.entries.items():
+                if name == b"." or name in hidden or self._hidden_name(node, name):
+                    continue
+                if name in entries:
+                    entries[name].lower_st = st
+                else:
+                    entries[name] = Entry(name, None, st)
+        elif node.lower is not None:
             names = self.policy.lower_names(node.tag) if node.tag is not None else None
             try:
                 async with self._lower_fd(node) as fd:
@@ -513,6 +669,14 @@ class Overlay:
         if node.upper:
             with self._upper_fd(node.parent) as pfd:
                 return self.upper.readlink(pfd, node.name)
+        listing = await self._node_listing(node.parent)
+        if listing is None:
+            listing = await self._node_listing(node)
+            name = b"."
+        else:
+            name = node.name
+        if listing is not None and name in listing.targets:
+            return listing.targets[name]
         async with self._lower_fd(node.parent) as pfd:
             return await self.lower.readlink(pfd, node.name)
 
@@ -906,6 +1070,11 @@ class Overlay:
     def lower_entry_changed(self, dir_names: tuple[bytes, ...], name: bytes) -> None:
         """The lower gained or lost *name* (or the policy changed its mind about it):
         forget what nixfs and the kernel cached about that entry."""
+        path = b"/".join(dir_names + (name,))
+        self.dircache.forget(path)
+        self.lower_files.forget(path)
+        for key in [k for k in self._xattrs if k == path or k.startswith(path + b"/")]:
+            del self._xattrs[key]
         parent = self.find(*dir_names)
         if parent is None:
             return  # nobody has looked below it: nothing is cached
@@ -1039,6 +1208,11 @@ class Overlay:
             if node.upper:
                 with self._object(node) as (pfd, n):
                     return self.upper.getxattr(pfd, n, key)
+            if self._immutable(node):
+                value = (await self._lower_xattrs(node)).get(key)
+                if value is None:
+                    raise _err(errno.ENODATA)
+                return value
             return await self._lower_object_call(node, self.lower.layer.getxattr, key)
         except OSError as e:
             if e.errno == errno.ENOTSUP:
@@ -1050,6 +1224,8 @@ class Overlay:
             if node.upper:
                 with self._object(node) as (pfd, n):
                     names = self.upper.listxattr(pfd, n)
+            elif self._immutable(node):
+                names = list(await self._lower_xattrs(node))
             else:
                 names = await self._lower_object_call(node, self.lower.layer.listxattr)
         except OSError as e:
@@ -1108,6 +1284,15 @@ class Overlay:
                 raise _err(errno.EROFS)
             async with self._lock:
                 await self._copy_up(node, truncate=bool(flags & os.O_TRUNC))
+        if (not writing and node.kind == stat.S_IFREG and self._immutable(node)
+                and flags & _PASS_FLAGS & ~os.O_LARGEFILE == os.O_RDONLY):
+            key = self.lower_path(node)
+            fd = self.lower_files.acquire(key)
+            if fd is None:
+                fd = self.lower_files.add(key, await self._open_top(node, os.O_RDONLY))
+            h = self._new_handle(node, fd, False, flags)
+            h.shared = key
+            return h
         fd = await self._open_top(node, flags & _PASS_FLAGS)
         return self._new_handle(node, fd, node.upper, flags)
 
@@ -1124,8 +1309,8 @@ class Overlay:
         if not h.upper and h.node.upper:
             # Copied up since it was opened: read the copy, as kernel overlayfs does.
             fd = await self._open_top(h.node, h.flags & _PASS_FLAGS & ~os.O_TRUNC)
-            os.close(h.fd)
-            h.fd, h.upper = fd, True
+            self._close_handle_fd(h)
+            h.fd, h.upper, h.shared = fd, True, None
         if h.upper:
             self.upper.calls["read"] += 1
             if size <= INLINE_IO:
@@ -1152,6 +1337,12 @@ class Overlay:
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if isinstance(h, Handle):
+            self._close_handle_fd(h)
+
+    def _close_handle_fd(self, h: Handle) -> None:
+        if h.shared is not None:
+            self.lower_files.release(h.shared)
+        else:
             os.close(h.fd)
 
     async def fsyncdir(self, node: Node, datasync: bool) -> None:

@@ -24,6 +24,21 @@ class LowerPolicy:
     def whiteout_made(self, parent_tag: str, name: bytes) -> None:
         """A lower entry was hidden through the mount (``rm``, ``mv``)."""
 
+    def immutable(self, parent_tag: str | None) -> bool:
+        """Whether the lower objects in a directory with *parent_tag* never change while
+        they exist: the kernel may keep their attributes long."""
+        return False
+
+    def complete(self, tag: str | None) -> bool:
+        """Whether a lower directory with *tag* never gains or loses entries while it
+        exists: the kernel may keep the answer that a name is not there."""
+        return False
+
+    def cache_key(self, lower_path: bytes) -> bytes | None:
+        """A key under which an immutable lower path's listing may be kept across
+        mounts; it must change whenever the path's content may.  None: do not keep."""
+        return None
+
     def link_lower_errno(self, dest_tag: str | None) -> int | None:
         """An errno to refuse hard-linking a lower file into a directory with *dest_tag*
         (which would copy the file up), or None to allow it."""

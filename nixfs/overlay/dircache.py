@@ -1,0 +1,198 @@
+"""Listings of lower directories that never change, kept in memory and across mounts.
+
+A valid Nix store path never changes, so what its directories hold (names,
+attributes, symlink targets, and so which names do *not* exist) can be kept as
+long as the path stays valid.  The policy says which lower paths are immutable
+and gives each a key that changes when the path's validity does (the store
+path's name and id in the lower database): a key never meets stale data.
+
+A listing is one directory's entries with their stat and, for symlinks, the
+target; ``.`` is the directory itself.  A non-directory store path is a listing
+of just ``.``.  Listings are fetched whole (one worker-thread call), so every
+later lookup in the directory, found or not, costs no lower call.
+
+Memory is bounded (LRU by number of entries); the persistent copy lives in one
+SQLite file in nixfs' state folder and is read and written directly (never
+through FUSE).  A damaged record is dropped and fetched again.
+"""
+
+import logging
+import os
+import struct
+from collections import OrderedDict
+from typing import NamedTuple
+
+import apsw
+
+log = logging.getLogger(__name__)
+
+
+class LStat(NamedTuple):
+    """The fields of os.stat_result that nixfs uses, cheap to keep and to store."""
+    st_mode: int
+    st_ino: int
+    st_dev: int
+    st_nlink: int
+    st_uid: int
+    st_gid: int
+    st_size: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+    st_blksize: int
+    st_blocks: int
+    st_rdev: int
+
+    @classmethod
+    def of(cls, st) -> "LStat":
+        return cls(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                   st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blksize,
+                   st.st_blocks, st.st_rdev)
+
+
+class Listing(NamedTuple):
+    entries: dict[bytes, LStat]     # name -> stat; b"." is the directory (or file) itself
+    targets: dict[bytes, bytes]     # name -> symlink target
+
+
+_HEAD = struct.Struct("<HI")  # name length, target length (0xFFFFFFFF: none)
+_STAT = struct.Struct("<IQQQIIqqqqqqQ")
+_NONE = 0xFFFFFFFF
+
+
+def encode(listing: Listing) -> bytes:
+    out = bytearray()
+    for name, st in listing.entries.items():
+        target = listing.targets.get(name)
+        out += _HEAD.pack(len(name), _NONE if target is None else len(target))
+        out += _STAT.pack(*st)
+        out += name
+        if target is not None:
+            out += target
+    return bytes(out)
+
+
+def decode(data: bytes) -> Listing:
+    entries, targets = {}, {}
+    pos = 0
+    while pos < len(data):
+        nlen, tlen = _HEAD.unpack_from(data, pos)
+        pos += _HEAD.size
+        st = LStat(*_STAT.unpack_from(data, pos))
+        pos += _STAT.size
+        name = data[pos:pos + nlen]
+        pos += nlen
+        if len(name) != nlen:
+            raise ValueError("truncated listing")
+        if tlen != _NONE:
+            targets[name] = data[pos:pos + tlen]
+            pos += tlen
+        entries[name] = st
+    return Listing(entries, targets)
+
+
+class ListingStore:
+    """The persistent half: ``listings(key, data)`` in a SQLite file."""
+
+    FILE = "listings.sqlite"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.conn = apsw.Connection(path)
+        self.conn.setbusytimeout(10_000)
+        self.conn.execute("pragma journal_mode=wal").fetchall()
+        self.conn.execute("pragma synchronous=off").fetchall()  # a lost write is a refetch
+        self.conn.execute("create table if not exists listings "
+                          "(key blob primary key, data blob not null) without rowid")
+        self.pending: dict[bytes, bytes] = {}
+
+    def get(self, key: bytes) -> Listing | None:
+        data = self.pending.get(key)
+        if data is None:
+            row = self.conn.execute("select data from listings where key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            data = row[0]
+        try:
+            return decode(data)
+        except (ValueError, struct.error):
+            log.warning("a damaged cached listing was dropped")
+            self.conn.execute("delete from listings where key = ?", (key,))
+            return None
+
+    def put(self, key: bytes, listing: Listing) -> None:
+        self.pending[key] = encode(listing)
+        if len(self.pending) >= 256:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            with self.conn:
+                self.conn.executemany("insert or replace into listings values (?, ?)",
+                                      self.pending.items())
+            self.pending.clear()
+
+    def drop_prefix(self, prefix: bytes) -> None:
+        self.flush()
+        self.conn.execute("delete from listings where key >= ? and key < ?",
+                          (prefix, prefix + b"\xff"))
+
+    def close(self) -> None:
+        self.flush()
+        self.conn.close()
+
+    def size_bytes(self) -> int:
+        return sum(os.stat(self.path + s).st_size for s in ("", "-wal")
+                   if os.path.exists(self.path + s))
+
+
+class DirCache:
+    """Immutable lower listings by lower path, bounded in memory, backed by a store."""
+
+    def __init__(self, store: ListingStore | None = None, max_entries: int = 400_000):
+        self.store = store
+        self.max_entries = max_entries
+        self._lru: OrderedDict[bytes, tuple[bytes, Listing]] = OrderedDict()  # path -> (key, l)
+        self._size = 0
+        self.hits = 0
+        self.misses = 0
+        self.loads = 0  # found in the persistent store
+
+    def get(self, path: bytes, key: bytes) -> Listing | None:
+        item = self._lru.get(path)
+        if item is not None and item[0] == key:
+            self._lru.move_to_end(path)
+            self.hits += 1
+            return item[1]
+        listing = self.store.get(key) if self.store is not None else None
+        if listing is None:
+            self.misses += 1
+            return None
+        self.loads += 1
+        self._remember(path, key, listing)
+        return listing
+
+    def put(self, path: bytes, key: bytes, listing: Listing) -> None:
+        self._remember(path, key, listing)
+        if self.store is not None:
+            self.store.put(key, listing)
+
+    def _remember(self, path: bytes, key: bytes, listing: Listing) -> None:
+        old = self._lru.pop(path, None)
+        if old is not None:
+            self._size -= len(old[1].entries)
+        self._lru[path] = (key, listing)
+        self._size += len(listing.entries)
+        while self._size > self.max_entries and len(self._lru) > 1:
+            _, (_, dropped) = self._lru.popitem(last=False)
+            self._size -= len(dropped.entries)
+
+    def forget(self, path: bytes) -> None:
+        """Drop *path* and everything below it from memory (the persistent copies
+        are keyed by validity and simply never asked for again)."""
+        prefix = path + b"/"
+        for p in [p for p in self._lru if p == path or p.startswith(prefix)]:
+            self._size -= len(self._lru.pop(p)[1].entries)
+
+    def __len__(self) -> int:
+        return len(self._lru)

@@ -1,0 +1,138 @@
+"""Caching of immutable lower store paths, checked by counting lower calls."""
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+from harness import run_nixfs
+from nixstore import nix, nix_build
+from test_nixstore import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)
+
+
+def lower_calls(store) -> dict:
+    out = run_nixfs("status", "--json", store.mnt)
+    assert out.returncode == 0, out.stderr
+    calls = json.loads(out.stdout)["lower_calls"]
+    calls.pop("timeout", None)
+    return calls
+
+
+def total(calls: dict) -> int:
+    return sum(calls.values())
+
+
+def walk(root) -> list:
+    """Everything a `find -ls` sees: names, attributes, symlink targets."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            out.append((p, st.st_mode, st.st_size, st.st_mtime_ns,
+                        os.readlink(p) if stat.S_ISLNK(st.st_mode) else None))
+    return sorted(out)
+
+
+def drop_kernel_caches():
+    subprocess.run(["sync"])
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")  # dentries and inodes: the kernel forgets nixfs' nodes
+
+
+@pytest.fixture
+def store(tmp_path, built_lower):
+    s = Store(tmp_path, built_lower)
+    # Some depth and breadth inside a store path: the busybox path gets a tree.
+    bb = next((s.lower / "store").glob("*-busybox"))
+    os.chmod(bb, 0o755)
+    for d in range(5):
+        (bb / f"d{d}/sub").mkdir(parents=True)
+        for f in range(10):
+            (bb / f"d{d}/sub/f{f}").write_text(f"{d}-{f}")
+        os.symlink(f"sub/f0", bb / f"d{d}/link")
+    os.chmod(bb, 0o555)
+    s.tree = s.mnt / "store" / bb.name
+    return s
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops the kernel's caches")
+def test_second_walk_makes_no_lower_calls(store):
+    with store.mount():
+        first = walk(store.tree)
+        # The store directory itself is mutable (paths come and go): looking it up again
+        # may ask the lower.  Keep it open, so the kernel keeps it; the tree is the test.
+        pin = os.open(store.mnt / "store", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            before = total(lower_calls(store))
+            drop_kernel_caches()
+            assert walk(store.tree) == first
+            assert total(lower_calls(store)) == before, "the second walk asked the lower"
+        finally:
+            os.close(pin)
+
+
+def test_second_mount_and_walk_make_almost_no_lower_calls(store):
+    with store.mount():
+        first = walk(store.tree)
+        cold = total(lower_calls(store))
+    with store.mount():
+        base = total(lower_calls(store))
+        assert walk(store.tree) == first
+        again = total(lower_calls(store)) - base
+    assert again * 10 <= cold, (again, cold)
+
+
+def test_reopening_a_store_file_costs_no_lower_call(store):
+    f = store.tree / "d0/sub/f1"
+    with store.mount():
+        assert f.read_text() == "0-1"
+        opens = lower_calls(store).get("open", 0)
+        for _ in range(20):
+            assert f.read_text() == "0-1"
+        assert lower_calls(store).get("open", 0) == opens
+
+
+def test_missing_names_in_a_store_path_are_answered_from_the_listing(store):
+    with store.mount():
+        walk(store.tree)
+        before = total(lower_calls(store))
+        for i in range(50):
+            assert not (store.tree / f"d0/sub/nope{i}").exists()
+        assert total(lower_calls(store)) == before
+
+
+def test_copy_up_is_never_hidden_by_a_cached_attribute(store):
+    f = store.tree / "d1/sub/f2"
+    with store.mount():
+        st = os.stat(f)  # cached, with a long timeout
+        os.chmod(store.tree, 0o755)
+        os.chmod(store.tree / "d1", 0o755)
+        os.chmod(store.tree / "d1/sub", 0o755)
+        os.chmod(f, 0o600)
+        with open(f, "a") as fh:
+            fh.write("+")
+        st2 = os.stat(f)
+        assert stat.S_IMODE(st2.st_mode) == 0o600 and st2.st_size == st.st_size + 1
+        assert f.read_text() == "1-2+"
+        assert os.stat(store.tree / "d1").st_nlink == 1  # now merged
+
+
+def test_lower_change_is_seen_after_invalidation(store):
+    expr = store.expr({"changing": ["liba"]})
+    with store.mount() as m:
+        path = nix_build(store.lower_root, expr, "changing")[0]
+        assert run_nixfs("sync", m.mnt).returncode == 0
+        mpath = store.mnt / path[len("/nix/"):]
+        assert (mpath / "bin/changing").read_text().startswith("changing")
+        walk(mpath)
+        nix(store.lower_root, "nix-store", "--delete", path)
+        assert run_nixfs("sync", m.mnt).returncode == 0
+        assert not mpath.exists()
+        # The path comes back (a new id in the lower): served afresh, never from stale entries.
+        (store.lower / "store" / os.path.basename(path)).mkdir()
+        nix_build(store.lower_root, expr, "changing")
+        assert run_nixfs("sync", m.mnt).returncode == 0
+        assert (mpath / "bin/changing").read_text().startswith("changing")
+        assert walk(mpath)[0][0] == str(mpath / "bin")
