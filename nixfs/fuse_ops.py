@@ -16,6 +16,9 @@ from .overlay import Attr, Caller, NegativeEntry, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
 
+# pyfuse3 built with scripts/pyfuse3-cache-readdir.patch lets opendir keep listings.
+CACHE_READDIR = getattr(pyfuse3, "CACHE_READDIR", False)
+
 
 def _translate(fn):
     @functools.wraps(fn)
@@ -198,7 +201,11 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def opendir(self, inode, ctx):
-        return (await self.fs.opendir(self._node(inode))).fh
+        dh = await self.fs.opendir(self._node(inode))
+        if dh.fixed and CACHE_READDIR:
+            # The kernel keeps this listing: a warm walk makes no READDIRPLUS round trip.
+            return pyfuse3.FileInfo(fh=dh.fh, keep_cache=True)
+        return dh.fh
 
     @_translate
     async def readdir(self, fh, start_id, token):

@@ -93,10 +93,11 @@ class Entry:
 
 
 class DirHandle:
-    __slots__ = ("fh", "node", "entries")
+    __slots__ = ("fh", "node", "entries", "fixed")
 
-    def __init__(self, fh: int, node: Node, entries: list[Entry]):
+    def __init__(self, fh: int, node: Node, entries: list[Entry], fixed: bool = False):
         self.fh, self.node, self.entries = fh, node, entries
+        self.fixed = fixed  # a listing that cannot change: the kernel may keep it
 
 
 @dataclass(slots=True)
@@ -417,6 +418,21 @@ class Overlay:
             return None
         return await self._listing_at(node.parent, node.name, self.lower_path(node))
 
+    def _kept_stats(self, node: Node, names: list[bytes]):
+        """Split *names* of *node*'s lower into (name, stat) pairs known from kept
+        listings (their ``.``) and the names still to stat."""
+        base = self.lower_path(node)
+        known, unknown = [], []
+        for name in names:
+            path = base + b"/" + name if base else name
+            key = self.policy.cache_key(path)
+            listing = self.dircache.get(path, key) if key is not None else None
+            if listing is not None:
+                known.append((name, listing.entries[b"."]))
+            else:
+                unknown.append(name)
+        return known, unknown
+
     def _immutable(self, node: Node) -> bool:
         """A lower object the policy says never changes (and no upper copy of it)."""
         if node.upper or node.lower is not DERIVED or node.parent is None:
@@ -608,8 +624,11 @@ class Overlay:
                 async with self._lower_fd(node) as fd:
                     if names is not None:
                         names = [n for n in names if n not in entries and n not in hidden]
-                        lower = (await self.lower.run(self.lower.layer.stat_names, fd, names)
-                                 if with_stats else [(n, None) for n in names])
+                        if with_stats:
+                            lower, names = self._kept_stats(node, names)
+                            lower += await self.lower.run(self.lower.layer.stat_names, fd, names)
+                        else:
+                            lower = [(n, None) for n in names]
                     elif with_stats:
                         lower = await self.lower.run(self.lower.layer.scan_stats, fd)
                     else:
@@ -630,7 +649,8 @@ class Overlay:
     async def opendir(self, node: Node) -> DirHandle:
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
-        dh = DirHandle(next(self._fh), node, await self._list(node, with_stats=True))
+        fixed = (not node.upper and self.policy.complete(node.tag) and self._immutable(node))
+        dh = DirHandle(next(self._fh), node, await self._list(node, with_stats=True), fixed)
         self.handles[dh.fh] = dh
         return dh
 
