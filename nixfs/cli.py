@@ -89,7 +89,9 @@ def _mount(args) -> int:
                          "(--lower/--upper, or -o lowerdir=...,upperdir=...)")
     cfg = MountConfig(lower=lower, upper=upper, mountpoint=args.mountpoint, options=options,
                       foreground=args.foreground, debug=args.debug, log_file=args.log_file,
-                      ttl=values.get("ttl", 1.0), nix=args.nix and values.get("nix") != "off")
+                      ttl=values.get("ttl", 1.0), nix=args.nix and values.get("nix") != "off",
+                      max_nodes=values.get("max_nodes", 200_000),
+                      listings=values.get("listings", "best"))
     return mount(cfg)
 
 

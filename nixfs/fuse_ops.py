@@ -10,14 +10,18 @@ import errno
 import functools
 import logging
 
+import cachetools
 import pyfuse3
+import trio
 
 from .overlay import Attr, Caller, NegativeEntry, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
 
-# pyfuse3 built with scripts/pyfuse3-cache-readdir.patch lets opendir keep listings.
+# pyfuse3 built with scripts/pyfuse3-cache-readdir.patch lets the kernel keep listings:
+# of directories opendir says are fixed, or (ENOSYS from opendir) of every directory.
 CACHE_READDIR = getattr(pyfuse3, "CACHE_READDIR", False)
+READDIR_BY_INODE = getattr(pyfuse3, "READDIR_BY_INODE", False)
 
 
 def _translate(fn):
@@ -62,6 +66,13 @@ def _caller(ctx) -> Caller:
     return Caller(ctx.uid, ctx.gid)
 
 
+def _invalidate_data(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=False)
+    except OSError:
+        pass  # the kernel does not have it: nothing to drop
+
+
 class KernelNotifier:
     """Drops what the kernel cached about objects the model changed behind its back.
 
@@ -76,8 +87,18 @@ class KernelNotifier:
             if e.errno != errno.ENOENT:  # the kernel does not have it: nothing to drop
                 log.warning("invalidating inode %d: %s", ino, e)
 
+    def __init__(self):
+        self.listings_dropped = None  # callback(ino): the adapter's own listing snapshots
+
     def entry_changed(self, parent_ino: int, name: bytes) -> None:
         pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+
+    def listing_changed(self, ino: int) -> None:
+        if self.listings_dropped is not None:
+            self.listings_dropped(ino)
+        # Drops the kernel's kept listing too (its pages), so not from within a request
+        # handler: a thread does it.
+        trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, _invalidate_data, ino)
 
 
 class FuseOps(pyfuse3.Operations):
@@ -85,10 +106,21 @@ class FuseOps(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, overlay: Overlay):
+    def __init__(self, overlay: Overlay, *, listings: str = "best"):
         super().__init__()
         self.fs = overlay
         overlay.notify = KernelNotifier()
+        overlay.notify.listings_dropped = self._drop_listing
+        # "kernel": the kernel keeps every listing (no OPENDIR/RELEASEDIR at all);
+        # "fixed": it keeps those of directories that cannot change; "none".
+        if listings == "best":
+            listings = "kernel" if READDIR_BY_INODE else "fixed" if CACHE_READDIR else "none"
+        if (listings == "kernel" and not READDIR_BY_INODE) or (listings == "fixed" and not CACHE_READDIR):
+            log.warning("pyfuse3 lacks nixfs' patch: listings=%s is not available", listings)
+            listings = "none"
+        self.listings = listings
+        self.readdir_by_inode = listings == "kernel"
+        self._by_inode: cachetools.LRUCache = cachetools.LRUCache(512)  # ino -> DirHandle
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors = 0
 
@@ -201,16 +233,31 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def opendir(self, inode, ctx):
+        if self.readdir_by_inode:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel keeps listings; see readdir
         dh = await self.fs.opendir(self._node(inode))
-        if dh.fixed and CACHE_READDIR:
+        if dh.fixed and self.listings == "fixed":
             # The kernel keeps this listing: a warm walk makes no READDIRPLUS round trip.
             return pyfuse3.FileInfo(fh=dh.fh, keep_cache=True)
         return dh.fh
 
+    def _drop_listing(self, ino: int) -> None:
+        self._by_inode.pop(ino, None)
+
+    async def _listing_by_inode(self, ino: int, start_id: int):
+        """The snapshot a readdir by inode continues (a new one from offset 0)."""
+        dh = self._by_inode.get(ino) if start_id else None
+        if dh is None:
+            dh = await self.fs.list_dir(self._node(ino))
+            self._by_inode[ino] = dh
+        return dh
+
     @_translate
     async def readdir(self, fh, start_id, token):
         # Offsets 0 and 1 are "." and ".."; the kernel takes no reference for them.
-        dh = self.fs.dirhandle(fh)
+        # (With readdir_by_inode, *fh* is the directory's inode.)
+        dh = (await self._listing_by_inode(fh, start_id) if self.readdir_by_inode
+              else self.fs.dirhandle(fh))
         if start_id == 0:
             attr = await self.fs.getattr(dh.node)
             if not pyfuse3.readdir_reply(token, b".", _entry(attr), 1):

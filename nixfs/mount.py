@@ -50,6 +50,8 @@ class MountConfig:
     log_file: str | None = None
     ttl: float = 1.0
     nix: bool = True  # treat a lower holding store/ and var/nix/db as a Nix store
+    max_nodes: int = 200_000  # inodes kept before asking the kernel to forget old ones
+    listings: str = "best"  # which directory listings the kernel keeps: kernel/fixed/none
 
     @property
     def readonly(self) -> bool:
@@ -61,7 +63,7 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
     out = set()
     for opt in filter(None, (o.strip() for o in text.split(","))):
         key, _, value = opt.partition("=")
-        if key in ("lowerdir", "upperdir", "ttl", "nix"):
+        if key in ("lowerdir", "upperdir", "ttl", "nix", "max_nodes", "listings"):
             cfg_values[key] = value
         elif opt in FUSE_OPTIONS:
             out.add(opt)
@@ -141,6 +143,15 @@ def check(cfg: MountConfig) -> None:
         cfg.ttl = float(cfg.ttl)
     except ValueError:
         raise UsageError(f"ttl must be a number of seconds, not {cfg.ttl!r}") from None
+    if cfg.listings not in ("best", "kernel", "fixed", "none"):
+        raise UsageError(f"listings must be kernel, fixed or none, not {cfg.listings!r}")
+    try:
+        cfg.max_nodes = int(cfg.max_nodes)
+        if cfg.max_nodes < 100:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"max_nodes must be a whole number of at least 100, not "
+                         f"{cfg.max_nodes!r}") from None
     cfg.lower, cfg.upper, cfg.mountpoint = lower, upper, mnt
 
 
@@ -252,7 +263,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     owner = None if privileged() else (os.geteuid(), os.getegid())
     try:
         overlay = Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
-                          readonly=cfg.readonly, ttl=cfg.ttl)
+                          readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes)
         overlay.state.lock()
     except UpperInUse as e:
         return report(str(e), 2)
@@ -282,7 +293,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         worker = SyncWorker(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
                             cfg.mountpoint, log_path, cfg.debug)
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())
-    ops = FuseOps(overlay)
+    ops = FuseOps(overlay, listings=cfg.listings)
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
     options.discard("rw")
     if owner is None:

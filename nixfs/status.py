@@ -26,6 +26,11 @@ def tree_size(path: str, skip: str | None = None) -> int:
     return total
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def collect(*, cfg, ops, overlay, service, started: float) -> dict:
     """The daemon's view of itself (runs in a worker thread: it walks the upper)."""
     lower, upper = overlay.lower.layer, overlay.upper
@@ -34,7 +39,8 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
         "pid": os.getpid(), "uptime_s": round(time.time() - started, 1),
         "fuse_requests": dict(ops.requests), "errors": ops.errors,
         "lower_calls": dict(lower.calls), "upper_calls": dict(upper.calls),
-        "copy_ups": overlay.copy_ups, "nodes": len(overlay.inodes),
+        "copy_ups": overlay.copy_ups, "nodes": len(overlay.inodes), "nodes_trimmed": overlay.trims,
+        "rss_bytes": _rss(),
         "open_dir_fds": len(overlay.fds), "shared_lower_files": len(overlay.lower_files),
         "cache": {"hits": overlay.dircache.hits, "misses": overlay.dircache.misses,
                   "loaded_from_disk": overlay.dircache.loads, "listings": len(overlay.dircache),
@@ -73,7 +79,7 @@ def render(s: dict) -> str:
     lines = [f"{s['mountpoint']}  (pid {s['pid']}, up {s['uptime_s']} s)",
              f"  lower  {s['lower']}", f"  upper  {s['upper']}  ({_human(s['upper_bytes'])})",
              f"  FUSE requests {sum(s['fuse_requests'].values())}, errors {s['errors']}, "
-             f"copy-ups {s['copy_ups']}, nodes {s['nodes']}",
+             f"copy-ups {s['copy_ups']}, nodes {s['nodes']}, memory {_human(s['rss_bytes'])}",
              "  lower calls " + (", ".join(f"{k} {v}" for k, v in sorted(s["lower_calls"].items()))
                                  or "none"),
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "

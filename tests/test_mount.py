@@ -278,3 +278,24 @@ def test_nothing_written_to_lower_layer(lower, upper, mnt):
                     f.write(b"!")
         subprocess.run(["rm", "-rf", str(mnt / "store")], check=True)
         os.rename(mnt / "dir", mnt / "dir2")
+
+
+def test_node_table_stays_within_its_budget(tmp_path, upper, mnt):
+    import json
+    import time
+
+    from harness import run_nixfs
+    lower = tmp_path / "lower"
+    for d in range(30):
+        (lower / f"d{d}").mkdir(parents=True)
+        for f in range(100):
+            (lower / f"d{d}/f{f}").write_text("x")
+    with NixfsMount(lower, upper, mnt, "max_nodes=500") as m:
+        for d in range(30):
+            for f in range(100):
+                os.lstat(mnt / f"d{d}/f{f}")
+        time.sleep(0.5)  # the kernel's FORGETs arrive shortly after the invalidations
+        status = json.loads(run_nixfs("status", "--json", m.mnt).stdout)
+        assert status["nodes_trimmed"] > 0
+        assert status["nodes"] < 800, status["nodes"]
+        assert (mnt / "d0/f0").read_text() == "x"  # forgotten nodes come back on demand

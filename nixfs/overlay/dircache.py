@@ -149,7 +149,7 @@ class ListingStore:
 class DirCache:
     """Immutable lower listings by lower path, bounded in memory, backed by a store."""
 
-    def __init__(self, store: ListingStore | None = None, max_entries: int = 400_000):
+    def __init__(self, store: ListingStore | None = None, max_entries: int = 200_000):
         self.store = store
         self.max_entries = max_entries
         self._lru: OrderedDict[bytes, tuple[bytes, Listing]] = OrderedDict()  # path -> (key, l)

@@ -166,6 +166,17 @@ class InodeTable:
             return None
         return node
 
+    def oldest_leaves(self, count: int, scan: int) -> list[Node]:
+        """Up to *count* of the oldest nodes the kernel could forget (no children), looking
+        at no more than *scan* nodes: candidates for trimming the table."""
+        out = []
+        for i, node in enumerate(self._nodes.values()):
+            if len(out) >= count or i >= scan:
+                break
+            if node is not self.root and node.parent is not None and not node.children:
+                out.append(node)
+        return out
+
     def forget(self, ino: int, count: int) -> None:
         node = self._nodes.get(ino)
         if node is None or node is self.root:

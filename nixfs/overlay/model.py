@@ -180,13 +180,17 @@ class Notifier:
     def entry_changed(self, parent_ino: int, name: bytes) -> None:
         pass
 
+    def listing_changed(self, ino: int) -> None:
+        """A directory's entries changed behind the kernel's back."""
+
 
 class Overlay:
     def __init__(self, lower: str, upper: str, *, owner: tuple[int, int] | None = None,
                  privileged: bool | None = None, readonly: bool = False, ttl: float = 1.0,
                  lower_threads: int = 8, lower_timeout: float | None = None,
                  fd_cache: int = 1024, policy: LowerPolicy | None = None,
-                 listings: ListingStore | None = None, immutable_ttl: float = 3600.0):
+                 listings: ListingStore | None = None, immutable_ttl: float = 3600.0,
+                 max_nodes: int = 200_000):
         self.upper = Layer(upper, name="upper")
         self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
                                 timeout=lower_timeout)
@@ -206,6 +210,9 @@ class Overlay:
         self._fetching: dict[bytes, trio.Event] = {}
         self._xattrs: cachetools.LRUCache = cachetools.LRUCache(20_000)
         self.lower_files = SharedFds(256)
+        self.max_nodes = max_nodes
+        self._trimmed_at = 0
+        self.trims = 0
         self.fds = FdCache(fd_cache)
         self._root_entries = {"u": FdEntry(self.upper.root_fd), "l": FdEntry(self.lower.root_fd)}
         for e in self._root_entries.values():
@@ -505,7 +512,21 @@ class Overlay:
         node = self.inodes.add(parent, name, kind, upper, lower)
         if parent.tag is not None and kind == stat.S_IFDIR:
             node.tag = self.policy.tag(parent.tag, name)
+        if len(self.inodes) > self.max_nodes and len(self.inodes) > self._trimmed_at:
+            self.trim()
         return node
+
+    def trim(self) -> None:
+        """Keep memory bounded: ask the kernel to forget the oldest nodes beyond the
+        budget.  It drops those entries it does not use and sends FORGETs, which
+        remove the nodes; what it still uses (open files, working directories) stays."""
+        excess = len(self.inodes) - self.max_nodes
+        batch = excess + self.max_nodes // 10  # some room, so this runs once per batch
+        victims = self.inodes.oldest_leaves(batch, scan=4 * batch)
+        for node in victims:
+            self.notify.entry_changed(node.parent.ino, node.name)
+        self._trimmed_at = len(self.inodes) + self.max_nodes // 20
+        self.trims += len(victims)
 
     async def _exists(self, parent: Node, name: bytes) -> bool:
         try:
@@ -646,11 +667,15 @@ class Overlay:
                     entries[name] = Entry(name, None, st)
         return list(entries.values())
 
-    async def opendir(self, node: Node) -> DirHandle:
+    async def list_dir(self, node: Node) -> DirHandle:
+        """A snapshot of a directory's merged entries (not registered as open)."""
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
         fixed = (not node.upper and self.policy.complete(node.tag) and self._immutable(node))
-        dh = DirHandle(next(self._fh), node, await self._list(node, with_stats=True), fixed)
+        return DirHandle(next(self._fh), node, await self._list(node, with_stats=True), fixed)
+
+    async def opendir(self, node: Node) -> DirHandle:
+        dh = await self.list_dir(node)
         self.handles[dh.fh] = dh
         return dh
 
@@ -1098,6 +1123,7 @@ class Overlay:
         parent = self.find(*dir_names)
         if parent is None:
             return  # nobody has looked below it: nothing is cached
+        self.notify.listing_changed(parent.ino)
         child = self.inodes.child(parent, name)
         if child is not None:
             if child.upper:
@@ -1130,6 +1156,7 @@ class Overlay:
                 self._unlink_node(child, parent, name)
             if parent is not None:
                 self.notify.entry_changed(parent.ino, name)
+                self.notify.listing_changed(parent.ino)
         await trio.to_thread.run_sync(self.state.discard, trash)
         return True
 
