@@ -18,7 +18,7 @@ from .overlay import Attr, Caller, NegativeEntry, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
 
-# pyfuse3 built with scripts/pyfuse3-cache-readdir.patch lets the kernel keep listings:
+# pyfuse3 built with scripts/pyfuse3-kernel-caches.patch lets the kernel keep listings:
 # of directories opendir says are fixed, or (ENOSYS from opendir) of every directory.
 CACHE_READDIR = getattr(pyfuse3, "CACHE_READDIR", False)
 READDIR_BY_INODE = getattr(pyfuse3, "READDIR_BY_INODE", False)
@@ -105,6 +105,9 @@ class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # With the patched pyfuse3: the kernel keeps symlink targets (a node never changes target:
+    # a lower path that changes gets a new node).
+    enable_cache_symlinks = True
 
     def __init__(self, overlay: Overlay, *, listings: str = "best"):
         super().__init__()

@@ -136,3 +136,27 @@ def test_lower_change_is_seen_after_invalidation(store):
         assert run_nixfs("sync", m.mnt).returncode == 0
         assert (mpath / "bin/changing").read_text().startswith("changing")
         assert walk(mpath)[0][0] == str(mpath / "bin")
+
+
+def fuse_requests(store) -> dict:
+    out = run_nixfs("status", "--json", store.mnt)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["fuse_requests"]
+
+
+@pytest.mark.skipif(not getattr(__import__("pyfuse3"), "CACHE_SYMLINKS", False),
+                    reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
+def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
+    """Listings, attributes and symlink targets of a store path stay in the kernel:
+    walking it again sends nixfs no request but one GETATTR per directory (after
+    reading a listing the kernel drops a writable mount's atime and asks again)."""
+    with store.mount():
+        first = walk(store.tree)
+        before = fuse_requests(store)
+        assert walk(store.tree) == first
+        after = fuse_requests(store)
+    # `nixfs status` itself goes through the control socket, not FUSE.
+    new = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+    dirs = sum(1 for p, mode, *_ in first if stat.S_ISDIR(mode)) + 1
+    assert new.pop("getattr", 0) <= dirs
+    assert new == {}, new

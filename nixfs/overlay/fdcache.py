@@ -31,6 +31,9 @@ class FdCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
     def acquire(self, key) -> FdEntry | None:
         entry = self._entries.get(key)
         if entry is not None:

@@ -108,12 +108,17 @@ class Layer:
                 pass
         return out
 
-    def read_listing(self, dirfd: int, name: bytes):
+    def read_listing(self, dirfd: int, name: bytes, keep_fd: bool = False):
         """Everything about ``dirfd/name`` in one go: its stat as ``.``, a directory's
-        entries with theirs, symlink targets (for a kept, immutable object)."""
+        entries with theirs, symlink targets (for a kept, immutable object).
+
+        Returns ``(listing, fd)``: with *keep_fd*, a directory's descriptor stays open
+        for the caller to keep (so the next step down costs no second trip to a
+        worker thread); otherwise, or for a non-directory, fd is -1."""
         from .dircache import Listing, LStat
         st = self.lstat(dirfd, name)
         entries, targets = {b".": LStat.of(st)}, {}
+        kept = -1
         if stat.S_ISLNK(st.st_mode):
             targets[b"."] = self.readlink(dirfd, name)
         elif stat.S_ISDIR(st.st_mode):
@@ -127,9 +132,14 @@ class Layer:
                     entries[child] = LStat.of(cst)
                     if stat.S_ISLNK(cst.st_mode):
                         targets[child] = self.readlink(fd, child)
-            finally:
+            except BaseException:
                 os.close(fd)
-        return Listing(entries, targets)
+                raise
+            if keep_fd:
+                kept = fd
+            else:
+                os.close(fd)
+        return Listing(entries, targets), kept
 
     def readlink(self, dirfd: int, name: bytes) -> bytes:
         self.calls["readlink"] += 1

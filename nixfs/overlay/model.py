@@ -393,9 +393,13 @@ class Overlay:
         base = self.lower_path(parent)
         return base + b"/" + name if base else name
 
-    async def _listing_at(self, parent: Node, name: bytes, path: bytes) -> Listing | None:
+    async def _listing_at(self, parent: Node, name: bytes, path: bytes,
+                          node: Node | None = None) -> Listing | None:
         """The listing of the lower object *path* (``parent``'s lower entry *name*) if
-        the policy keeps it: from memory, from the store, or fetched in one go."""
+        the policy keeps it: from memory, from the store, or fetched in one go.
+
+        When *node* is that object's node, a fetch also keeps its open lower
+        directory for it: the walk's next step down then needs no second open."""
         key = self.policy.cache_key(path)
         if key is None:
             return None
@@ -408,8 +412,14 @@ class Overlay:
             return self.dircache.get(path, key)
         self._fetching[path] = done = trio.Event()
         try:
+            keep = node is not None and ("l", node.ino) not in self.fds
             async with self._lower_fd(parent) as pfd:
-                listing = await self.lower.run(self.lower.layer.read_listing, pfd, name)
+                listing, fd = await self.lower.run(self.lower.layer.read_listing, pfd, name, keep)
+            if fd >= 0:
+                if node.parent is None or ("l", node.ino) in self.fds:
+                    os.close(fd)  # removed meanwhile, or someone else opened it
+                else:
+                    self.fds.release(self.fds.insert(("l", node.ino), fd))
         except (FileNotFoundError, NotADirectoryError):
             listing = None
         finally:
@@ -423,7 +433,7 @@ class Overlay:
         """The kept listing of a node's lower object, if there is one to keep."""
         if node.lower is not DERIVED or node.parent is None:
             return None
-        return await self._listing_at(node.parent, node.name, self.lower_path(node))
+        return await self._listing_at(node.parent, node.name, self.lower_path(node), node)
 
     def _kept_stats(self, node: Node, names: list[bytes]):
         """Split *names* of *node*'s lower into (name, stat) pairs known from kept
