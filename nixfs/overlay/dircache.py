@@ -50,22 +50,41 @@ class LStat(NamedTuple):
                    st.st_blocks, st.st_rdev)
 
 
-class Listing(NamedTuple):
-    entries: dict[bytes, LStat]     # name -> stat; b"." is the directory (or file) itself
-    targets: dict[bytes, bytes]     # name -> symlink target
-
-
 _HEAD = struct.Struct("<HI")  # name length, target length (0xFFFFFFFF: none)
 _STAT = struct.Struct("<IQQQIIqqqqqqQ")
 _NONE = 0xFFFFFFFF
 
 
+class Listing(NamedTuple):
+    """One directory's entries.  Stats are kept packed (about a quarter of the
+    memory of stat tuples: a million-entry walk must stay in a bounded RSS) and
+    unpacked when asked for."""
+    entries: dict[bytes, bytes]     # name -> packed stat; b"." is the directory (or file) itself
+    targets: dict[bytes, bytes]     # name -> symlink target
+
+    @classmethod
+    def build(cls, stats: dict[bytes, LStat], targets: dict[bytes, bytes]) -> "Listing":
+        return cls({name: _STAT.pack(*st) for name, st in stats.items()}, targets)
+
+    def stat(self, name: bytes) -> LStat | None:
+        packed = self.entries.get(name)
+        return None if packed is None else LStat._make(_STAT.unpack(packed))
+
+    def stats(self):
+        """(name, stat) for every entry, ``.`` included."""
+        for name, packed in self.entries.items():
+            yield name, LStat._make(_STAT.unpack(packed))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
 def encode(listing: Listing) -> bytes:
     out = bytearray()
-    for name, st in listing.entries.items():
+    for name, packed in listing.entries.items():
         target = listing.targets.get(name)
         out += _HEAD.pack(len(name), _NONE if target is None else len(target))
-        out += _STAT.pack(*st)
+        out += packed
         out += name
         if target is not None:
             out += target
@@ -78,7 +97,7 @@ def decode(data: bytes) -> Listing:
     while pos < len(data):
         nlen, tlen = _HEAD.unpack_from(data, pos)
         pos += _HEAD.size
-        st = LStat(*_STAT.unpack_from(data, pos))
+        st = data[pos:pos + _STAT.size]
         pos += _STAT.size
         name = data[pos:pos + nlen]
         pos += nlen
@@ -149,7 +168,7 @@ class ListingStore:
 class DirCache:
     """Immutable lower listings by lower path, bounded in memory, backed by a store."""
 
-    def __init__(self, store: ListingStore | None = None, max_entries: int = 200_000):
+    def __init__(self, store: ListingStore | None = None, max_entries: int = 100_000):
         self.store = store
         self.max_entries = max_entries
         self._lru: OrderedDict[bytes, tuple[bytes, Listing]] = OrderedDict()  # path -> (key, l)
@@ -180,19 +199,19 @@ class DirCache:
     def _remember(self, path: bytes, key: bytes, listing: Listing) -> None:
         old = self._lru.pop(path, None)
         if old is not None:
-            self._size -= len(old[1].entries)
+            self._size -= len(old[1])
         self._lru[path] = (key, listing)
-        self._size += len(listing.entries)
+        self._size += len(listing)
         while self._size > self.max_entries and len(self._lru) > 1:
             _, (_, dropped) = self._lru.popitem(last=False)
-            self._size -= len(dropped.entries)
+            self._size -= len(dropped)
 
     def forget(self, path: bytes) -> None:
         """Drop *path* and everything below it from memory (the persistent copies
         are keyed by validity and simply never asked for again)."""
         prefix = path + b"/"
         for p in [p for p in self._lru if p == path or p.startswith(prefix)]:
-            self._size -= len(self._lru.pop(p)[1].entries)
+            self._size -= len(self._lru.pop(p)[1])
 
     def __len__(self) -> int:
         return len(self._lru)

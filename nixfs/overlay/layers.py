@@ -139,7 +139,7 @@ class Layer:
                 kept = fd
             else:
                 os.close(fd)
-        return Listing(entries, targets), kept
+        return Listing.build(entries, targets), kept
 
     def readlink(self, dirfd: int, name: bytes) -> bytes:
         self.calls["readlink"] += 1

@@ -377,10 +377,10 @@ class Overlay:
             return None
         listing = await self._node_listing(parent)
         if listing is not None:
-            return listing.entries.get(name) if name != b"." else None
+            return listing.stat(name) if name != b"." else None
         listing = await self._listing_at(parent, name, self._child_lower_path(parent, name))
         if listing is not None:
-            return listing.entries.get(b".")
+            return listing.stat(b".")
         try:
             async with self._lower_fd(parent) as pfd:
                 return await self.lower.lstat(pfd, name)
@@ -445,7 +445,7 @@ class Overlay:
             key = self.policy.cache_key(path)
             listing = self.dircache.get(path, key) if key is not None else None
             if listing is not None:
-                known.append((name, listing.entries[b"."]))
+                known.append((name, listing.stat(b".")))
             else:
                 unknown.append(name)
         return known, unknown
@@ -642,7 +642,7 @@ class Overlay:
                     entries[name] = Entry(name, st, None)
         kept = await self._node_listing(node) if node.lower is not None else None
         if kept is not None:
-            for name, st in kept.entries.items():
+            for name, st in kept.stats():
                 if name == b"." or name in hidden or self._hidden_name(node, name):
                     continue
                 if name in entries:
