@@ -84,6 +84,16 @@ def test_second_mount_and_walk_make_almost_no_lower_calls(store):
     assert again * 10 <= cold, (again, cold)
 
 
+def test_looking_up_a_small_store_path_reads_all_of_it_at_once(store):
+    """The first lookup of a store path reads the directories below it in the same
+    trip, so walking it afterwards asks the lower nothing."""
+    with store.mount():
+        os.lstat(store.tree)
+        before = total(lower_calls(store))
+        walk(store.tree)
+        assert total(lower_calls(store)) == before
+
+
 def test_reopening_a_store_file_costs_no_lower_call(store):
     f = store.tree / "d0/sub/f1"
     with store.mount():

@@ -108,38 +108,57 @@ class Layer:
                 pass
         return out
 
-    def read_listing(self, dirfd: int, name: bytes, keep_fd: bool = False):
+    def read_listing(self, dirfd: int, name: bytes, keep_fd: bool = False, depth_budget: int = 0):
         """Everything about ``dirfd/name`` in one go: its stat as ``.``, a directory's
         entries with theirs, symlink targets (for a kept, immutable object).
 
-        Returns ``(listing, fd)``: with *keep_fd*, a directory's descriptor stays open
-        for the caller to keep (so the next step down costs no second trip to a
-        worker thread); otherwise, or for a non-directory, fd is -1."""
+        Returns ``(listings, fd)``.  *listings* maps a path relative to *name* (``b""``
+        for *name* itself) to its listing: with a *depth_budget*, the directories
+        below are read too, breadth first, until about that many entries are read,
+        so walking into an immutable tree costs one trip to a worker thread rather
+        than one per directory.  With *keep_fd*, a directory's descriptor stays
+        open for the caller to keep; otherwise, or for a non-directory, fd is -1."""
         from .dircache import Listing, LStat
         st = self.lstat(dirfd, name)
-        entries, targets = {b".": LStat.of(st)}, {}
-        kept = -1
-        if stat.S_ISLNK(st.st_mode):
-            targets[b"."] = self.readlink(dirfd, name)
-        elif stat.S_ISDIR(st.st_mode):
-            fd = self.open_dir(dirfd, name)
-            try:
-                for child, _ in self.scandir(fd):
-                    try:
-                        cst = self.lstat(fd, child)
-                    except FileNotFoundError:
-                        continue
-                    entries[child] = LStat.of(cst)
-                    if stat.S_ISLNK(cst.st_mode):
-                        targets[child] = self.readlink(fd, child)
-            except BaseException:
-                os.close(fd)
-                raise
-            if keep_fd:
-                kept = fd
-            else:
-                os.close(fd)
-        return Listing.build(entries, targets), kept
+        if not stat.S_ISDIR(st.st_mode):
+            targets = {b".": self.readlink(dirfd, name)} if stat.S_ISLNK(st.st_mode) else {}
+            return {b"": Listing.build({b".": LStat.of(st)}, targets)}, -1
+        fd = self.open_dir(dirfd, name)
+        out = {}
+        try:
+            queue, read = [(b"", fd, st)], 0
+            while queue:
+                rel, dfd, dst = queue.pop(0)
+                try:
+                    entries, targets = {b".": LStat.of(dst)}, {}
+                    for child, _ in self.scandir(dfd):
+                        try:
+                            cst = self.lstat(dfd, child)
+                        except FileNotFoundError:
+                            continue
+                        entries[child] = LStat.of(cst)
+                        if stat.S_ISLNK(cst.st_mode):
+                            targets[child] = self.readlink(dfd, child)
+                        elif stat.S_ISDIR(cst.st_mode) and read + len(entries) < depth_budget:
+                            try:
+                                sub = self.open_dir(dfd, child)
+                            except PermissionError:
+                                continue  # read when someone goes there
+                            queue.append((rel + b"/" + child if rel else child, sub, cst))
+                    out[rel] = Listing.build(entries, targets)
+                    read += len(entries)
+                finally:
+                    if dfd != fd:
+                        os.close(dfd)
+        except BaseException:
+            for _, dfd, _ in queue:
+                os.close(dfd)
+            os.close(fd)
+            raise
+        if not keep_fd:
+            os.close(fd)
+            fd = -1
+        return out, fd
 
     def readlink(self, dirfd: int, name: bytes) -> bytes:
         self.calls["readlink"] += 1

@@ -207,6 +207,10 @@ class Overlay:
         self.root.tag = LowerPolicy.ROOT
         self.dircache = DirCache(listings)
         self.immutable_ttl = immutable_ttl
+        # Entries read below an immutable lower directory in the same worker-thread
+        # call as its own listing: a walk into a store path then costs one trip, not
+        # one per directory; a single lookup reads at most this much more than it needs.
+        self.prefetch_entries = 512
         self._fetching: dict[bytes, trio.Event] = {}
         self._xattrs: cachetools.LRUCache = cachetools.LRUCache(20_000)
         self.lower_files = SharedFds(256)
@@ -414,19 +418,25 @@ class Overlay:
         try:
             keep = node is not None and ("l", node.ino) not in self.fds
             async with self._lower_fd(parent) as pfd:
-                listing, fd = await self.lower.run(self.lower.layer.read_listing, pfd, name, keep)
+                listings, fd = await self.lower.run(self.lower.layer.read_listing, pfd, name,
+                                                    keep, self.prefetch_entries)
             if fd >= 0:
                 if node.parent is None or ("l", node.ino) in self.fds:
                     os.close(fd)  # removed meanwhile, or someone else opened it
                 else:
                     self.fds.release(self.fds.insert(("l", node.ino), fd))
         except (FileNotFoundError, NotADirectoryError):
-            listing = None
+            return None
         finally:
             del self._fetching[path]
             done.set()
-        if listing is not None:
-            self.dircache.put(path, key, listing)
+        listing = listings.pop(b"")
+        self.dircache.put(path, key, listing)
+        for rel, below in listings.items():  # the directories below, read on the way
+            sub = path + b"/" + rel
+            sub_key = self.policy.cache_key(sub)
+            if sub_key is not None:
+                self.dircache.put(sub, sub_key, below)
         return listing
 
     async def _node_listing(self, node: Node) -> Listing | None:
