@@ -4,6 +4,7 @@ Also the store-only mount that replaces the kernel overlay under `local-overlay:
 """
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -78,7 +79,7 @@ def test_run_program_from_lower_and_nix_build(user, built_lower):  # noqa: F811
     script = (f"set -e; /nix/store/{busybox.name}/busybox echo from the lower; "
               f"out=$(nix-build {expr} -A app -A app2 --no-out-link | tail -1); "
               "cat $out/bin/app2; nix-store -q --references $out; "
-              "test ! -e /nix/.nixfs; exit 7")
+              f"test ! -e /nix/.nixfs; {NIXFS} status /nix >/dev/null; exit 7")
     proc = user.nixfs("run", "--lower", lower, "--upper", upper, "--", "sh", "-c", script,
                       env={"NIX_CONFIG": NIX_CONFIG})
     assert proc.returncode == 7, proc.stderr
@@ -92,6 +93,46 @@ def test_run_program_from_lower_and_nix_build(user, built_lower):  # noqa: F811
     assert not any(n.endswith("-app2") for n in os.listdir(lower / "store"))
     assert os.stat(next((upper / "store").glob("*-app2"))).st_uid == user.uid
     wait_none_left(user, timeout=2.0)  # the namespace, its mount and the daemon are gone
+
+
+def test_run_where_the_host_store_is_the_lower_at_nix(user, built_lower):  # noqa: F811
+    """The cluster case: the shared store is the host's /nix (read-only), and nixfs run
+    puts its merged /nix in the same place.  Simulated with a root of bind mounts that
+    has a /nix (pivot_root: a user namespace cannot be made inside a chroot)."""
+    base, paths = built_lower
+    upper = user.dir("upper")
+    app = paths["app"]
+    inner = user.home / "inner.sh"
+    inner.write_text(f"set -e; cat {app}/bin/app; nix-store -q --references {app} | wc -l\n"
+                     "touch /nix/store/mine; test -w /nix/var/nix/db/db.sqlite\n")
+    as_user = user.home / "as-user.sh"
+    as_user.write_text(shlex.join([
+        "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "env", "-i",
+        *(f"{k}={v}" for k, v in user.env().items()), f"NIX_CONFIG={NIX_CONFIG}",
+        *NIXFS.split(), "run", "--lower", "/nix", "--upper", str(upper), "--", "sh", str(inner)]))
+    root = user.dir("root")
+    script = f"""set -e
+mount -t tmpfs none {root}
+for e in /*; do
+    n=${{e#/}}
+    if [ "$n" = nix ]; then continue
+    elif [ -L "$e" ]; then ln -s "$(readlink "$e")" "{root}/$n"
+    elif [ -d "$e" ]; then mkdir "{root}/$n"; mount --rbind "$e" "{root}/$n"; fi
+done
+mkdir {root}/nix {root}/old
+mount --bind {base}/L/nix {root}/nix
+mount -o remount,bind,ro {root}/nix
+cd {root}
+pivot_root . old
+exec chroot . sh -c 'umount -l /old && rmdir /old && exec sh {as_user}'
+"""
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == "app" and proc.stdout.split()[-1] == "2", proc.stdout
+    assert (upper / "store/mine").exists()
+    assert not (base / "L/nix/store/mine").exists()
+    wait_none_left(user, timeout=2.0)
 
 
 def test_run_exit_codes_signals_and_a_killed_runner(user):
