@@ -215,14 +215,29 @@ def _start_command(root: str, cwd: str, argv: list[str], mask: set) -> int:
     os._exit(126)
 
 
+def _reap_children(pid: int) -> int | None:
+    """Collect every exited child (as a container's process 1 we also inherit orphans);
+    the wait status of *pid* if it is one of them."""
+    found = None
+    while True:
+        try:
+            done, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found
+        if done == 0:
+            return found
+        if done == pid:
+            found = status
+
+
 def _wait_forwarding(pid: int) -> int:
     """Wait for the command, passing on signals sent to us; its exit code (128 + signal
     if a signal ended it)."""
     while True:
         info = signal.sigwaitinfo(set(FORWARDED) | {signal.SIGCHLD})
         if info.si_signo == signal.SIGCHLD:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
+            status = _reap_children(pid)
+            if status is not None:
                 code = os.waitstatus_to_exitcode(status)
                 return 128 - code if code < 0 else code
             continue

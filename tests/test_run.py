@@ -262,6 +262,18 @@ def test_entrypoint_recipe(user):
     assert (upper / "u/store/new").read_text() == "built\n"
     proc = user.run(entry, "true", env=dict(env, NIXFS_LOWER=str(user.home)))
     assert proc.returncode == 2 and "holds no store/" in proc.stderr
+    # `kubectl exec` into the pod: nsenter joins the command's namespaces and root.
+    pidfile = user.dir("run") / "pid"
+    p = user_popen(user, entry, "sh", "-c", f"echo $$ > {pidfile}; exec sleep 30", env=env)
+    try:
+        pid = wait_for_pid(pidfile)
+        proc = user.run("nsenter", "-t", pid, "-U", "-m", "-r", "-w", "--preserve-credentials",
+                        "sh", "-c", "cat /nix/store/new; id -u")
+        assert proc.stdout == f"built\n{user.uid}\n", proc.stderr
+        os.kill(pid, signal.SIGTERM)
+        assert p.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
     wait_none_left(user, timeout=2.0)
 
 
