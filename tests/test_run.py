@@ -95,22 +95,30 @@ def test_run_program_from_lower_and_nix_build(user, built_lower):  # noqa: F811
     wait_none_left(user, timeout=2.0)  # the namespace, its mount and the daemon are gone
 
 
-def test_run_where_the_host_store_is_the_lower_at_nix(user, built_lower):  # noqa: F811
-    """The cluster case: the shared store is the host's /nix (read-only), and nixfs run
-    puts its merged /nix in the same place.  Simulated with a root of bind mounts that
-    has a /nix (pivot_root: a user namespace cannot be made inside a chroot)."""
+@pytest.mark.parametrize("host_nix", [True, False], ids=["host-nix-is-lower", "no-host-nix"])
+def test_run_with_and_without_a_host_nix(user, built_lower, host_nix):  # noqa: F811
+    """The cluster case: the shared store is the host's /nix (read-only) and nixfs run puts
+    its merged /nix in the same place; and a host with no /nix at all.  Simulated with a
+    root of bind mounts, entered with pivot_root (a user namespace cannot be made in a
+    chroot)."""
     base, paths = built_lower
+    lower = user.home / "L"
+    subprocess.run(["cp", "-a", str(base / "L/nix"), str(lower)], check=True)  # root's
     upper = user.dir("upper")
     app = paths["app"]
     inner = user.home / "inner.sh"
     inner.write_text(f"set -e; cat {app}/bin/app; nix-store -q --references {app} | wc -l\n"
                      "touch /nix/store/mine; test -w /nix/var/nix/db/db.sqlite\n")
     as_user = user.home / "as-user.sh"
+    root = user.dir("root")
     as_user.write_text(shlex.join([
         "setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "env", "-i",
         *(f"{k}={v}" for k, v in user.env().items()), f"NIX_CONFIG={NIX_CONFIG}",
-        *NIXFS.split(), "run", "--lower", "/nix", "--upper", str(upper), "--", "sh", str(inner)]))
-    root = user.dir("root")
+        *NIXFS.split(), "run", "--lower", "/nix" if host_nix else str(lower),
+        "--upper", str(upper), "--", "sh", str(inner)]))
+    host_store = (f"mkdir {root}/nix && mount --bind {lower} {root}/nix && "
+                  f"mount -o remount,bind,ro {root}/nix" if host_nix else "true")
+    has_nix = "test -d /nix/store" if host_nix else "test ! -e /nix"
     script = f"""set -e
 mount -t tmpfs none {root}
 for e in /*; do
@@ -119,19 +127,18 @@ for e in /*; do
     elif [ -L "$e" ]; then ln -s "$(readlink "$e")" "{root}/$n"
     elif [ -d "$e" ]; then mkdir "{root}/$n"; mount --rbind "$e" "{root}/$n"; fi
 done
-mkdir {root}/nix {root}/old
-mount --bind {base}/L/nix {root}/nix
-mount -o remount,bind,ro {root}/nix
+{host_store}
+mkdir {root}/old
 cd {root}
 pivot_root . old
-exec chroot . sh -c 'umount -l /old && rmdir /old && exec sh {as_user}'
+exec chroot . sh -c 'umount -l /old && rmdir /old && {has_nix} && exec sh {as_user}'
 """
     proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "app" and proc.stdout.split()[-1] == "2", proc.stdout
     assert (upper / "store/mine").exists()
-    assert not (base / "L/nix/store/mine").exists()
+    assert not (lower / "store/mine").exists()
     wait_none_left(user, timeout=2.0)
 
 
