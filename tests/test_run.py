@@ -319,3 +319,52 @@ def test_store_only_mount_follows_deletions_in_the_upper(user):
         proc = user.nixfs("umount", mnt)
         force_unmount(mnt)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_run_in_a_terminal_ctrl_c(user):
+    """^C in a terminal reaches the command once (the terminal signals the whole process
+    group; nixfs run passes on only signals sent to it alone) and ends the run with 130."""
+    import pty
+    import termios
+    lower, upper = plain_layers(user)
+    codes = user.dir("ints") / "codes"
+    # The command records the origin (si_code) of every SIGINT it gets for a second, then
+    # ends as if killed by it.
+    catcher = (
+        "import os, signal, time\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+        "print('ready', flush=True)\n"
+        "got = [signal.sigwaitinfo({signal.SIGINT}).si_code]\n"
+        "end = time.monotonic() + 1\n"
+        "while (left := end - time.monotonic()) > 0:\n"
+        "    info = signal.sigtimedwait({signal.SIGINT}, left)\n"
+        "    got += [info.si_code] if info else []\n"
+        f"open('{codes}', 'w').write(repr(got))\n"
+        "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n")
+    cmd = ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", "env", "-i",
+           *(f"{k}={v}" for k, v in user.env().items()), *NIXFS.split(), "run", "--lower",
+           str(lower), "--upper", str(upper), "--no-nix", "--", "/usr/bin/python3", "-c", catcher]
+    master, slave = pty.openpty()
+
+    def controlling_tty():
+        os.setsid()
+        import fcntl
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    p = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty)
+    os.close(slave)
+    try:
+        out = b""
+        deadline = time.monotonic() + 20
+        while b"ready" not in out and time.monotonic() < deadline:
+            out += os.read(master, 1024)
+        assert b"ready" in out, out
+        os.write(master, b"\x03")  # ^C: the terminal sends SIGINT to its foreground group
+        assert p.wait(timeout=20) == 128 + signal.SIGINT
+    finally:
+        p.kill()
+        os.close(master)
+    assert codes.read_text() == "[128]", codes.read_text()  # SI_KERNEL only: not passed on
+    wait_none_left(user, timeout=2.0)
