@@ -79,7 +79,8 @@ def test_run_program_from_lower_and_nix_build(user, built_lower):  # noqa: F811
     script = (f"set -e; /nix/store/{busybox.name}/busybox echo from the lower; "
               f"out=$(nix-build {expr} -A app -A app2 --no-out-link | tail -1); "
               "cat $out/bin/app2; nix-store -q --references $out; "
-              f"test ! -e /nix/.nixfs; {NIXFS} status /nix >/dev/null; exit 7")
+              f"test ! -e /nix/.nixfs; {NIXFS} status /nix >/dev/null; {NIXFS} sync /nix; "
+              f"{NIXFS} gc --dry-run /nix 2>&1 >/dev/null | grep -q 'would delete'; exit 7")
     proc = user.nixfs("run", "--lower", lower, "--upper", upper, "--", "sh", "-c", script,
                       env={"NIX_CONFIG": NIX_CONFIG})
     assert proc.returncode == 7, proc.stderr
