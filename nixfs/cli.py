@@ -6,7 +6,7 @@ import sys
 from . import __version__
 from .mount import MountConfig, UsageError, parse_options
 
-COMMANDS = ("mount", "umount", "status", "sync", "unhide", "gc", "promote")
+COMMANDS = ("mount", "umount", "run", "status", "sync", "unhide", "gc", "promote")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,6 +31,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="a plain overlay, even if the lower is a Nix state directory "
                         "(store/ and var/nix/db)")
     m.add_argument("mountpoint")
+
+    r = sub.add_parser("run", help="run COMMAND with nixfs mounted at /nix, as an ordinary "
+                                   "user (in a user and mount namespace of its own)")
+    r.add_argument("--lower", required=True, help="the read-only lower (a Nix directory, "
+                                                  "holding store/ and var/nix/db)")
+    r.add_argument("--upper", required=True, help="the writable upper directory")
+    r.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="mount options, as for nixfs mount")
+    r.add_argument("--debug", action="store_true", help="log every request")
+    r.add_argument("--log", dest="log_file", help="log file (default: UPPER/.nixfs/nixfs.log)")
+    r.add_argument("--no-nix", dest="nix", action="store_false",
+                   help="a plain overlay at /nix, even if the lower is a Nix directory")
+    r.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]")
 
     u = sub.add_parser("umount", help="unmount and wait until everything is on disk")
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
@@ -93,6 +106,19 @@ def _mount(args) -> int:
                       max_nodes=values.get("max_nodes", 200_000),
                       listings=values.get("listings", "best"))
     return mount(cfg)
+
+
+def _run(args) -> int:
+    from .run import RunConfig, run
+    values: dict[str, str] = {}
+    options = set()
+    for text in args.options:
+        options |= parse_options(text, values)
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    cfg = RunConfig(lower=args.lower, upper=args.upper, command=command, options=options,
+                    values=values, nix=args.nix and values.get("nix") != "off",
+                    debug=args.debug, log_file=args.log_file)
+    return run(cfg)
 
 
 def _umount(args) -> int:
@@ -198,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from .nixdb.promote import PromoteError
     from .nixdb.schema import SchemaError
     try:
-        return {"mount": _mount, "umount": _umount, "status": _status, "sync": _sync,
+        return {"mount": _mount, "run": _run, "umount": _umount, "status": _status, "sync": _sync,
                 "unhide": _unhide, "gc": _gc, "promote": _promote}[args.command](args)
     except (UsageError, SchemaError, PromoteError) as e:
         print(f"nixfs: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ import logging.handlers
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ class MountConfig:
     nix: bool = True  # treat a lower holding store/ and var/nix/db as a Nix store
     max_nodes: int = 200_000  # inodes kept before asking the kernel to forget old ones
     listings: str = "best"  # which directory listings the kernel keeps: kernel/fixed/none
+    quiet: bool = False  # no announcement on stdout (nixfs run: stdout is the command's)
+    exit_with_parent: bool = False  # the daemon unmounts when the process that mounted dies
 
     @property
     def readonly(self) -> bool:
@@ -104,6 +107,38 @@ def privileged() -> bool:
         return True
 
 
+def may_mount() -> bool:
+    """Whether this process may call mount(2) itself: root, or the owner of its user and
+    mount namespaces (``nixfs run``), whose effective set has CAP_SYS_ADMIN."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 21 & 1)  # CAP_SYS_ADMIN
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def check_fuse_device(path: str = "/dev/fuse") -> None:
+    """Raise UsageError, saying what to enable, unless *path* is a usable FUSE device."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist: load the fuse module (modprobe fuse), or in a "
+                         "container pass the device in (docker/podman --device /dev/fuse; in "
+                         "Kubernetes a device plugin, or on CRI-O the pod annotation "
+                         "io.kubernetes.cri-o.Devices: /dev/fuse)") from None
+    if not stat.S_ISCHR(st.st_mode) or (os.major(st.st_rdev), os.minor(st.st_rdev)) != (10, 229):
+        raise UsageError(f"{path} is not the FUSE device (character device 10:229): pass the "
+                         "host's /dev/fuse in (docker/podman --device /dev/fuse)")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise UsageError(f"{path} is not accessible to this user: as root run "
+                         "'chmod 666 /dev/fuse' (or add the user to the group that owns it)")
+
+
 def check(cfg: MountConfig) -> None:
     """Raise UsageError for anything that would stop the mount."""
     lower = _check_dir(cfg.lower, "lower", writable=False)
@@ -125,14 +160,8 @@ def check(cfg: MountConfig) -> None:
     for layer, what in ((lower, "lower"), (upper, "upper")):
         if real_mnt != layer and _is_within(real_mnt, layer):
             raise UsageError(f"mountpoint {cfg.mountpoint} is inside the {what} {layer}")
-    if not os.path.exists("/dev/fuse"):
-        raise UsageError("/dev/fuse does not exist: load the fuse module (modprobe fuse), or in a "
-                         "container pass the device in (docker --device /dev/fuse, or a "
-                         "hostPath volume for /dev/fuse in Kubernetes)")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise UsageError("/dev/fuse is not accessible to this user: as root run "
-                         "'chmod 666 /dev/fuse' (or add the user to the group that owns it)")
-    if os.geteuid() != 0:
+    check_fuse_device()
+    if not may_mount():
         if shutil.which("fusermount3") is None:
             raise UsageError("fusermount3 not found: install the fuse3 package "
                              "(apt-get install fuse3); ordinary users mount through it")
@@ -183,19 +212,22 @@ def mount(cfg: MountConfig) -> int:
     nix = is_nix_store(cfg)
 
     def announce():
-        if nix:
+        if nix and not cfg.quiet:
             print(f"nixfs: {cfg.mountpoint} merges the Nix store {cfg.lower}; Nix uses it with "
                   f"{store_uri(cfg.mountpoint)}", flush=True)
 
     if cfg.foreground:
         return serve(cfg, ready_fd=None, on_ready=announce)
     r, w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(r)
         os.setsid()
         code = 1
         try:
+            if cfg.exit_with_parent:
+                _exit_with(parent)
             code = serve(cfg, ready_fd=w)
         finally:
             os._exit(code)
@@ -211,6 +243,15 @@ def mount(cfg: MountConfig) -> int:
         code, message = "1", f"the daemon exited with status {os.waitstatus_to_exitcode(status)}"
     print(f"nixfs: {message}", file=sys.stderr)
     return int(code)
+
+
+def _exit_with(parent: int) -> None:
+    """Get SIGTERM (and so unmount) when *parent* dies: nothing else would end a mount in
+    a namespace whose other processes are gone."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        raise SystemExit(1)
 
 
 def _setup_logging(cfg: MountConfig, log_path: str | None) -> None:
@@ -419,7 +460,7 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
         except control.ControlError:
             pass
     err = errno.EPERM
-    if os.geteuid() == 0:
+    if may_mount():
         for _ in range(20):  # the daemon itself may hold a file there for a moment
             err = _umount2(mnt, _MNT_DETACH if lazy else 0)
             if err != errno.EBUSY:

@@ -76,6 +76,16 @@ def write_record(mountpoint: str, **info) -> None:
     tmp.replace(path)
 
 
+def write_alias(mountpoint: str, info: dict) -> None:
+    """Record the daemon of *info* under another name for its mount: inside ``nixfs run``
+    the mount that its daemon knows by a longer path is ``/nix``."""
+    alias = dict(info, mountpoint=canonical(mountpoint))
+    path = _record_path(mountpoint)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(alias))
+    tmp.replace(path)
+
+
 def read_record(mountpoint: str) -> dict | None:
     """The record of the live daemon serving *mountpoint*, or None."""
     path = _record_path(mountpoint)

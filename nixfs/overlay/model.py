@@ -512,7 +512,17 @@ class Overlay:
         if node is not None:
             if not node.upper and lower_st is not ... and lower_st is not None:
                 return node, lower_st
-            return node, await self._stat(node)
+            try:
+                return node, await self._stat(node)
+            except FileNotFoundError:
+                # An upper object removed behind the mount's back (local-overlay:// deletes
+                # upper copies in the upper layer itself) may uncover a lower one: forget
+                # this name and look again.  Not while a change holds the lock: it may be
+                # between moving the upper object and updating the table.
+                if (not node.upper or self._lock.locked()
+                        or self.inodes.child(parent, name) is not node):
+                    raise
+                self._unlink_node(node, parent, name)
         found = await self._resolve(parent, name, lower_st)
         node = self.inodes.child(parent, name)  # someone may have made it meanwhile
         if node is not None:
@@ -527,6 +537,15 @@ class Overlay:
         if found.upper_st is not None and st.st_nlink > 1 and not node.is_dir:
             self.inodes.register_upper_ino(node, st.st_ino)
         return node, st
+
+    async def _live_child(self, parent: Node, name: bytes, lower_st=...) -> tuple[Node, os.stat_result]:
+        """``_child`` for a node about to be handed to the kernel: never one dropped while
+        it awaited (the kernel may forget a node while it looks the same name up again,
+        e.g. after a revalidation found a new node)."""
+        while True:
+            node, st = await self._child(parent, name, lower_st)
+            if self.inodes.get(node.ino) is node:
+                return node, st
 
     def _new_node(self, parent: Node, name: bytes, kind: int, upper: bool, lower) -> Node:
         node = self.inodes.add(parent, name, kind, upper, lower)
@@ -616,7 +635,7 @@ class Overlay:
         which the kernel may keep."""
         self._check_name(name)
         try:
-            node, st = await self._child(parent, name)
+            node, st = await self._live_child(parent, name)
         except FileNotFoundError:
             if (not parent.upper and parent.lower is DERIVED and parent.is_dir
                     and self.policy.complete(parent.tag) and self._immutable(parent)):
@@ -714,7 +733,7 @@ class Overlay:
                 node = self._new_node(parent, entry.name, stat.S_IFMT(st.st_mode), True, None)
                 return node, self._attr(node, st)
         try:
-            node, st = await self._child(parent, entry.name, entry.lower_st)
+            node, st = await self._live_child(parent, entry.name, entry.lower_st)
         except FileNotFoundError:
             return None
         return node, self._attr(node, st)
