@@ -42,6 +42,12 @@ _PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSY
 INLINE_IO = 64 * 1024
 
 
+def _close_kept_fd(result) -> None:
+    """A late ``read_listing`` result: close the directory it kept open."""
+    if result[1] >= 0:
+        os.close(result[1])
+
+
 def _err(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
@@ -414,7 +420,8 @@ class Overlay:
         try:
             keep = node is not None and ("l", node.ino) not in self.fds
             async with self._lower_fd(parent) as pfd:
-                listing, fd = await self.lower.run(self.lower.layer.read_listing, pfd, name, keep)
+                listing, fd = await self.lower.run(self.lower.layer.read_listing, pfd, name, keep,
+                                                   late=_close_kept_fd)
             if fd >= 0:
                 if node.parent is None or ("l", node.ino) in self.fds:
                     os.close(fd)  # removed meanwhile, or someone else opened it
@@ -746,9 +753,12 @@ class Overlay:
         await self._copy_up(node.parent)
         tmp = self._work_name()
         async with self._lower_fd(node.parent) as lpfd:
+            # (copy_to_work removes its partial copy when it fails; one given up on is
+            # removed when its thread finishes, so a full disk gets its space back.)
             st = await self.lower.run(
                 lambda: copyup.copy_to_work(self.lower.layer, lpfd, node.name, self.work_fd, tmp,
-                                            truncate=truncate, privileged=self.privileged))
+                                            truncate=truncate, privileged=self.privileged),
+                late=lambda _: self.state.discard(tmp))
         try:
             with self._upper_fd(node.parent) as upfd, self._keep_times(upfd), self._writable(upfd):
                 os.rename(tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=upfd)
@@ -977,7 +987,8 @@ class Overlay:
                     fd = os.open(node.name, flags, dir_fd=pfd)
             else:
                 async with self._lower_fd(node.parent) as pfd:
-                    fd = await self.lower.run(lambda: os.open(node.name, flags, dir_fd=pfd))
+                    fd = await self.lower.run(lambda: os.open(node.name, flags, dir_fd=pfd),
+                                              late=os.close)
         except OSError:
             return
         self._orphans[node.ino] = fd
