@@ -214,17 +214,21 @@ class LowerLayer:
         self.calls = layer.calls
         self.limiter = trio.CapacityLimiter(threads)
         self.timeout = timeout
+        # Set when a call was given up on, cleared when any call returns (also one given
+        # up on, finishing late): meanwhile answers known from before may be used.
+        self.out = False
 
     async def run(self, fn, *args, late=None):
         """``fn(*args)`` in a worker thread; EIO after the timeout.  *late* gets the
         result of a call that finishes after it was given up."""
-        box = _Late(late)
+        box = _Late(late, self)
         with trio.move_on_after(self.timeout if self.timeout else float("inf")) as scope:
             return await trio.to_thread.run_sync(box.call, fn, *args, limiter=self.limiter,
                                                  abandon_on_cancel=True)
         assert scope.cancelled_caught
         box.abandon()
         self.calls["timeout"] += 1
+        self.out = True
         raise OSError(errno.EIO, "the lower layer did not answer in time")
 
     async def lstat(self, dirfd, name):
@@ -259,16 +263,20 @@ class _Late:
     """Hands the result of an abandoned call to its *late* callback, exactly once:
     whether the thread finishes before or after the caller gives up."""
 
-    __slots__ = ("late", "lock", "abandoned", "done", "result")
+    __slots__ = ("late", "lower", "lock", "abandoned", "done", "result")
 
-    def __init__(self, late):
+    def __init__(self, late, lower: LowerLayer):
         self.late = late
+        self.lower = lower
         self.lock = threading.Lock()
         self.abandoned = self.done = False
         self.result = None
 
     def call(self, fn, *args):
-        result = fn(*args)
+        try:
+            result = fn(*args)
+        finally:
+            self.lower.out = False  # it answered (a plain store: safe from a thread)
         if self.late is not None:
             with self.lock:
                 if self.abandoned:

@@ -42,6 +42,11 @@ _PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSY
 INLINE_IO = 64 * 1024
 
 
+# Errors that mean "the lower is out" (a stall given up on, a failing or crashed
+# server), not "the object changed".
+_OUTAGE = frozenset((errno.EIO, errno.ETIMEDOUT, errno.ENOTCONN))
+
+
 def _close_kept_fd(result) -> None:
     """A late ``read_listing`` result: close the directory it kept open."""
     if result[1] >= 0:
@@ -232,6 +237,10 @@ class Overlay:
         self._lock = trio.Lock()
         self.data_limiter = trio.CapacityLimiter(8)
         self.copy_ups = 0
+        # The last stat each lower directory's node got: during a lower outage a path walk
+        # through directories already known still works (the kernel revalidates them).
+        self._known_dirs: dict[int, os.stat_result] = {}
+        self.stale_answers = 0
         self.notify = Notifier()
 
     def close(self) -> None:
@@ -253,6 +262,7 @@ class Overlay:
     # ------------------------------------------------------------------ descriptors
 
     def _on_drop(self, node: Node) -> None:
+        self._known_dirs.pop(node.ino, None)
         self.fds.drop(("u", node.ino))
         self.fds.drop(("l", node.ino))
         orphan = self._orphans.pop(node.ino, None)
@@ -581,12 +591,26 @@ class Overlay:
         if node.upper:
             with self._upper_fd(node.parent) as pfd:
                 return self.upper.lstat(pfd, node.name)
-        st = await self._lower_stat(node.parent, node.name)
+        # During a lower outage a directory already known answers with what the lower last
+        # said of it, so path walks through it (the kernel revalidates every ttl) go on.
+        known = self._known_dirs.get(node.ino)
+        if known is not None and self.lower.out:
+            self.stale_answers += 1
+            return known
+        try:
+            st = await self._lower_stat(node.parent, node.name)
+        except OSError as e:
+            if e.errno not in _OUTAGE or known is None:
+                raise
+            self.stale_answers += 1
+            return known
         if st is None:
             raise _err(errno.ENOENT, "gone from the lower")
         return st
 
     def _attr(self, node: Node, st: os.stat_result) -> Attr:
+        if node.kind == stat.S_IFDIR and not node.upper:
+            self._known_dirs[node.ino] = st
         nlink = 1 if node.merged else st.st_nlink
         if self.owner is not None:
             uid, gid = self.owner
