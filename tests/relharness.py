@@ -101,10 +101,10 @@ def status(mnt) -> dict:
     return json.loads(proc.stdout)
 
 
-def errno_of(fn, *args) -> int:
+def errno_of(fn, *args, **kw) -> int:
     """The errno *fn* fails with, 0 if it succeeds."""
     try:
-        fn(*args)
+        fn(*args, **kw)
     except OSError as e:
         return e.errno
     return 0
