@@ -208,7 +208,7 @@ class StoreSync:
         except apsw.Error as e:
             if index is not None:
                 index.close()
-            log.error("the lower index %s is damaged (%s): rebuilding it", self.index_path, e)
+            log.warning("the lower index %s is damaged (%s): rebuilding it", self.index_path, e)
         for suffix in ("", "-wal", "-shm"):
             try:
                 os.unlink(self.index_path + suffix)
