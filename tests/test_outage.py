@@ -3,7 +3,6 @@ nothing else waits, nothing leaks, and the mount recovers when the lower does.""
 
 import errno
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +12,15 @@ from relharness import SlowFs, daemon_pid, errno_of, fd_count, status, synthetic
 
 TIMEOUT = 1.5  # the mount's lower_timeout in these tests
 FAST = 0.5  # what an operation that needs no lower may take, even on a busy machine
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _read(path):
@@ -27,6 +35,7 @@ def _answered_without_lower(mnt, warm, wfile):
                           (_upper_ops, mnt, b"old")):
         err, took, got = timed(fn, arg)
         assert (err, got) == (0, want), fn
+        print(f"{fn.__name__} during the outage: {took:.3f} s")
         assert took < FAST, f"{fn.__name__} took {took:.2f} s while the lower stalls"
 
 
@@ -86,6 +95,7 @@ def _outage(mnt, upper, lower, names, warm, cold, wfile, held):
                 _answered_without_lower(mnt, warm, wfile)  # meanwhile
                 assert not any(f.done() for f in waiting)
                 results = [f.result() for f in waiting]
+            print("stalled lookups (errno, s):", [(e, round(t, 2)) for e, t, _ in results])
             for err, took, _ in results:
                 assert err == errno.EIO
                 # (a revalidation of data/dN, if the kernel's 1 s ttl ran out, may wait
@@ -101,6 +111,7 @@ def _outage(mnt, upper, lower, names, warm, cold, wfile, held):
             # An error from the lower (rather than silence) is passed on at once.
             lower.mode("eio")
             err, took, _ = timed(os.stat, mnt / "store" / names[7])
+            print(f"lookup with an eio lower: {took:.3f} s")
             assert err == errno.EIO and took < FAST + 0.5
         finally:
             lower.mode("normal")
@@ -141,3 +152,35 @@ def test_lower_timeout_option_is_checked(tmp_path):
                          f"lower_timeout={bad}", tmp_path / "m")
         assert proc.returncode == 2
         assert "lower_timeout must be a number of seconds" in proc.stderr, proc.stderr
+
+
+@needs_root
+def test_unmount_while_the_lower_stalls(tmp_path):
+    """An unmount does not wait for the store database worker stuck on a lower that
+    does not answer.  (A daemon thread stuck in a request a FUSE lower already took
+    cannot be interrupted, so the daemon's own calls are not stalled here: see
+    docs/reliability.md.)"""
+    src = tmp_path / "src"
+    names = [n for n in synthetic_store(src / "nix") if not n.endswith(".drv")]
+    slow, upper, mnt = tmp_path / "slow", tmp_path / "upper", tmp_path / "M/nix"
+    upper.mkdir()
+    mnt.mkdir(parents=True)
+    with SlowFs(src, slow) as lower:
+        m = NixfsMount(slow / "nix", upper, mnt, f"lower_timeout={TIMEOUT}").start()
+        try:
+            (mnt / "mine").write_bytes(b"upper data\n")
+            pid = daemon_pid(mnt)
+            lower.mode("stall")
+            time.sleep(1.0)  # the store database worker polls the lower: now it is stuck
+            assert (mnt / "mine").read_bytes() == b"upper data\n"
+            start = time.monotonic()
+            proc = run_nixfs("umount", mnt, timeout=120)
+            took = time.monotonic() - start
+            assert proc.returncode == 0, proc.stderr
+            assert not os.path.ismount(mnt) and _exited(pid)
+            print(f"umount while the lower stalls: {took:.1f} s")
+            assert took < 45, took  # pausing the worker, asking it to quit, killing it
+        finally:
+            lower.mode("normal")
+            m.stop()
+    assert (upper / "mine").read_bytes() == b"upper data\n"
