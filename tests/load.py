@@ -128,8 +128,8 @@ class Client:
         self.counter += 1
         src = self.tmp / f"added-{self.index}-{self.counter}"
         src.write_bytes(data)
-        proc = subprocess.run(["nix-store", "--store", f"local?root={self.root}", "--add", str(src)],
-                              capture_output=True, text=True, env=_nix_env())
+        proc = subprocess.run(["nix-store", "--store", f"local?root={self.root}", "--add",
+                               str(src)], capture_output=True, text=True, env=_nix_env())
         if proc.returncode != 0:
             raise RuntimeError(f"nix-store --add: {proc.stderr.strip()[-300:]}")
         self.added.append((proc.stdout.strip(), data))

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from conftest import needs_root
 from harness import NixfsMount, run_nixfs
-from relharness import SlowFs, daemon_pid, errno_of, fd_count, status, synthetic_store, timed
+from relharness import SlowFs, daemon_pid, fd_count, status, synthetic_store, timed
 
 TIMEOUT = 1.5  # the mount's lower_timeout in these tests
 FAST = 0.5  # what an operation that needs no lower may take, even on a busy machine

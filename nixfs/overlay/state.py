@@ -138,6 +138,6 @@ def _ensure_dir(dirfd: int, name: bytes, mode: int, label: bytes | None = None) 
         return os.open(name, O_DIR, dir_fd=dirfd)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise StateError(f"{(label or name).decode()} in the upper is not a directory (a symlink or a "
-                             "file?): refusing to use it; remove it") from None
+            raise StateError(f"{(label or name).decode()} in the upper is not a directory "
+                             "(a symlink or a file?): refusing to use it; remove it") from None
         raise
