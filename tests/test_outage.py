@@ -12,6 +12,7 @@ from relharness import SlowFs, daemon_pid, fd_count, status, synthetic_store, ti
 
 TIMEOUT = 1.5  # the mount's lower_timeout in these tests
 FAST = 0.5  # what an operation that needs no lower may take, even on a busy machine
+STALLED = 10  # lookups stuck at once: more than the lower's 8 threads
 
 
 def _exited(pid: int) -> bool:
@@ -55,7 +56,7 @@ def test_lower_stall_fails_with_eio_and_recovers(tmp_path):
     names = [n for n in synthetic_store(src / "nix") if not n.endswith(".drv")]
     (src / "nix/data").mkdir()
     (src / "nix/data/file").write_bytes(b"lower data\n")
-    for i in range(5):
+    for i in range(STALLED):
         (src / f"nix/data/d{i}").mkdir()
         (src / f"nix/data/d{i}/f").write_bytes(b"f\n")
     warm, cold = names[0], names[1:6]
@@ -68,7 +69,7 @@ def test_lower_stall_fails_with_eio_and_recovers(tmp_path):
         wfile = mnt / "store" / warm / "bin" / warm
         assert _read(wfile) == warm.encode() * 3  # its listing is now kept by nixfs
         assert os.stat(mnt / "data/file").st_size == 11
-        for i in range(5):
+        for i in range(STALLED):
             os.stat(mnt / f"data/d{i}")  # known directories; what they hold is not
         held = os.open(mnt / "data/file", os.O_RDONLY)  # a lower handle, for a copy-up
         try:
@@ -88,7 +89,7 @@ def _outage(mnt, upper, lower, names, warm, cold, wfile, held):
         try:
             # Lookups that need the lower, each in its own directory (the kernel queues
             # lookups in one directory behind each other: see docs/reliability.md).
-            stalled = [mnt / f"data/d{i}/f" for i in range(5)]
+            stalled = [mnt / f"data/d{i}/f" for i in range(STALLED)]
             with ThreadPoolExecutor(len(stalled)) as pool:
                 waiting = [pool.submit(timed, os.stat, p) for p in stalled]
                 time.sleep(0.2)
