@@ -140,7 +140,17 @@ def test_fifos_and_devices_in_the_lower(tmp_path, upper, mnt):
     os.mkfifo(lower / "fifo")
     os.mknod(lower / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     os.mknod(lower / "blk", 0o600 | stat.S_IFBLK, os.makedev(7, 250))
+    os.mknod(lower / "zero", 0o600 | stat.S_IFCHR, 0)  # a whiteout, in overlayfs' format
+    (lower / "d").mkdir()
+    os.mknod(lower / "d/zero", 0o600 | stat.S_IFCHR, 0)
     with NixfsMount(lower, upper, mnt, extra_args=["--no-nix"]):
+        # Whiteout devices are hidden, as kernel overlayfs hides them in any layer (shown,
+        # a copy-up would have made a whiteout of the upper: the name would vanish).
+        assert sorted(os.listdir(mnt)) == ["blk", "d", "fifo", "null"]
+        assert errno_of(os.lstat, mnt / "zero") == errno.ENOENT
+        os.rmdir(mnt / "d")  # empty, as far as the merged view goes
+        (mnt / "zero").write_bytes(b"a new file\n")
+        assert (mnt / "zero").read_bytes() == b"a new file\n"
         assert stat.S_ISFIFO(os.lstat(mnt / "fifo").st_mode)
         assert os.lstat(mnt / "null").st_rdev == os.makedev(1, 3)
         assert stat.S_ISBLK(os.lstat(mnt / "blk").st_mode)

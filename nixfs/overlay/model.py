@@ -389,6 +389,13 @@ class Overlay:
         return parent.tag is None or self.policy.lower_visible(parent.tag, name)
 
     async def _lower_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
+        """The lower entry's stat; None if there is none, or it is a whiteout device
+        (hidden, as kernel overlayfs hides whiteouts in any layer: shown, a copy-up
+        would turn it into a whiteout of the upper and the name would vanish)."""
+        st = await self._lower_entry_stat(parent, name)
+        return None if st is None or fmt.is_kernel_whiteout(st) else st
+
+    async def _lower_entry_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
         if parent.lower is None or not self._lower_visible(parent, name):
             return None
         listing = await self._node_listing(parent)
@@ -674,7 +681,8 @@ class Overlay:
         kept = await self._node_listing(node) if node.lower is not None else None
         if kept is not None:
             for name, st in kept.entries.items():
-                if name == b"." or name in hidden or self._hidden_name(node, name):
+                if name == b"." or name in hidden or self._hidden_name(node, name) \
+                        or fmt.is_kernel_whiteout(st):
                     continue
                 if name in entries:
                     entries[name].lower_st = st
@@ -694,11 +702,18 @@ class Overlay:
                     elif with_stats:
                         lower = await self.lower.run(self.lower.layer.scan_stats, fd)
                     else:
-                        lower = [(n, None) for n, _ in await self.lower.scandir(fd)]
+                        listed = await self.lower.scandir(fd)
+                        # Whiteout devices are hidden: stat what is not plainly a file,
+                        # a directory or a symlink (rare: devices, FIFOs, sockets).
+                        odd = [n for n, kind in listed if kind == 0]
+                        odd_st = dict(await self.lower.run(self.lower.layer.stat_names, fd, odd)
+                                      if odd else [])
+                        lower = [(n, odd_st.get(n)) for n, kind in listed if kind or n in odd_st]
             except (FileNotFoundError, NotADirectoryError):
                 lower = []  # a redirect whose lower directory is gone
             for name, st in lower:
-                if name in hidden or self._hidden_name(node, name):
+                if name in hidden or self._hidden_name(node, name) or (
+                        st is not None and fmt.is_kernel_whiteout(st)):
                     continue
                 if names is None and not self._lower_visible(node, name):
                     continue  # (names from the policy are visible by definition)
