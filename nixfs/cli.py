@@ -104,7 +104,8 @@ def _mount(args) -> int:
                       foreground=args.foreground, debug=args.debug, log_file=args.log_file,
                       ttl=values.get("ttl", 1.0), nix=args.nix and values.get("nix") != "off",
                       max_nodes=values.get("max_nodes", 200_000),
-                      listings=values.get("listings", "best"))
+                      listings=values.get("listings", "best"),
+                      lower_timeout=values.get("lower_timeout", 30.0))
     return mount(cfg)
 
 

@@ -55,6 +55,9 @@ class MountConfig:
     listings: str = "best"  # which directory listings the kernel keeps: kernel/fixed/none
     quiet: bool = False  # no announcement on stdout (nixfs run: stdout is the command's)
     exit_with_parent: bool = False  # the daemon unmounts when the process that mounted dies
+    # Seconds a lower call may take before it fails with EIO (a hung NFS server must not
+    # hang the mount); 0 waits forever.
+    lower_timeout: float = 30.0
 
     @property
     def readonly(self) -> bool:
@@ -66,7 +69,7 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
     out = set()
     for opt in filter(None, (o.strip() for o in text.split(","))):
         key, _, value = opt.partition("=")
-        if key in ("lowerdir", "upperdir", "ttl", "nix", "max_nodes", "listings"):
+        if key in ("lowerdir", "upperdir", "ttl", "nix", "max_nodes", "listings", "lower_timeout"):
             cfg_values[key] = value
         elif opt in FUSE_OPTIONS:
             out.add(opt)
@@ -172,6 +175,13 @@ def check(cfg: MountConfig) -> None:
         cfg.ttl = float(cfg.ttl)
     except ValueError:
         raise UsageError(f"ttl must be a number of seconds, not {cfg.ttl!r}") from None
+    try:
+        cfg.lower_timeout = float(cfg.lower_timeout)
+        if not cfg.lower_timeout >= 0 or cfg.lower_timeout == float("inf"):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"lower_timeout must be a number of seconds (0: wait forever), not "
+                         f"{cfg.lower_timeout!r}") from None
     if cfg.listings not in ("best", "kernel", "fixed", "none"):
         raise UsageError(f"listings must be kernel, fixed or none, not {cfg.listings!r}")
     try:
@@ -254,6 +264,15 @@ def _exit_with(parent: int) -> None:
         raise SystemExit(1)
 
 
+class _NoFollowFileHandler(logging.handlers.RotatingFileHandler):
+    """The log is in the upper, which its owner controls: a symlink planted at its name
+    must not make a root daemon append to whatever it points at."""
+
+    def _open(self):
+        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
+                    opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o644))
+
+
 def _setup_logging(cfg: MountConfig, log_path: str | None) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
@@ -262,7 +281,7 @@ def _setup_logging(cfg: MountConfig, log_path: str | None) -> None:
     if log_path is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=8 << 20, backupCount=2)
+        handler = _NoFollowFileHandler(log_path, maxBytes=8 << 20, backupCount=2)
     handler.setFormatter(fmt)
     root.handlers[:] = [handler]
 
@@ -288,7 +307,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .nixdb.worker import SyncWorker
     from .overlay import Overlay
     from .overlay.dircache import ListingStore
-    from .overlay.state import UpperInUse
+    from .overlay.state import StateError, UpperInUse
 
     def report(message: str, code: int = 0) -> int:
         """Tell the waiting parent how the start went; return *code*."""
@@ -304,9 +323,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     owner = None if privileged() else (os.geteuid(), os.getegid())
     try:
         overlay = Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
-                          readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes)
+                          readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
+                          lower_timeout=cfg.lower_timeout or None)
         overlay.state.lock()
-    except UpperInUse as e:
+    except (UpperInUse, StateError) as e:
         return report(str(e), 2)
     except OSError as e:
         return report(f"cannot open the layers: {e}", 1)

@@ -39,7 +39,9 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
         "pid": os.getpid(), "uptime_s": round(time.time() - started, 1),
         "fuse_requests": dict(ops.requests), "errors": ops.errors,
         "lower_calls": dict(lower.calls), "upper_calls": dict(upper.calls),
-        "copy_ups": overlay.copy_ups, "nodes": len(overlay.inodes), "nodes_trimmed": overlay.trims,
+        "lower_timeout_s": overlay.lower.timeout or 0,
+        "copy_ups": overlay.copy_ups, "stale_answers": overlay.stale_answers,
+        "nodes": len(overlay.inodes), "nodes_trimmed": overlay.trims,
         "rss_bytes": _rss(),
         "open_dir_fds": len(overlay.fds), "shared_lower_files": len(overlay.lower_files),
         "cache": {"hits": overlay.dircache.hits, "misses": overlay.dircache.misses,
@@ -81,7 +83,8 @@ def render(s: dict) -> str:
              f"  FUSE requests {sum(s['fuse_requests'].values())}, errors {s['errors']}, "
              f"copy-ups {s['copy_ups']}, nodes {s['nodes']}, memory {_human(s['rss_bytes'])}",
              "  lower calls " + (", ".join(f"{k} {v}" for k, v in sorted(s["lower_calls"].items()))
-                                 or "none"),
+                                 or "none")
+             + (f" (timeout {s['lower_timeout_s']} s)" if s.get("lower_timeout_s") else ""),
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "
              f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"]
     if "nix" in s:

@@ -152,8 +152,11 @@ class StoreService:
             await trio.sleep(0.05)
         self._paused_until = trio.current_time() + seconds
         self._wake.set()
-        while self._busy:
-            await trio.sleep(0.01)
+        # Not longer than the pause: a round stuck on a hung lower must not hang the
+        # unmount (which then goes on, or says the mount is busy).
+        with trio.move_on_after(seconds):
+            while self._busy:
+                await trio.sleep(0.01)
 
     async def step(self, force: bool = False) -> None:
         """One round: hide what was removed through the mount, then follow the lower."""

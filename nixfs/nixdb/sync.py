@@ -167,7 +167,8 @@ class StoreSync:
         """
         version = read_schema_version(self.lower_db_dir)
         if os.path.exists(self.index_path):
-            self.index = LowerIndex(self.index_path)
+            self.index = self._open_index()
+        if self.index is not None:
             if self.index.get("durable", 1) == 0 and not self._intact():
                 log.error("the merged database of an interrupted first mount is damaged: rebuilding")
                 with self.index.conn:
@@ -179,13 +180,41 @@ class StoreSync:
                                       "remove the upper's var/nix/db to rebuild the merged one")
                 db = MergedDb(open_db(self.merged_db))
                 try:
-                    self.apply(db, self.read_changes())
+                    changes = self.read_changes()
+                except (SnapshotError, apsw.Error, OSError) as e:
+                    # The merged database is whole: serve it as it is; following the
+                    # lower keeps failing visibly (log, nixfs status) until it is readable.
+                    log.error("cannot read the lower store's database (%s): mounting with the "
+                              "merged database as it was", e)
+                    changes = None
+                try:
+                    if changes is not None:
+                        self.apply(db, changes)
                 finally:
                     db.close()
                 return
             self.index.close()
             self.index = None
         self.build(version)
+
+    def _open_index(self) -> LowerIndex | None:
+        """The private index, or None (rebuilt from the lower) if it is damaged: it holds
+        nothing that cannot be made again, and a rebuild adopts the upper's own rows."""
+        index = None
+        try:
+            index = LowerIndex(self.index_path)
+            index.get("state")
+            return index
+        except apsw.Error as e:
+            if index is not None:
+                index.close()
+            log.warning("the lower index %s is damaged (%s): rebuilding it", self.index_path, e)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(self.index_path + suffix)
+            except FileNotFoundError:
+                pass
+        return None
 
     def build(self, version: int) -> None:
         """First mount: clone the lower database and index it.

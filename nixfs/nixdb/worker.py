@@ -71,7 +71,11 @@ class SyncWorker:
         return value
 
     async def call(self, op: str, *args):
-        return await trio.to_thread.run_sync(self._call, op, args, limiter=self.limiter)
+        # Cancellable, so a request stuck on a hung lower never keeps the daemon from
+        # shutting down (stop() then kills the worker).  The abandoned thread keeps the
+        # limiter until it has read its answer, so the next request never gets it.
+        return await trio.to_thread.run_sync(self._call, op, args, limiter=self.limiter,
+                                             abandon_on_cancel=True)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -83,7 +87,13 @@ class SyncWorker:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    # Stuck in a request a (FUSE) lower already has: it ends when the
+                    # lower answers.  The daemon need not wait for that.
+                    log.warning("the database worker (pid %d) waits on the lower; leaving it",
+                                self.proc.pid)
         if self.proc is not None:
             self._send.close()
             self._recv.close()

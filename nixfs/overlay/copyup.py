@@ -15,6 +15,7 @@ import os
 import stat
 
 from .layers import Layer
+from .state import remove_tree
 from .upperformat import is_overlay_xattr
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,23 @@ _NO_FAST_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errn
 
 def copy_to_work(lower: Layer, dirfd: int, name: bytes, work_fd: int, tmp: bytes, *,
                  truncate: bool, privileged: bool) -> os.stat_result:
-    """Build a copy of lower ``dirfd/name`` at ``work_fd/tmp``; return the lower stat."""
+    """Build a copy of lower ``dirfd/name`` at ``work_fd/tmp``; return the lower stat.
+
+    On failure (ENOSPC on a full upper, EIO from the lower) the partial copy is
+    removed at once: it would otherwise hold the space a full disk needs back."""
+    try:
+        return _copy_to_work(lower, dirfd, name, work_fd, tmp, truncate=truncate,
+                             privileged=privileged)
+    except BaseException:
+        try:
+            remove_tree(work_fd, tmp)
+        except OSError as e:
+            log.warning("removing the partial copy %r: %s", tmp, e)
+        raise
+
+
+def _copy_to_work(lower: Layer, dirfd: int, name: bytes, work_fd: int, tmp: bytes, *,
+                  truncate: bool, privileged: bool) -> os.stat_result:
     st = lower.lstat(dirfd, name)
     mode = st.st_mode
     if stat.S_ISREG(mode):

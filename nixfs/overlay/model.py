@@ -42,6 +42,17 @@ _PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSY
 INLINE_IO = 64 * 1024
 
 
+# Errors that mean "the lower is out" (a stall given up on, a failing or crashed
+# server), not "the object changed".
+_OUTAGE = frozenset((errno.EIO, errno.ETIMEDOUT, errno.ENOTCONN))
+
+
+def _close_kept_fd(result) -> None:
+    """A late ``read_listing`` result: close the directory it kept open."""
+    if result[1] >= 0:
+        os.close(result[1])
+
+
 def _err(code: int, what: str = "") -> OSError:
     return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
 
@@ -230,6 +241,10 @@ class Overlay:
         self._lock = trio.Lock()
         self.data_limiter = trio.CapacityLimiter(8)
         self.copy_ups = 0
+        # The last stat each lower directory's node got: during a lower outage a path walk
+        # through directories already known still works (the kernel revalidates them).
+        self._known_dirs: dict[int, os.stat_result] = {}
+        self.stale_answers = 0
         self.notify = Notifier()
 
     def close(self) -> None:
@@ -251,6 +266,7 @@ class Overlay:
     # ------------------------------------------------------------------ descriptors
 
     def _on_drop(self, node: Node) -> None:
+        self._known_dirs.pop(node.ino, None)
         self.fds.drop(("u", node.ino))
         self.fds.drop(("l", node.ino))
         orphan = self._orphans.pop(node.ino, None)
@@ -377,6 +393,13 @@ class Overlay:
         return parent.tag is None or self.policy.lower_visible(parent.tag, name)
 
     async def _lower_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
+        """The lower entry's stat; None if there is none, or it is a whiteout device
+        (hidden, as kernel overlayfs hides whiteouts in any layer: shown, a copy-up
+        would turn it into a whiteout of the upper and the name would vanish)."""
+        st = await self._lower_entry_stat(parent, name)
+        return None if st is None or fmt.is_kernel_whiteout(st) else st
+
+    async def _lower_entry_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
         if parent.lower is None or not self._lower_visible(parent, name):
             return None
         listing = await self._node_listing(parent)
@@ -419,7 +442,8 @@ class Overlay:
             keep = node is not None and ("l", node.ino) not in self.fds
             async with self._lower_fd(parent) as pfd:
                 listings, fd = await self.lower.run(self.lower.layer.read_listing, pfd, name,
-                                                    keep, self.prefetch_entries)
+                                                    keep, self.prefetch_entries,
+                                                    late=_close_kept_fd)
             if fd >= 0:
                 if node.parent is None or ("l", node.ino) in self.fds:
                     os.close(fd)  # removed meanwhile, or someone else opened it
@@ -603,12 +627,26 @@ class Overlay:
         if node.upper:
             with self._upper_fd(node.parent) as pfd:
                 return self.upper.lstat(pfd, node.name)
-        st = await self._lower_stat(node.parent, node.name)
+        # During a lower outage a directory already known answers with what the lower last
+        # said of it, so path walks through it (the kernel revalidates every ttl) go on.
+        known = self._known_dirs.get(node.ino)
+        if known is not None and self.lower.out:
+            self.stale_answers += 1
+            return known
+        try:
+            st = await self._lower_stat(node.parent, node.name)
+        except OSError as e:
+            if e.errno not in _OUTAGE or known is None:
+                raise
+            self.stale_answers += 1
+            return known
         if st is None:
             raise _err(errno.ENOENT, "gone from the lower")
         return st
 
     def _attr(self, node: Node, st: os.stat_result) -> Attr:
+        if node.kind == stat.S_IFDIR and not node.upper:
+            self._known_dirs[node.ino] = st
         nlink = 1 if node.merged else st.st_nlink
         if self.owner is not None:
             uid, gid = self.owner
@@ -672,7 +710,8 @@ class Overlay:
         kept = await self._node_listing(node) if node.lower is not None else None
         if kept is not None:
             for name, st in kept.stats():
-                if name == b"." or name in hidden or self._hidden_name(node, name):
+                if name == b"." or name in hidden or self._hidden_name(node, name) \
+                        or fmt.is_kernel_whiteout(st):
                     continue
                 if name in entries:
                     entries[name].lower_st = st
@@ -692,11 +731,18 @@ class Overlay:
                     elif with_stats:
                         lower = await self.lower.run(self.lower.layer.scan_stats, fd)
                     else:
-                        lower = [(n, None) for n, _ in await self.lower.scandir(fd)]
+                        listed = await self.lower.scandir(fd)
+                        # Whiteout devices are hidden: stat what is not plainly a file,
+                        # a directory or a symlink (rare: devices, FIFOs, sockets).
+                        odd = [n for n, kind in listed if kind == 0]
+                        odd_st = dict(await self.lower.run(self.lower.layer.stat_names, fd, odd)
+                                      if odd else [])
+                        lower = [(n, odd_st.get(n)) for n, kind in listed if kind or n in odd_st]
             except (FileNotFoundError, NotADirectoryError):
                 lower = []  # a redirect whose lower directory is gone
             for name, st in lower:
-                if name in hidden or self._hidden_name(node, name):
+                if name in hidden or self._hidden_name(node, name) or (
+                        st is not None and fmt.is_kernel_whiteout(st)):
                     continue
                 if names is None and not self._lower_visible(node, name):
                     continue  # (names from the policy are visible by definition)
@@ -775,9 +821,12 @@ class Overlay:
         await self._copy_up(node.parent)
         tmp = self._work_name()
         async with self._lower_fd(node.parent) as lpfd:
+            # (copy_to_work removes its partial copy when it fails; one given up on is
+            # removed when its thread finishes, so a full disk gets its space back.)
             st = await self.lower.run(
                 lambda: copyup.copy_to_work(self.lower.layer, lpfd, node.name, self.work_fd, tmp,
-                                            truncate=truncate, privileged=self.privileged))
+                                            truncate=truncate, privileged=self.privileged),
+                late=lambda _: self.state.discard(tmp))
         try:
             with self._upper_fd(node.parent) as upfd, self._keep_times(upfd), self._writable(upfd):
                 os.rename(tmp, node.name, src_dir_fd=self.work_fd, dst_dir_fd=upfd)
@@ -1006,7 +1055,8 @@ class Overlay:
                     fd = os.open(node.name, flags, dir_fd=pfd)
             else:
                 async with self._lower_fd(node.parent) as pfd:
-                    fd = await self.lower.run(lambda: os.open(node.name, flags, dir_fd=pfd))
+                    fd = await self.lower.run(lambda: os.open(node.name, flags, dir_fd=pfd),
+                                              late=os.close)
         except OSError:
             return
         self._orphans[node.ino] = fd

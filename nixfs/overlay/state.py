@@ -21,16 +21,53 @@ class UpperInUse(Exception):
     """Another nixfs daemon has this upper mounted."""
 
 
+class StateError(Exception):
+    """``UPPER/.nixfs`` is damaged or foreign: the mount is refused with this message
+    rather than guessing (nothing in the upper is changed)."""
+
+
+# Files of the state folder nixfs opens by name: a symlink there (planted in a user's
+# upper for a root daemon) would make nixfs write wherever it points.
+_OWN_FILES = (b"lock", b"format", b"nixfs.log")
+
+
 class UpperState:
     def __init__(self, upper_fd: int):
         self.fd = _ensure_dir(upper_fd, STATE_DIR, 0o700)
-        self.work_fd = _ensure_dir(self.fd, b"work", 0o700)
-        self._lock_fd: int | None = None
         try:
-            os.stat(b"format", dir_fd=self.fd)
-        except FileNotFoundError:
-            fd = os.open(b"format", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
-            os.write(fd, FORMAT_VERSION)
+            self.work_fd = _ensure_dir(self.fd, b"work", 0o700, STATE_DIR + b"/work")
+            self._lock_fd: int | None = None
+            self._check_files()
+            self._check_format()
+        except BaseException:
+            if hasattr(self, "work_fd"):
+                os.close(self.work_fd)
+            os.close(self.fd)
+            raise
+
+    def _check_files(self) -> None:
+        for name in _OWN_FILES:
+            try:
+                st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise StateError(f"{STATE_DIR.decode()}/{name.decode()} in the upper is not a "
+                                 "regular file (a symlink?): refusing to use it; remove it")
+
+    def _check_format(self) -> None:
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(b"format", flags, 0o644, dir_fd=self.fd)
+        try:
+            version = os.pread(fd, 64, 0)
+            if not version.strip():  # new, or a crash right after creating it
+                os.pwrite(fd, FORMAT_VERSION, 0)
+            elif version != FORMAT_VERSION:
+                shown = version[:20].decode(errors="replace").strip()
+                raise StateError(f"the upper's format is {shown!r} ({STATE_DIR.decode()}/format), "
+                                 f"this nixfs knows {FORMAT_VERSION.decode().strip()!r}: a newer "
+                                 "nixfs made it, or the file is damaged")
+        finally:
             os.close(fd)
 
     def close(self) -> None:
@@ -40,7 +77,8 @@ class UpperState:
 
     def lock(self) -> None:
         """Take the upper for this process; UpperInUse if another daemon has it."""
-        fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+        fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -91,7 +129,7 @@ def remove_tree(dirfd: int, name: bytes) -> None:
     os.rmdir(name, dir_fd=dirfd)
 
 
-def _ensure_dir(dirfd: int, name: bytes, mode: int) -> int:
+def _ensure_dir(dirfd: int, name: bytes, mode: int, label: bytes | None = None) -> int:
     try:
         os.mkdir(name, mode, dir_fd=dirfd)
     except FileExistsError:
@@ -100,5 +138,6 @@ def _ensure_dir(dirfd: int, name: bytes, mode: int) -> int:
         return os.open(name, O_DIR, dir_fd=dirfd)
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise OSError(e.errno, f"{name.decode()} in the upper is not a directory") from None
+            raise StateError(f"{(label or name).decode()} in the upper is not a directory "
+                             "(a symlink or a file?): refusing to use it; remove it") from None
         raise
