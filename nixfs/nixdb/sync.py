@@ -180,6 +180,7 @@ class StoreSync:
                 db = MergedDb(open_db(self.merged_db))
                 try:
                     self.apply(db, self.read_changes())
+                    self._hide_pending(db)
                 finally:
                     db.close()
                 return
@@ -249,6 +250,17 @@ class StoreSync:
         log.info("built the merged database: %d lower paths, %d upper paths adopted in %.1f s "
                  "(clone %.1f s, index %.1f s)", count, adopted, time.monotonic() - t0,
                  t_clone - t0, t_index - t_clone)
+
+    def _hide_pending(self, db: MergedDb) -> None:
+        """Lower paths removed through the mount whose removal from the database a crash
+        cut short: the whiteout is on disk, but the daemon queued the database change in
+        memory.  Without this Nix would trust a path whose files are hidden."""
+        pending = {n for n in self.upper_store.hidden_names()
+                   if self.index.shown(n) and not self.upper_store.has(n)}
+        if pending:
+            log.warning("%d lower paths removed through the mount before a crash leave the "
+                        "database now", len(pending))
+            self.hide(db, pending)
 
     def unfinished(self) -> bool:
         return (self.index.get("durable", 1) == 0 or
