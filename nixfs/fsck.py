@@ -44,7 +44,9 @@ class Progress:
         if now - self.start < self.delay:
             return
         if self.tty:
-            self._show(phase, count)
+            if now - self.last_line >= 0.1:
+                self.last_line = now
+                self._show(phase, count)
         elif now - self.last_line >= self.every:
             self.last_line = now
             print(f"nixfs fsck: {count} {phase} checked...", file=sys.stderr, flush=True)

@@ -154,7 +154,7 @@ class TreeCheck:
         while stack:
             ufd, rel, cand, eff = stack.pop()
             try:
-                stack.extend(self._entries(ufd, rel, cand, eff))
+                stack.extend(reversed(self._entries(ufd, rel, cand, eff)))  # in name order
             finally:
                 for fd in {ufd, cand, eff} - {None}:
                     os.close(fd)
