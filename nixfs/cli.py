@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     from .nixdb.schema import SchemaError
     try:
         return {"mount": _mount, "umount": _umount, "status": _status, "sync": _sync,
-                "unhide": _unhide, "gc": _gc, "promote": _promote, "fsck": _fsck}[args.command](args)
+                "unhide": _unhide, "gc": _gc, "promote": _promote,
+                "fsck": _fsck}[args.command](args)
     except (UsageError, SchemaError, PromoteError) as e:
         print(f"nixfs: {e}", file=sys.stderr)
         return 2

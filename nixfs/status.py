@@ -52,7 +52,8 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
     cache = out["cache"]
     asked = cache["hits"] + cache["loaded_from_disk"] + cache["misses"]
     # Answered without a lower call (memory or the on-disk copy), of every cacheable listing asked.
-    cache["hit_ratio"] = round((cache["hits"] + cache["loaded_from_disk"]) / asked, 3) if asked else None
+    cache["hit_ratio"] = (round((cache["hits"] + cache["loaded_from_disk"]) / asked, 3)
+                          if asked else None)
     if service is not None:
         from .nixdb.merged import db_size
         index = overlay.policy.index

@@ -31,7 +31,7 @@ def test_crash_loop_long(tmp_path, built_lower):  # noqa: F811
     _loop(tmp_path, built_lower, rounds=400, seed=2)
 
 
-def test_lower_path_removed_just_before_a_crash_leaves_the_database(tmp_path, built_lower):  # noqa: F811
+def test_lower_path_removed_just_before_a_crash_leaves_the_db(tmp_path, built_lower):  # noqa: F811
     """The whiteout of `rm -rf MNT/store/P` is on disk, its database change was queued in
     the daemon's memory when it died: the next mount makes P (and what refers to it)
     invalid, so Nix never trusts a path whose files are hidden."""

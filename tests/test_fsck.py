@@ -5,11 +5,12 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
 
 import pytest
 from conftest import needs_root
 from harness import NixfsMount, run_nixfs, snapshot
-from nixstore import nix, nix_build
+from nixstore import nix_build
 from test_nixstore import Store, built_lower  # noqa: F401 (fixture)
 
 WH = ".wh."
@@ -231,7 +232,6 @@ def _valid(store) -> set:
 
 
 def subprocess_cp(src, dst):
-    import subprocess
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
 
 
@@ -261,4 +261,3 @@ def test_damaged_index_is_rebuilt_and_a_corrupt_database_is_reported(store):
     for args in ((), ("--repair",)):
         code, report, proc = fsck(store.lower, store.upper, *args)
         assert code == 4 and "db-integrity" in kinds(report), proc.stdout
-    assert nix  # (imported for the fixture's module)

@@ -19,7 +19,7 @@ import stat
 
 import apsw
 
-from ..fsckreport import DAMAGE, HARMLESS, NOTE, Report
+from ..fsckreport import HARMLESS, NOTE, Report
 from . import upperformat as fmt
 from .layers import O_DIR, O_DIR_PATH
 from .state import FORMAT_VERSION, remove_tree
@@ -27,7 +27,6 @@ from .state import FORMAT_VERSION, remove_tree
 REDIRECT_TMP = fmt.REDIRECT_MARKER + b".tmp"
 GCROOT_TMP = b".nixfs-tmp"  # nixdb/gcroot.py writes the root's store file under this suffix
 CACHES = (b"listings.sqlite",)  # pure caches: a damaged one is deleted and refetched
-STATE_FILES = {b"work", b"lock", b"format", b"lower-index.sqlite", b"listings.sqlite"}
 
 
 @contextlib.contextmanager
@@ -87,7 +86,7 @@ def _open_lower(dirfd: int | None, name: bytes) -> int | None:
         return None
     try:
         return os.open(name, O_DIR_PATH, dir_fd=dirfd)
-    except (FileNotFoundError, NotADirectoryError, OSError):
+    except OSError:  # missing, not a directory, a symlink (ELOOP), unreadable
         return None
 
 
@@ -188,7 +187,8 @@ class TreeCheck:
                 continue
             if name in (fmt.OPAQUE_MARKER, fmt.REDIRECT_MARKER):
                 continue  # the opaque marker is checked above, a redirect by its parent
-            if name == REDIRECT_TMP or (self.nix and rel == b"/store" and name.endswith(GCROOT_TMP)):
+            in_store = self.nix and rel == b"/store"
+            if name == REDIRECT_TMP or (in_store and name.endswith(GCROOT_TMP)):
                 report.add("stray-temporary", path, "a temporary file of an interrupted write",
                            fix=_remove(ufd, name))
                 continue
