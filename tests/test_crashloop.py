@@ -1,6 +1,8 @@
 """kill -9 of the daemon mid-work: nothing torn or lost, fsck clean (see crashloop.py)."""
 
+import json
 import os
+import sqlite3
 
 import pytest
 from crashloop import CrashLoop
@@ -10,7 +12,7 @@ from test_nixstore import Store, built_lower  # noqa: F401 (fixture)
 
 def _loop(tmp_path, built_lower, rounds, seed):  # noqa: F811
     base, paths = built_lower
-    stats = CrashLoop(tmp_path, base / "L", paths, seed=seed).run(rounds)
+    stats = CrashLoop(tmp_path, base / "L", paths, seed=seed, rounds=rounds).run(rounds)
     print(stats)
     assert stats["rounds"] == rounds
     # The workload really ran into every kind of operation before the kills.
@@ -48,3 +50,22 @@ def test_lower_path_removed_just_before_a_crash_leaves_the_db(tmp_path, built_lo
         assert all(store.valid(p) for p in store.paths.values())
     proc = run_nixfs("fsck", "--lower", store.lower, "--upper", store.upper)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_lower_path_unhidden_just_before_a_crash_is_shown(tmp_path, built_lower):  # noqa: F811
+    """An unhide commits the database, then the index: a crash in between left a path
+    Nix trusts but the view did not show.  The next mount shows it; fsck finds it before."""
+    store = Store(tmp_path, built_lower)
+    with store.mount():
+        pass
+    index = sqlite3.connect(store.upper / ".nixfs/lower-index.sqlite", isolation_level=None)
+    index.execute("update paths set state = 1 where name = ?",
+                  (os.path.basename(store.paths["liba"]).encode(),))
+    index.close()
+    proc = run_nixfs("fsck", "--lower", store.lower, "--upper", store.upper, "--json")
+    found = [(f["kind"], f["path"]) for f in json.loads(proc.stdout)["findings"]]
+    assert proc.returncode == 4 and found == [("row-not-shown", store.paths["liba"])], found
+    with store.mount():
+        for path in store.paths.values():
+            assert store.valid(path) and (store.root / path.lstrip("/")).exists()
+    assert run_nixfs("fsck", "--lower", store.lower, "--upper", store.upper).returncode == 0

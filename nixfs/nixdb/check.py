@@ -8,7 +8,8 @@ trusts paths that are not there (or misses ones that are):
   and no whiteout hides.  A crash between a whiteout (``rm`` of a lower path)
   and its removal from the database leaves such rows; the repair does what the
   daemon would have: the path leaves with everything that refers to it;
-- every lower path the index shows has a row (else the index stops showing it);
+- every lower path the index shows has a row (else the index stops showing it),
+  and a lower path with a row is shown (an unhide cut short: it is shown);
 - nixfs' GC root file and its ``gcroots`` link are there (reinstalled if not);
 - an upper copy of a path the lower shows is redundant: the lower's wins (as a
   sync does), so the repair drops the upper copy;
@@ -186,16 +187,28 @@ class DbCheck:
                            f"{len(bad)} rows refer to paths that are not valid", fix)
 
     def _rows(self) -> None:
-        missing = []
+        missing, not_shown = [], []
         for (path,) in self.conn.execute("select path from ValidPaths"):
             self.report.count("database rows")
             if not path.startswith(STORE_DIR + "/") or path == gcroot.root_path():
                 continue
-            if not self._has_files(basename(path)):
+            name = basename(path)
+            if self._has_files(name):
+                continue
+            if self.index is not None and name not in self.hidden and self.index.state(name):
+                not_shown.append(name)  # the lower has it; only the index does not show it
+            else:
                 missing.append(path)
         self._add_many("row-without-files", missing, "valid in the database, but neither layer "
                        "shows it (repair: it leaves the database with what refers to it)",
                        lambda: self._remove_paths(missing))
+
+        def show():
+            with self.index.conn:
+                self.index.set_state(not_shown, SHOWN)
+        self._add_many("row-not-shown", [f"{STORE_DIR}/{os.fsdecode(n)}" for n in not_shown],
+                       "valid in the database and in the lower, but not shown (an unhide cut "
+                       "short; repair: show it, as the next mount does)", show)
 
     def _gc_root(self) -> None:
         name = gcroot.root_basename().encode()

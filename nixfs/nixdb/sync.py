@@ -181,6 +181,7 @@ class StoreSync:
                 try:
                     self.apply(db, self.read_changes())
                     self._hide_pending(db)
+                    self._show_pending(db)
                 finally:
                     db.close()
                 return
@@ -261,6 +262,18 @@ class StoreSync:
             log.warning("%d lower paths removed through the mount before a crash leave the "
                         "database now", len(pending))
             self.hide(db, pending)
+
+    def _show_pending(self, db: MergedDb) -> None:
+        """Lower paths an unhide made valid again, whose showing a crash cut short (the
+        database commits first, then the index): show them, as the unhide would have."""
+        pending = [n for n in self.index.not_shown_names()
+                   if db.id_of(f"{STORE_DIR}/{os.fsdecode(n)}") is not None
+                   and not self.upper_store.hidden(n) and not self.upper_store.has(n)]
+        if pending:
+            log.warning("%d lower paths made valid again before a crash are shown now",
+                        len(pending))
+            with self.index.conn:
+                self.index.set_state(pending, SHOWN)
 
     def unfinished(self) -> bool:
         return (self.index.get("durable", 1) == 0 or
