@@ -6,7 +6,11 @@ import sys
 from . import __version__
 from .mount import MountConfig, UsageError, parse_options
 
-COMMANDS = ("mount", "umount", "run", "status", "sync", "unhide", "gc", "promote")
+COMMANDS = ("mount", "umount", "run", "status", "sync", "unhide", "gc", "promote", "fsck")
+
+FSCK_EPILOG = """exit codes: 0 clean (no damage; redundant leftovers may be listed, and --repair
+tidies them), 1 damage found and all of it repaired, 4 damage left (found without --repair, or
+not repairable), 2 usage errors (e.g. the upper is mounted)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--upper", required=True)
     pr.add_argument("--into", required=True, metavar="LOWER", help="the lower Nix directory")
     pr.add_argument("paths", nargs="*", metavar="STOREPATH", help="default: every upper path")
+
+    fs = sub.add_parser("fsck", help="check an unmounted upper (and repair it with --repair)",
+                        description="Check an unmounted upper: temporaries, whiteouts, opaque "
+                                    "and redirect markers, nixfs' state folder, and for a Nix "
+                                    "store the merged database against the files.",
+                        epilog=FSCK_EPILOG)
+    fs.add_argument("--lower", required=True, help="the lower directory the upper belongs to")
+    fs.add_argument("--upper", required=True, help="the upper directory to check")
+    fs.add_argument("--repair", action="store_true", help="repair what can be (in the upper only)")
+    fs.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    fs.add_argument("--no-nix", dest="nix", action="store_false",
+                    help="skip the Nix database checks (the upper of a --no-nix mount)")
     return p
 
 
@@ -214,6 +230,16 @@ def _promote(args) -> int:
     return 0
 
 
+def _fsck(args) -> int:
+    import json
+
+    from .fsck import Progress, fsck
+    report = fsck(args.lower, args.upper, repair=args.repair, nix=args.nix,
+                  progress=Progress())
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
+    return report.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -226,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     from .nixdb.schema import SchemaError
     try:
         return {"mount": _mount, "run": _run, "umount": _umount, "status": _status, "sync": _sync,
-                "unhide": _unhide, "gc": _gc, "promote": _promote}[args.command](args)
+                "unhide": _unhide, "gc": _gc, "promote": _promote,
+                "fsck": _fsck}[args.command](args)
     except (UsageError, SchemaError, PromoteError) as e:
         print(f"nixfs: {e}", file=sys.stderr)
         return 2

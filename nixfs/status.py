@@ -49,7 +49,13 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
                   "bytes_on_disk": overlay.dircache.store.size_bytes()
                   if overlay.dircache.store else 0},
         "upper_bytes": tree_size(cfg.upper),
+        "db_sync_lag_s": None,
     }
+    cache = out["cache"]
+    asked = cache["hits"] + cache["loaded_from_disk"] + cache["misses"]
+    # Answered without a lower call (memory or the on-disk copy), of every cacheable listing asked.
+    cache["hit_ratio"] = (round((cache["hits"] + cache["loaded_from_disk"]) / asked, 3)
+                          if asked else None)
     if service is not None:
         from .nixdb.merged import db_size
         index = overlay.policy.index
@@ -66,6 +72,9 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
             "upper_copies_dropped": service.duplicates,
             "first_build_finishing": service.finish_pending,
         }
+        # How far behind the lower the merged database may be: the time since a sync round
+        # last found it in step (rounds run every half second; this grows while they fail).
+        out["db_sync_lag_s"] = round(time.time() - (last or started), 1)
     return out
 
 
@@ -86,14 +95,19 @@ def render(s: dict) -> str:
                                  or "none")
              + (f" (timeout {s['lower_timeout_s']} s)" if s.get("lower_timeout_s") else ""),
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "
-             f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"]
+             f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"
+             + ("" if s["cache"]["hit_ratio"] is None
+                else f" (hit ratio {100 * s['cache']['hit_ratio']:.0f}%)")]
     if "nix" in s:
         n = s["nix"]
-        lag = "never" if n["last_sync_age_s"] is None else f"{n['last_sync_age_s']} s ago"
         lines += [f"  Nix store: {n['lower_paths']} lower paths ({n['lower_paths_not_shown']} "
-                  f"hidden), last change followed {lag}, sync errors {n['sync_errors']}",
+                  f"hidden), database sync lag {s['db_sync_lag_s']} s"
+                  + ("" if n["last_sync_age_s"] is not None else " (not in step yet)")
+                  + f", sync errors {n['sync_errors']}",
                   f"  merged database {_human(n['merged_db_bytes'])} in the upper, lower index "
                   f"{_human(n['index_bytes'])}, upper copies dropped {n['upper_copies_dropped']}"]
         if n["last_sync_error"]:
             lines.append(f"  last sync error: {n['last_sync_error']}")
+    else:
+        lines.append("  no Nix database (a plain overlay)")
     return "\n".join(lines)

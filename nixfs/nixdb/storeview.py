@@ -101,6 +101,9 @@ class StoreService:
         self.last_error = ""
         self.duplicates = 0
         self.last_ok = 0.0  # when a round last found the merged database in step
+        # Hiding and unhiding take turns: an unhide must not remove a whiteout while the
+        # hide it undoes is half done (a crash then left a shown path with no row).
+        self._hide_lock = trio.Lock()
         overlay.policy.on_whiteout = self._whiteout_made
 
     def _whiteout_made(self, name: bytes) -> None:
@@ -160,9 +163,10 @@ class StoreService:
 
     async def step(self, force: bool = False) -> None:
         """One round: hide what was removed through the mount, then follow the lower."""
-        if self._hide:
-            names, self._hide = self._hide, set()
-            self._forget(await self.worker.call("hide", sorted(names)))
+        async with self._hide_lock:
+            if self._hide:
+                names, self._hide = self._hide, set()
+                self._forget(await self.worker.call("hide", sorted(names)))
         result = await self.worker.call("step", force)
         if result is None:
             return
@@ -175,9 +179,11 @@ class StoreService:
 
     async def unhide(self, names: list[bytes]) -> list[bytes]:
         """``nixfs unhide``: show hidden lower paths again, with what they took along."""
-        for name in names:
-            await self.overlay.unhide(STORE, name)
-        restored = await self.worker.call("restore", names)
+        async with self._hide_lock:
+            self._hide -= set(names)  # a hide still queued would undo this unhide
+            for name in names:
+                await self.overlay.unhide(STORE, name)
+            restored = await self.worker.call("restore", names)
         self._forget(restored)
         return restored
 

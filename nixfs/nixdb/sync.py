@@ -190,6 +190,8 @@ class StoreSync:
                 try:
                     if changes is not None:
                         self.apply(db, changes)
+                    self._hide_pending(db)
+                    self._show_pending(db)
                 finally:
                     db.close()
                 return
@@ -278,6 +280,29 @@ class StoreSync:
         log.info("built the merged database: %d lower paths, %d upper paths adopted in %.1f s "
                  "(clone %.1f s, index %.1f s)", count, adopted, time.monotonic() - t0,
                  t_clone - t0, t_index - t_clone)
+
+    def _hide_pending(self, db: MergedDb) -> None:
+        """Lower paths removed through the mount whose removal from the database a crash
+        cut short: the whiteout is on disk, but the daemon queued the database change in
+        memory.  Without this Nix would trust a path whose files are hidden."""
+        pending = {n for n in self.upper_store.hidden_names()
+                   if self.index.shown(n) and not self.upper_store.has(n)}
+        if pending:
+            log.warning("%d lower paths removed through the mount before a crash leave the "
+                        "database now", len(pending))
+            self.hide(db, pending)
+
+    def _show_pending(self, db: MergedDb) -> None:
+        """Lower paths an unhide made valid again, whose showing a crash cut short (the
+        database commits first, then the index): show them, as the unhide would have."""
+        pending = [n for n in self.index.not_shown_names()
+                   if db.id_of(f"{STORE_DIR}/{os.fsdecode(n)}") is not None
+                   and not self.upper_store.hidden(n) and not self.upper_store.has(n)]
+        if pending:
+            log.warning("%d lower paths made valid again before a crash are shown now",
+                        len(pending))
+            with self.index.conn:
+                self.index.set_state(pending, SHOWN)
 
     def unfinished(self) -> bool:
         return (self.index.get("durable", 1) == 0 or

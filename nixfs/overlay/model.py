@@ -1133,7 +1133,7 @@ class Overlay:
             if src.is_dir and not same_place:
                 with self._upper_fd(src) as sfd, self._keep_times(sfd), self._writable(sfd):
                     if redirect is not None:
-                        fmt.write_redirect(sfd, redirect)
+                        fmt.write_redirect(sfd, redirect, (self.work_fd, self._work_name()))
                     elif cover_new:
                         fmt.make_opaque(sfd)
             short = fmt.whiteout_fits(old_name)
@@ -1180,7 +1180,8 @@ class Overlay:
                 with self._upper_fd(node) as fd, self._keep_times(fd), self._writable(fd):
                     if node.lower is not None:
                         redirects[node] = self.lower_path(node)
-                        fmt.write_redirect(fd, redirects[node])
+                        fmt.write_redirect(fd, redirects[node],
+                                           (self.work_fd, self._work_name()))
                     elif cover:
                         fmt.make_opaque(fd)
         with self._upper_fd(a_parent) as afd, self._upper_fd(b_parent) as bfd, \

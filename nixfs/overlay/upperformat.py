@@ -94,21 +94,27 @@ def read_dir_flags(dirfd: int) -> tuple[bool, bytes | None]:
     return opaque, redirect
 
 
-def write_redirect(dirfd: int, lower_path: bytes) -> None:
+def write_redirect(dirfd: int, lower_path: bytes, work: tuple[int, bytes] | None = None) -> None:
     """Record that the directory open as *dirfd* merges with *lower_path*.
 
     Written to a temporary name and renamed, so a crash leaves the old marker or
-    the new one, never a torn one.
+    the new one, never a torn one.  With *work* (the work folder's descriptor and a
+    free name there) the temporary is made in the work folder, which the next
+    mount empties, so a crash leaves nothing behind in the tree either.
     """
-    tmp = REDIRECT_MARKER + b".tmp"
+    tmp_dir, tmp = work if work is not None else (dirfd, REDIRECT_MARKER + b".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600, dir_fd=dirfd)
+                 0o600, dir_fd=tmp_dir)
     try:
         os.write(fd, b"/" + lower_path.strip(b"/"))
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.rename(tmp, REDIRECT_MARKER, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    try:
+        os.rename(tmp, REDIRECT_MARKER, src_dir_fd=tmp_dir, dst_dir_fd=dirfd)
+    except BaseException:
+        os.unlink(tmp, dir_fd=tmp_dir)
+        raise
 
 
 def make_whiteout(dirfd: int, name: bytes) -> None:
