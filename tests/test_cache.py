@@ -94,6 +94,26 @@ def test_looking_up_a_small_store_path_reads_all_of_it_at_once(store):
         assert total(lower_calls(store)) == before
 
 
+def test_xattrs_of_a_store_path_are_read_once_a_directory_and_kept(store):
+    """`ls -l` asks for xattrs of every entry: a kept directory's are read in one trip,
+    and a second mount asks the lower nothing."""
+    def xattr_calls():
+        calls = lower_calls(store)
+        return calls.get("listxattr", 0)
+
+    with store.mount():
+        first = walk(store.tree)
+        dirs = 1 + sum(1 for _, mode, *_ in first if stat.S_ISDIR(mode))
+        entries = len(first)
+        for _ in range(2):
+            subprocess.run(["ls", "-lR", store.tree], check=True, capture_output=True)
+        # One listxattr per entry, each read once (the walk's directories in one trip each).
+        assert xattr_calls() <= entries + 1
+    with store.mount():
+        subprocess.run(["ls", "-lR", store.tree], check=True, capture_output=True)
+        assert xattr_calls() == 0, "a second mount asked the lower for kept xattrs"
+
+
 def test_reopening_a_store_file_costs_no_lower_call(store):
     f = store.tree / "d0/sub/f1"
     with store.mount():

@@ -81,6 +81,14 @@ def store(tmp_path):
     return lower, upper, mnt, names
 
 
+def _clobber(db, data: bytes) -> None:
+    """Replace an SQLite file (and drop its WAL) with *data*."""
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(str(db) + suffix):
+            os.unlink(str(db) + suffix)
+    db.write_bytes(data)
+
+
 def _store_works(mnt, names):
     assert (mnt / "store" / names[1] / "bin" / names[1]).read_bytes() == names[1].encode() * 3
     assert (mnt / "mine").read_bytes() == b"upper data\n"
@@ -90,10 +98,7 @@ def _store_works(mnt, names):
 def test_damaged_merged_database_is_refused_and_kept(store):
     lower, upper, mnt, names = store
     db = upper / "var/nix/db/db.sqlite"
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(str(db) + suffix):
-            os.unlink(str(db) + suffix)
-    db.write_bytes(b"not a database" * 1000)
+    _clobber(db, b"not a database" * 1000)
     proc = _mount(lower, upper, mnt)
     assert proc.returncode == 1 and "merged store database" in proc.stderr, proc.stderr
     assert not os.path.ismount(mnt)
@@ -105,10 +110,7 @@ def test_damaged_merged_database_is_refused_and_kept(store):
 def test_damaged_lower_index_is_rebuilt(store):
     lower, upper, mnt, names = store
     index = upper / ".nixfs/lower-index.sqlite"
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(str(index) + suffix):
-            os.unlink(str(index) + suffix)
-    index.write_bytes(b"\0garbage" * 4096)
+    _clobber(index, b"\0garbage" * 4096)
     with NixfsMount(lower, upper, mnt) as m:
         _store_works(mnt, names)
     assert "damaged" in m.log_text()

@@ -16,6 +16,7 @@ import errno
 import logging
 import time
 
+import cachetools
 import trio
 
 from ..overlay.policy import LowerPolicy
@@ -33,6 +34,28 @@ class NixStorePolicy(LowerPolicy):
     def __init__(self, index: LowerIndex):
         self.index = index
         self.on_whiteout = None  # set by the StoreService
+        # name -> (lower id, state) or None, as the index says: asked on every request
+        # below the store (an SQLite query each would be a third of a getxattr's cost).
+        # Kept while the index is unchanged: any commit by another connection (the
+        # sync worker) bumps its data version; forget() drops a name the overlay hears of.
+        self._states: cachetools.LRUCache = cachetools.LRUCache(50_000)
+        self._version = None
+
+    def _state(self, name: bytes):
+        version = self.index.conn.data_version()
+        if version != self._version:
+            self._states.clear()
+            self._version = version
+        try:
+            return self._states[name]
+        except KeyError:
+            state = self._states[name] = self.index.state(name)
+            return state
+
+    def forget(self, lower_path):
+        parts = lower_path.split(b"/")
+        if len(parts) == 2 and parts[0] == b"store":
+            self._states.pop(parts[1], None)
 
     def tag(self, parent_tag, name):
         if parent_tag == self.ROOT:
@@ -56,7 +79,7 @@ class NixStorePolicy(LowerPolicy):
         parts = lower_path.split(b"/", 2)
         if len(parts) < 2 or parts[0] != b"store":
             return None
-        state = self.index.state(parts[1])
+        state = self._state(parts[1])
         if state is None or state[1] != 0:
             return None
         # Valid exactly as long as this path is: its id changes if it leaves and comes back.
@@ -70,7 +93,8 @@ class NixStorePolicy(LowerPolicy):
 
     def lower_visible(self, parent_tag, name):
         if parent_tag == "store":
-            return self.index.shown(name)
+            state = self._state(name)
+            return state is not None and state[1] == 0
         if parent_tag == "var/nix":
             return name not in UPPER_ONLY
         return True

@@ -110,6 +110,39 @@ def decode(data: bytes) -> Listing:
     return Listing(entries, targets)
 
 
+_XHEAD = struct.Struct("<HH")  # entry name length, xattr count
+_XATTR = struct.Struct("<HI")  # xattr name length, value length
+
+
+def encode_xattrs(xmap: dict[bytes, dict[str, bytes]]) -> bytes:
+    """A directory's entries' xattrs (only entries that have some)."""
+    out = bytearray()
+    for name, attrs in xmap.items():
+        out += _XHEAD.pack(len(name), len(attrs)) + name
+        for attr, value in attrs.items():
+            raw = os.fsencode(attr)
+            out += _XATTR.pack(len(raw), len(value)) + raw + value
+    return bytes(out)
+
+
+def decode_xattrs(data: bytes) -> dict[bytes, dict[str, bytes]]:
+    xmap, pos = {}, 0
+    while pos < len(data):
+        nlen, count = _XHEAD.unpack_from(data, pos)
+        pos += _XHEAD.size
+        name, pos = data[pos:pos + nlen], pos + nlen
+        attrs = {}
+        for _ in range(count):
+            alen, vlen = _XATTR.unpack_from(data, pos)
+            pos += _XATTR.size
+            attr, pos = os.fsdecode(data[pos:pos + alen]), pos + alen
+            attrs[attr], pos = data[pos:pos + vlen], pos + vlen
+        if pos > len(data):
+            raise ValueError("truncated xattrs")
+        xmap[name] = attrs
+    return xmap
+
+
 class ListingStore:
     """The persistent half: ``listings(key, data)`` in a SQLite file."""
 
@@ -126,6 +159,20 @@ class ListingStore:
         self.pending: dict[bytes, bytes] = {}
 
     def get(self, key: bytes) -> Listing | None:
+        return self._get(key, decode)
+
+    def put(self, key: bytes, listing: Listing) -> None:
+        self._put(key, encode(listing))
+
+    # A directory's entries' xattrs live beside its listing, under its key plus a suffix
+    # (listing keys hold exactly two NULs, so the two never meet).
+    def get_xattrs(self, key: bytes) -> dict[bytes, dict[str, bytes]] | None:
+        return self._get(key + b"\0xattrs", decode_xattrs)
+
+    def put_xattrs(self, key: bytes, xmap: dict[bytes, dict[str, bytes]]) -> None:
+        self._put(key + b"\0xattrs", encode_xattrs(xmap))
+
+    def _get(self, key: bytes, decoder):
         data = self.pending.get(key)
         if data is None:
             row = self.conn.execute("select data from listings where key = ?", (key,)).fetchone()
@@ -133,14 +180,14 @@ class ListingStore:
                 return None
             data = row[0]
         try:
-            return decode(data)
-        except (ValueError, struct.error):
+            return decoder(data)
+        except (ValueError, struct.error, UnicodeError):
             log.warning("a damaged cached listing was dropped")
             self.conn.execute("delete from listings where key = ?", (key,))
             return None
 
-    def put(self, key: bytes, listing: Listing) -> None:
-        self.pending[key] = encode(listing)
+    def _put(self, key: bytes, data: bytes) -> None:
+        self.pending[key] = data
         if len(self.pending) >= 256:
             self.flush()
 
@@ -173,6 +220,9 @@ class DirCache:
         self.max_entries = max_entries
         self._lru: OrderedDict[bytes, tuple[bytes, Listing]] = OrderedDict()  # path -> (key, l)
         self._size = 0
+        # path -> (key, {entry name: xattrs}) for directories whose entries' xattrs were read
+        self._xattrs: OrderedDict[bytes, tuple[bytes, dict]] = OrderedDict()
+        self.max_xattr_dirs = 20_000
         self.hits = 0
         self.misses = 0
         self.loads = 0  # found in the persistent store
@@ -206,12 +256,36 @@ class DirCache:
             _, (_, dropped) = self._lru.popitem(last=False)
             self._size -= len(dropped)
 
+    def get_xattrs(self, path: bytes, key: bytes) -> dict[bytes, dict[str, bytes]] | None:
+        """The xattrs of the entries of directory *path*, if read before."""
+        item = self._xattrs.get(path)
+        if item is not None and item[0] == key:
+            self._xattrs.move_to_end(path)
+            return item[1]
+        xmap = self.store.get_xattrs(key) if self.store is not None else None
+        if xmap is not None:
+            self._remember_xattrs(path, key, xmap)
+        return xmap
+
+    def put_xattrs(self, path: bytes, key: bytes, xmap: dict[bytes, dict[str, bytes]]) -> None:
+        self._remember_xattrs(path, key, xmap)
+        if self.store is not None:
+            self.store.put_xattrs(key, xmap)
+
+    def _remember_xattrs(self, path: bytes, key: bytes, xmap: dict) -> None:
+        self._xattrs[path] = (key, xmap)
+        self._xattrs.move_to_end(path)
+        while len(self._xattrs) > self.max_xattr_dirs:
+            self._xattrs.popitem(last=False)
+
     def forget(self, path: bytes) -> None:
         """Drop *path* and everything below it from memory (the persistent copies
         are keyed by validity and simply never asked for again)."""
         prefix = path + b"/"
         for p in [p for p in self._lru if p == path or p.startswith(prefix)]:
             self._size -= len(self._lru.pop(p)[1])
+        for p in [p for p in self._xattrs if p == path or p.startswith(prefix)]:
+            del self._xattrs[p]
 
     def __len__(self) -> int:
         return len(self._lru)

@@ -216,6 +216,20 @@ class Layer:
             os.close(fd)
 
 
+    def read_dir_xattrs(self, dirfd: int, names: list[bytes]) -> dict[bytes, dict[str, bytes]]:
+        """The xattrs of each of *names* in *dirfd* that has any (one trip for a
+        whole directory of an immutable lower: ``ls -l`` asks for every entry)."""
+        out = {}
+        for name in names:
+            try:
+                attrs = self.read_xattrs(dirfd, name)
+            except FileNotFoundError:
+                continue
+            if attrs:
+                out[name] = attrs
+        return out
+
+
 class LowerLayer:
     """The lower layer's primitives as awaitables that run in worker threads.
 

@@ -492,8 +492,31 @@ class Overlay:
 
     async def _lower_xattrs(self, node: Node) -> dict[str, bytes]:
         """All xattrs of an immutable lower object, kept (exec asks for
-        security.capability every time)."""
+        security.capability every time, ``ls -l`` for every entry): those of a whole
+        kept directory's entries are read in one trip and kept beside its listing."""
+        parent = node.parent
+        if parent is not None and self._immutable(parent):
+            ppath = self.lower_path(parent)
+            pkey = self.policy.cache_key(ppath)
+            listing = await self._node_listing(parent) if pkey is not None else None
+            if listing is not None:
+                xmap = self.dircache.get_xattrs(ppath, pkey)
+                if xmap is None:
+                    names = [n for n in listing.entries if n != b"."]
+                    async with self._lower_fd(parent) as pfd:
+                        xmap = await self.lower.run(self.lower.layer.read_dir_xattrs, pfd, names)
+                    self.dircache.put_xattrs(ppath, pkey, xmap)
+                return xmap.get(node.name, {})
+        # A store path itself (its parent, the store, changes): kept on its own.
         path = self.lower_path(node)
+        key = self.policy.cache_key(path)
+        if key is not None:
+            own = self.dircache.get_xattrs(path + b"/.", key + b"\0self")
+            if own is None:
+                async with self._lower_fd(node.parent) as pfd:
+                    own = {b".": await self.lower.run(self.lower.layer.read_xattrs, pfd, node.name)}
+                self.dircache.put_xattrs(path + b"/.", key + b"\0self", own)
+            return own[b"."]
         xattrs = self._xattrs.get(path)
         if xattrs is None:
             async with self._lower_fd(node.parent) as pfd:
@@ -1206,6 +1229,7 @@ class Overlay:
         """The lower gained or lost *name* (or the policy changed its mind about it):
         forget what nixfs and the kernel cached about that entry."""
         path = b"/".join(dir_names + (name,))
+        self.policy.forget(path)
         self.dircache.forget(path)
         self.lower_files.forget(path)
         for key in [k for k in self._xattrs if k == path or k.startswith(path + b"/")]:

@@ -39,6 +39,10 @@ class LowerPolicy:
         mounts; it must change whenever the path's content may.  None: do not keep."""
         return None
 
+    def forget(self, lower_path: bytes) -> None:
+        """The lower changed at *lower_path* (or the view of it did): drop anything
+        remembered about it."""
+
     def link_lower_errno(self, dest_tag: str | None) -> int | None:
         """An errno to refuse hard-linking a lower file into a directory with *dest_tag*
         (which would copy the file up), or None to allow it."""
