@@ -190,3 +190,18 @@ def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     dirs = sum(1 for p, mode, *_ in first if stat.S_ISDIR(mode)) + 1
     assert new.pop("getattr", 0) <= dirs
     assert new == {}, new
+
+
+def test_closing_files_costs_no_flush_round_trip(store):
+    """The first FLUSH is answered ENOSYS, after which the kernel sends none."""
+    f = store.tree / "d0/sub/f1"
+    with store.mount():
+        for _ in range(3):
+            assert f.read_text() == "0-1"
+        before = fuse_requests(store)
+        for _ in range(20):
+            assert f.read_text() == "0-1"
+        (store.mnt / "new-file").write_text("x")
+        after = fuse_requests(store)
+    assert before.get("flush", 0) <= 1
+    assert after.get("flush", 0) == before.get("flush", 0)
