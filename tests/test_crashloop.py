@@ -69,3 +69,32 @@ def test_lower_path_unhidden_just_before_a_crash_is_shown(tmp_path, built_lower)
         for path in store.paths.values():
             assert store.valid(path) and (store.root / path.lstrip("/")).exists()
     assert run_nixfs("fsck", "--lower", store.lower, "--upper", store.upper).returncode == 0
+
+
+def test_lower_path_hidden_db_committed_index_not(tmp_path, built_lower):  # noqa: F811
+    """A hide commits the database (the path and what refers to it leave), then the
+    index: a crash in between left the whiteout and the rows gone, but the index still
+    showing all of them.  The next mount must hide what went along too (libb, app refer
+    to liba), found from the lower database since the merged one no longer has them."""
+    store = Store(tmp_path, built_lower)
+    with store.mount():
+        pass
+    liba = os.path.basename(store.paths["liba"])
+    (store.upper / "store" / f".wh.{liba}").touch()  # the whiteout of the hide
+    db = sqlite3.connect(store.upper / "var/nix/db/db.sqlite", isolation_level=None)
+    ids = [db.execute("select id from ValidPaths where path = ?", (p,)).fetchone()[0]
+           for p in store.paths.values()]
+    for i in ids:  # what the hide's transaction did (Refs first: on delete restrict)
+        db.execute("delete from Refs where reference = ?", (i,))
+    for i in ids:
+        db.execute("delete from ValidPaths where id = ?", (i,))
+    db.close()
+    with store.mount():
+        for path in store.paths.values():
+            assert not store.valid(path)
+            assert not (store.root / path.lstrip("/")).exists(), path
+        assert run_nixfs("unhide", "--mount", store.mnt, liba).returncode == 0
+        for path in store.paths.values():
+            assert store.valid(path) and (store.root / path.lstrip("/")).exists(), path
+    proc = run_nixfs("fsck", "--lower", store.lower, "--upper", store.upper)
+    assert proc.returncode == 0, proc.stdout

@@ -520,16 +520,52 @@ class StoreSync:
 
     def hide(self, db: MergedDb, names: set[bytes]) -> list[bytes]:
         """Lower paths removed through the mount leave the database, with everything that
-        refers to them; returns the lower paths that went along (no longer shown either)."""
+        refers to them; returns the lower paths that went along (no longer shown either).
+
+        The database commits first, then the index.  A crash in between (or a worker
+        whose commit reached the disk while its daemon died) leaves the rows gone and
+        the index still showing them: the merged database then no longer knows which
+        lower paths referred to a name, so for a name without a row the lower database
+        says (every lower path referring to it, transitively)."""
+        missing = {n for n in names if db.id_of(f"{STORE_DIR}/{os.fsdecode(n)}") is None}
+        along: set[bytes] = set()
+        if missing:
+            try:
+                along = self._lower_referrers(missing) - set(names)
+            except (SnapshotError, apsw.Error, OSError) as e:
+                log.error("cannot read the lower store's database (%s): lower paths that "
+                          "refer to %s may still show", e, b", ".join(sorted(missing)).decode())
         with db.begin():
-            gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in names],
+            gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in set(names) | along],
                              keep=[gcroot.root_path()])
-        lower = [n for n in (basename(p) for p in gone) if self.index.state(n)]
+        lower = sorted({n for n in (basename(p) for p in gone) if self.index.state(n)} | along)
         with self.index.conn:
             self.index.set_state(set(lower) | set(names), BROKEN)
         log.info("%d lower paths hidden through the mount left the database (%d in all)",
                  len(names), len(gone))
         return [n for n in lower if n not in names]
+
+    def _lower_referrers(self, names) -> set[bytes]:
+        """Lower paths (in the index) that refer to one of *names* in the lower database,
+        transitively."""
+        index = self.index
+
+        def read(conn, snap):
+            ids = {st[0] for st in map(index.state, names) if st}
+            todo, out = list(ids), set()
+            while todo:
+                i = todo.pop()
+                for (r, path) in conn.execute(
+                        "select r.referrer, v.path from Refs r join ValidPaths v "
+                        "on v.id = r.referrer where r.reference = ?", (i,)):
+                    name = basename(path)
+                    if r not in ids and index.state(name):
+                        ids.add(r)
+                        out.add(name)
+                        todo.append(r)
+            return out
+
+        return read_consistent(self.lower_db, read)
 
     def restore(self, db: MergedDb, names: list[bytes]) -> list[bytes]:
         """Make lower paths valid again (``nixfs unhide``), with the lower paths that
