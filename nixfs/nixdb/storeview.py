@@ -190,7 +190,12 @@ class StoreService:
         async with self._hide_lock:
             if self._hide:
                 names, self._hide = self._hide, set()
-                self._forget(await self.worker.call("hide", sorted(names)))
+                try:
+                    hidden = await self.worker.call("hide", sorted(names))
+                except BaseException:
+                    self._hide |= names  # not done: the next round tries again
+                    raise
+                self._forget(hidden)
         result = await self.worker.call("step", force)
         if result is None:
             return
