@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 
 import pytest
 from harness import run_nixfs
@@ -205,3 +206,26 @@ def test_closing_files_costs_no_flush_round_trip(store):
         after = fuse_requests(store)
     assert before.get("flush", 0) <= 1
     assert after.get("flush", 0) == before.get("flush", 0)
+
+
+def test_a_walk_into_the_store_reads_the_next_store_paths_ahead(store):
+    """Fetching a store path's listing also fetches the next ones in listing order in
+    the background, so walking into them asks the lower nothing."""
+    with store.mount():
+        names = sorted(os.listdir(store.mnt / "store"))
+        first = next(i for i, n in enumerate(names) if (store.mnt / "store" / n).is_dir())
+        names = names[first:]
+        assert len(names) >= 3, names
+        walk(store.mnt / "store" / names[0])
+        last, settled = None, 0
+        for _ in range(100):  # until the background fetches are done
+            now = total(lower_calls(store))
+            settled = settled + 1 if now == last else 0
+            if settled >= 3:
+                break
+            last = now
+            time.sleep(0.05)
+        before = total(lower_calls(store))
+        for name in names[1:]:
+            walk(store.mnt / "store" / name)
+        assert total(lower_calls(store)) == before

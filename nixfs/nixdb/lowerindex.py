@@ -89,6 +89,13 @@ class LowerIndex:
         return self.conn.execute("select lower_id, state from paths where name = ?",
                                  (name,)).fetchone()
 
+    def shown_after(self, name: bytes, count: int) -> list[bytes]:
+        """The next *count* shown names after *name*, in name order (the order the
+        store is listed in)."""
+        return [r[0] for r in self.conn.execute(
+            "select name from paths where name > ? and state = 0 order by name limit ?",
+            (name, count))]
+
     def shown_names(self) -> list[bytes]:
         return [r[0] for r in self.conn.execute("select name from paths where state = 0")]
 

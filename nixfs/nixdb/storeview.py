@@ -52,6 +52,13 @@ class NixStorePolicy(LowerPolicy):
             state = self._states[name] = self.index.state(name)
             return state
 
+    def read_ahead(self, lower_path, count):
+        # A walk of the store visits store paths in the order it lists them: by name.
+        parts = lower_path.split(b"/")
+        if len(parts) != 2 or parts[0] != b"store":
+            return []
+        return [b"store/" + n for n in self.index.shown_after(parts[1], count)]
+
     def forget(self, lower_path):
         parts = lower_path.split(b"/")
         if len(parts) == 2 and parts[0] == b"store":

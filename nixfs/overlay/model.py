@@ -222,6 +222,11 @@ class Overlay:
         # call as its own listing: a walk into a store path then costs one trip, not
         # one per directory; a single lookup reads at most this much more than it needs.
         self.prefetch_entries = 512
+        # Store paths fetched in the background ahead of a walk (see _read_further).
+        self.read_ahead_paths = 8
+        self._read_ahead: cachetools.LRUCache = cachetools.LRUCache(4096)  # read, not yet used
+        self._ahead_pending: set[bytes] = set()
+        self._ahead_limiter = trio.CapacityLimiter(max(1, lower_threads // 2))
         self._fetching: dict[bytes, trio.Event] = {}
         self._xattrs: cachetools.LRUCache = cachetools.LRUCache(20_000)
         self.lower_files = SharedFds(256)
@@ -421,7 +426,7 @@ class Overlay:
         return base + b"/" + name if base else name
 
     async def _listing_at(self, parent: Node, name: bytes, path: bytes,
-                          node: Node | None = None) -> Listing | None:
+                          node: Node | None = None, *, further: bool = True) -> Listing | None:
         """The listing of the lower object *path* (``parent``'s lower entry *name*) if
         the policy keeps it: from memory, from the store, or fetched in one go.
 
@@ -432,6 +437,8 @@ class Overlay:
             return None
         listing = self.dircache.get(path, key)
         if listing is not None:
+            if self._read_ahead.pop(path, None) is not None:
+                self._read_further(parent, path)  # a walk reached what was read ahead
             return listing
         busy = self._fetching.get(path)
         if busy is not None:  # someone is fetching it: wait for theirs
@@ -461,7 +468,39 @@ class Overlay:
             sub_key = self.policy.cache_key(sub)
             if sub_key is not None:
                 self.dircache.put(sub, sub_key, below)
+        if further:  # a request's fetch, not a read-ahead
+            self._read_further(parent, path)
         return listing
+
+    def _read_further(self, parent: Node, path: bytes) -> None:
+        """Fetch, in the background, the immutable lower paths the policy expects a
+        walk to want next: a cold walk (or NFS) then waits on several at once rather
+        than one after another.  At most ``read_ahead_paths`` ahead, half the lower's
+        threads."""
+        if not self.read_ahead_paths:
+            return
+        log.info("DBG read further %r -> %r", path, self.policy.read_ahead(path, self.read_ahead_paths))
+        for ahead in self.policy.read_ahead(path, self.read_ahead_paths):
+            if ahead in self._ahead_pending or ahead in self._fetching or ahead in self._read_ahead:
+                continue
+            self._ahead_pending.add(ahead)
+            trio.lowlevel.spawn_system_task(self._read_ahead_one, parent, ahead)
+
+    async def _read_ahead_one(self, parent: Node, path: bytes) -> None:
+        try:
+            async with self._ahead_limiter:
+                if self.inodes.get(parent.ino) is not parent:
+                    return  # the directory went meanwhile
+                key = self.policy.cache_key(path)
+                if key is None or self.dircache.get(path, key) is not None:
+                    return
+                name = path.rsplit(b"/", 1)[1]
+                if await self._listing_at(parent, name, path, further=False) is not None:
+                    self._read_ahead[path] = True
+        except Exception as e:  # a read-ahead is a guess: its failure is no one's error
+            log.debug("reading %r ahead: %s", path, e)
+        finally:
+            self._ahead_pending.discard(path)
 
     async def _node_listing(self, node: Node) -> Listing | None:
         """The kept listing of a node's lower object, if there is one to keep."""

@@ -39,6 +39,11 @@ class LowerPolicy:
         mounts; it must change whenever the path's content may.  None: do not keep."""
         return None
 
+    def read_ahead(self, lower_path: bytes, count: int) -> list[bytes]:
+        """Up to *count* lower paths a walk will likely want after the immutable
+        *lower_path*, to be fetched in the background (none by default)."""
+        return []
+
     def forget(self, lower_path: bytes) -> None:
         """The lower changed at *lower_path* (or the view of it did): drop anything
         remembered about it."""
