@@ -203,12 +203,16 @@ class DbCheck:
                        "shows it (repair: it leaves the database with what refers to it)",
                        lambda: self._remove_paths(missing))
 
-        def show():
+        self._state_finding("row-not-shown", not_shown, SHOWN,
+                            "valid in the database and in the lower, but not shown (an unhide "
+                            "cut short; repair: show it, as the next mount does)")
+
+    def _state_finding(self, kind: str, names: list[bytes], state: int, text: str) -> None:
+        """Lower paths whose index state disagrees with the database; the repair sets it."""
+        def fix():
             with self.index.conn:
-                self.index.set_state(not_shown, SHOWN)
-        self._add_many("row-not-shown", [f"{STORE_DIR}/{os.fsdecode(n)}" for n in not_shown],
-                       "valid in the database and in the lower, but not shown (an unhide cut "
-                       "short; repair: show it, as the next mount does)", show)
+                self.index.set_state(names, state)
+        self._add_many(kind, [f"{STORE_DIR}/{os.fsdecode(n)}" for n in names], text, fix)
 
     def _gc_root(self) -> None:
         name = gcroot.root_basename().encode()
@@ -236,13 +240,9 @@ class DbCheck:
             path = f"{STORE_DIR}/{os.fsdecode(name)}"
             if not self.conn.execute("select 1 from ValidPaths where path = ?", (path,)).fetchone():
                 stray.append(name)
-
-        def fix():
-            with self.index.conn:
-                self.index.set_state(stray, BROKEN)
-        self._add_many("shown-without-row", [f"{STORE_DIR}/{os.fsdecode(n)}" for n in stray],
-                       "a lower path the view shows but the database does not hold (repair: "
-                       "the view stops showing it; nixfs unhide brings it back)", fix)
+        self._state_finding("shown-without-row", stray, BROKEN,
+                            "a lower path the view shows but the database does not hold "
+                            "(repair: the view stops showing it; nixfs unhide brings it back)")
 
     def _upper_copies(self) -> None:
         dups = sorted(n for n in self.upper_names

@@ -479,7 +479,6 @@ class Overlay:
         threads."""
         if not self.read_ahead_paths:
             return
-        log.info("DBG read further %r -> %r", path, self.policy.read_ahead(path, self.read_ahead_paths))
         for ahead in self.policy.read_ahead(path, self.read_ahead_paths):
             if ahead in self._ahead_pending or ahead in self._fetching or ahead in self._read_ahead:
                 continue
