@@ -116,12 +116,10 @@ def _mount(args) -> int:
     if not lower or not upper:
         raise UsageError("both a lower and an upper directory are needed "
                          "(--lower/--upper, or -o lowerdir=...,upperdir=...)")
-    cfg = MountConfig(lower=lower, upper=upper, mountpoint=args.mountpoint, options=options,
-                      foreground=args.foreground, debug=args.debug, log_file=args.log_file,
-                      ttl=values.get("ttl", 1.0), nix=args.nix and values.get("nix") != "off",
-                      max_nodes=values.get("max_nodes", 200_000),
-                      listings=values.get("listings", "best"),
-                      lower_timeout=values.get("lower_timeout", 30.0))
+    cfg = MountConfig.from_values(
+        values, lower=lower, upper=upper, mountpoint=args.mountpoint, options=options,
+        foreground=args.foreground, debug=args.debug, log_file=args.log_file,
+        nix=args.nix and values.get("nix") != "off")
     return mount(cfg)
 
 

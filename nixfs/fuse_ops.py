@@ -109,9 +109,13 @@ class FuseOps(pyfuse3.Operations):
     # a lower path that changes gets a new node).
     enable_cache_symlinks = True
 
-    def __init__(self, overlay: Overlay, *, listings: str = "best"):
+    def __init__(self, overlay: Overlay, *, listings: str = "best", xattrs: bool = True):
         super().__init__()
         self.fs = overlay
+        # Without xattrs every xattr request is answered ENOSYS: the kernel then answers
+        # EOPNOTSUPP itself and never asks again (an exec asks security.capability, `ls -l`
+        # two names per entry: each a round trip otherwise).
+        self.xattrs = xattrs
         overlay.notify = KernelNotifier()
         overlay.notify.listings_dropped = self._drop_listing
         # "kernel": the kernel keeps every listing (no OPENDIR/RELEASEDIR at all);
@@ -303,18 +307,26 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def getxattr(self, inode, name, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return await self.fs.getxattr(self._node(inode), name)
 
     @_translate
     async def listxattr(self, inode, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         return await self.fs.listxattr(self._node(inode))
 
     @_translate
     async def setxattr(self, inode, name, value, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         await self.fs.setxattr(self._node(inode), name, value)
 
     @_translate
     async def removexattr(self, inode, name, ctx):
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         await self.fs.removexattr(self._node(inode), name)
 
     @_translate

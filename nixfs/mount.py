@@ -31,6 +31,10 @@ FUSE_OPTIONS = {
     "exec", "noexec", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
     "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync", "async", "dirsync",
 }
+# How long the daemon polls for the next request after answering one (-o poll_us=).
+DEFAULT_POLL_US = 100
+# nixfs' own -o key=value options that set the MountConfig field of the same name.
+VALUE_FIELDS = ("ttl", "max_nodes", "listings", "lower_timeout", "poll_us", "xattr")
 # What mount(8) and fstab add that is not for the file system.
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                    "nofail", "_netdev", "default_permissions"}
@@ -58,10 +62,22 @@ class MountConfig:
     # Seconds a lower call may take before it fails with EIO (a hung NFS server must not
     # hang the mount); 0 waits forever.
     lower_timeout: float = 30.0
+    # Microseconds the daemon polls /dev/fuse for the next request before sleeping (a
+    # round trip without a wake-up is several times faster); -1: decide by the CPUs.
+    poll_us: int = -1
+    # Extended attributes through the mount: "on", "off" (the kernel is told once that there
+    # are none and never asks again), or "auto": off for a Nix store, on otherwise.
+    xattr: str = "auto"
 
     @property
     def readonly(self) -> bool:
         return "ro" in self.options
+
+    @classmethod
+    def from_values(cls, values: dict, **fields) -> "MountConfig":
+        """A config with the -o key=value options in *values* (as given: checked when mounting)."""
+        given = {k: values[k] for k in VALUE_FIELDS if k in values}
+        return cls(**given, **fields)
 
 
 def parse_options(text: str, cfg_values: dict) -> set[str]:
@@ -69,7 +85,7 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
     out = set()
     for opt in filter(None, (o.strip() for o in text.split(","))):
         key, _, value = opt.partition("=")
-        if key in ("lowerdir", "upperdir", "ttl", "nix", "max_nodes", "listings", "lower_timeout"):
+        if key in ("lowerdir", "upperdir", "nix", *VALUE_FIELDS):
             cfg_values[key] = value
         elif opt in FUSE_OPTIONS:
             out.add(opt)
@@ -191,7 +207,31 @@ def check(cfg: MountConfig) -> None:
     except ValueError:
         raise UsageError(f"max_nodes must be a whole number of at least 100, not "
                          f"{cfg.max_nodes!r}") from None
+    if cfg.xattr not in ("auto", "on", "off"):
+        raise UsageError(f"xattr must be on or off, not {cfg.xattr!r}")
+    try:
+        cfg.poll_us = int(cfg.poll_us)
+        if not -1 <= cfg.poll_us <= 10_000:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"poll_us must be a whole number of microseconds from 0 to 10000, "
+                         f"not {cfg.poll_us!r}") from None
     cfg.lower, cfg.upper, cfg.mountpoint = lower, upper, mnt
+
+
+def _main_args(cfg: MountConfig) -> dict:
+    """pyfuse3.main's arguments: polling where the patched pyfuse3 offers it.
+
+    Polling only pays where the process sending requests runs beside the daemon: with
+    one CPU the daemon's polling would take the time that process needs.
+    """
+    import pyfuse3
+    if not getattr(pyfuse3, "POLL_BEFORE_SLEEP", False):
+        return {}
+    poll_us = cfg.poll_us
+    if poll_us < 0:
+        poll_us = DEFAULT_POLL_US if len(os.sched_getaffinity(0)) > 1 else 0
+    return {"poll_us": poll_us}
 
 
 def _user_allow_other() -> bool:
@@ -354,7 +394,10 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         worker = SyncWorker(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
                             cfg.mountpoint, log_path, cfg.debug)
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())
-    ops = FuseOps(overlay, listings=cfg.listings)
+    # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
+    # which FUSE mounts get from the mount, not the file system): a Nix store has none to show.
+    xattrs = cfg.xattr == "on" or (cfg.xattr == "auto" and service is None)
+    ops = FuseOps(overlay, listings=cfg.listings, xattrs=xattrs)
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
     options.discard("rw")
     if owner is None:
@@ -434,7 +477,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                     if service is not None:
                         nursery.start_soon(service.run)
                 nursery.start_soon(start)
-                await pyfuse3.main()
+                await pyfuse3.main(**_main_args(cfg))
                 nursery.cancel_scope.cancel()
             await overlay.sync()
         trio.run(main)

@@ -293,12 +293,9 @@ def run(cfg: RunConfig) -> int:
     except OSError as e:
         raise RunError(f"cannot build a root with /nix in the new namespace: {e}") from None
     mnt = os.path.join(root, "nix")
-    mcfg = MountConfig(lower=lower, upper=upper, mountpoint=mnt, options=cfg.options,
-                       debug=cfg.debug, log_file=cfg.log_file,
-                       ttl=cfg.values.get("ttl", 1.0), nix=cfg.nix,
-                       max_nodes=cfg.values.get("max_nodes", 200_000),
-                       listings=cfg.values.get("listings", "best"),
-                       quiet=True, exit_with_parent=True)
+    mcfg = MountConfig.from_values(cfg.values, lower=lower, upper=upper, mountpoint=mnt,
+                                   options=cfg.options, debug=cfg.debug, log_file=cfg.log_file,
+                                   nix=cfg.nix, quiet=True, exit_with_parent=True)
     code = mount(mcfg)
     if code != 0:
         return code

@@ -1,5 +1,6 @@
 """Caching of immutable lower store paths, checked by counting lower calls."""
 
+import errno
 import json
 import os
 import stat
@@ -95,14 +96,47 @@ def test_looking_up_a_small_store_path_reads_all_of_it_at_once(store):
         assert total(lower_calls(store)) == before
 
 
+def fuse_requests(store) -> dict:
+    out = run_nixfs("status", "--json", store.mnt)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["fuse_requests"]
+
+
+def test_a_nix_store_mount_has_no_xattrs_and_the_kernel_stops_asking(store):
+    """Nix strips extended attributes from store paths, so a Nix store mount says it has
+    none (ENOSYS): the kernel answers EOPNOTSUPP itself from then on, and an exec or an
+    `ls -l` costs no xattr round trip."""
+    f = store.tree / "d0/sub/f1"
+    with store.mount():
+        for _ in range(3):
+            with pytest.raises(OSError) as e:
+                os.getxattr(f, "security.capability")
+            assert e.value.errno == errno.EOPNOTSUPP
+            with pytest.raises(OSError) as e:
+                os.listxattr(f)
+            assert e.value.errno == errno.EOPNOTSUPP
+        subprocess.run(["ls", "-lR", store.tree], check=True, capture_output=True)
+        requests = fuse_requests(store)
+        assert requests.get("getxattr", 0) == 1 and requests.get("listxattr", 0) == 1, requests
+        assert lower_calls(store).get("listxattr", 0) == 0
+        with pytest.raises(OSError) as e:
+            os.setxattr(store.mnt / "var", "user.x", b"1")
+        assert e.value.errno == errno.EOPNOTSUPP
+    with store.mount("xattr=on"):  # asked for: shown, as on any other mount
+        assert os.listxattr(f) == []
+        os.setxattr(store.mnt / "var/nix", "user.x", b"1")
+        assert os.getxattr(store.mnt / "var/nix", "user.x") == b"1"
+    assert os.getxattr(store.upper / "var/nix", "user.x") == b"1"
+
+
 def test_xattrs_of_a_store_path_are_read_once_a_directory_and_kept(store):
-    """`ls -l` asks for xattrs of every entry: a kept directory's are read in one trip,
-    and a second mount asks the lower nothing."""
+    """With xattr=on, `ls -l` asks for xattrs of every entry: a kept directory's are read
+    in one trip, and a second mount asks the lower nothing."""
     def xattr_calls():
         calls = lower_calls(store)
         return calls.get("listxattr", 0)
 
-    with store.mount():
+    with store.mount("xattr=on"):
         first = walk(store.tree)
         dirs = 1 + sum(1 for _, mode, *_ in first if stat.S_ISDIR(mode))
         entries = len(first)
@@ -110,7 +144,8 @@ def test_xattrs_of_a_store_path_are_read_once_a_directory_and_kept(store):
             subprocess.run(["ls", "-lR", store.tree], check=True, capture_output=True)
         # One listxattr per entry, each read once (the walk's directories in one trip each).
         assert xattr_calls() <= entries + 1
-    with store.mount():
+        assert xattr_calls() > 0
+    with store.mount("xattr=on"):
         subprocess.run(["ls", "-lR", store.tree], check=True, capture_output=True)
         assert xattr_calls() == 0, "a second mount asked the lower for kept xattrs"
 
