@@ -415,9 +415,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from . import control, status
     started = time.time()
 
+    main_args = _main_args(cfg)
+
     async def op_status():
         return await trio.to_thread.run_sync(lambda: status.collect(
-            cfg=cfg, ops=ops, overlay=overlay, service=service, started=started))
+            cfg=cfg, ops=ops, overlay=overlay, service=service, started=started,
+            poll_us=main_args.get("poll_us", 0)))
 
     async def op_unhide(names):
         if service is None:
@@ -477,7 +480,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                     if service is not None:
                         nursery.start_soon(service.run)
                 nursery.start_soon(start)
-                await pyfuse3.main(**_main_args(cfg))
+                await pyfuse3.main(**main_args)
                 nursery.cancel_scope.cancel()
             await overlay.sync()
         trio.run(main)

@@ -31,7 +31,7 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def collect(*, cfg, ops, overlay, service, started: float) -> dict:
+def collect(*, cfg, ops, overlay, service, started: float, poll_us: int = 0) -> dict:
     """The daemon's view of itself (runs in a worker thread: it walks the upper)."""
     lower, upper = overlay.lower.layer, overlay.upper
     out = {
@@ -40,6 +40,7 @@ def collect(*, cfg, ops, overlay, service, started: float) -> dict:
         "fuse_requests": dict(ops.requests), "errors": ops.errors,
         "lower_calls": dict(lower.calls), "upper_calls": dict(upper.calls),
         "lower_timeout_s": overlay.lower.timeout or 0,
+        "kernel_listings": ops.listings, "xattrs": ops.xattrs, "poll_us": poll_us,
         "copy_ups": overlay.copy_ups, "stale_answers": overlay.stale_answers,
         "nodes": len(overlay.inodes), "nodes_trimmed": overlay.trims,
         "rss_bytes": _rss(),
@@ -94,6 +95,8 @@ def render(s: dict) -> str:
              "  lower calls " + (", ".join(f"{k} {v}" for k, v in sorted(s["lower_calls"].items()))
                                  or "none")
              + (f" (timeout {s['lower_timeout_s']} s)" if s.get("lower_timeout_s") else ""),
+             f"  kernel keeps listings: {s['kernel_listings']}; xattrs "
+             f"{'on' if s['xattrs'] else 'off'}; polls /dev/fuse {s['poll_us']} µs after a request",
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "
              f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"
              + ("" if s["cache"]["hit_ratio"] is None

@@ -96,10 +96,14 @@ def test_looking_up_a_small_store_path_reads_all_of_it_at_once(store):
         assert total(lower_calls(store)) == before
 
 
-def fuse_requests(store) -> dict:
+def status(store) -> dict:
     out = run_nixfs("status", "--json", store.mnt)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["fuse_requests"]
+    return json.loads(out.stdout)
+
+
+def fuse_requests(store) -> dict:
+    return status(store)["fuse_requests"]
 
 
 def test_a_nix_store_mount_has_no_xattrs_and_the_kernel_stops_asking(store):
@@ -119,10 +123,12 @@ def test_a_nix_store_mount_has_no_xattrs_and_the_kernel_stops_asking(store):
         requests = fuse_requests(store)
         assert requests.get("getxattr", 0) == 1 and requests.get("listxattr", 0) == 1, requests
         assert lower_calls(store).get("listxattr", 0) == 0
+        assert status(store)["xattrs"] is False
         with pytest.raises(OSError) as e:
             os.setxattr(store.mnt / "var", "user.x", b"1")
         assert e.value.errno == errno.EOPNOTSUPP
     with store.mount("xattr=on"):  # asked for: shown, as on any other mount
+        assert status(store)["xattrs"] is True
         assert os.listxattr(f) == []
         os.setxattr(store.mnt / "var/nix", "user.x", b"1")
         assert os.getxattr(store.mnt / "var/nix", "user.x") == b"1"
@@ -204,10 +210,14 @@ def test_lower_change_is_seen_after_invalidation(store):
         assert walk(mpath)[0][0] == str(mpath / "bin")
 
 
-def fuse_requests(store) -> dict:
+def status(store) -> dict:
     out = run_nixfs("status", "--json", store.mnt)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["fuse_requests"]
+    return json.loads(out.stdout)
+
+
+def fuse_requests(store) -> dict:
+    return status(store)["fuse_requests"]
 
 
 @pytest.mark.skipif(not getattr(__import__("pyfuse3"), "CACHE_SYMLINKS", False),

@@ -15,14 +15,15 @@ FD_GROWTH = 64  # descriptors the daemon may keep more after the load (its cache
 RSS_GROWTH_MIB = 64
 
 
-def _load(tmp_path, seconds: float) -> dict:
+def _load(tmp_path, seconds: float, *options) -> dict:
     lower, upper, mnt = tmp_path / "L/nix", tmp_path / "upper", tmp_path / "M/nix"
     make_lower(lower, 8)
     upper.mkdir()
     mnt.mkdir(parents=True)
-    with NixfsMount(lower, upper, mnt):
+    with NixfsMount(lower, upper, mnt, *options):
         report = run_load(mnt.parent, daemon_pid(mnt), seconds=seconds, clients=8)
         report["status_errors"] = status(mnt)["errors"]
+        report["poll_us"] = status(mnt)["poll_us"]
     print(json.dumps(report, indent=1))
     assert report["errors"] == []
     assert report["status_errors"] == 0
@@ -38,6 +39,13 @@ def _load(tmp_path, seconds: float) -> dict:
 @needs_root
 def test_load_short(tmp_path):
     _load(tmp_path, 12)
+
+
+@needs_root
+def test_load_short_without_polling(tmp_path):
+    """The daemon as on one CPU: it sleeps until each request (the default polls for the
+    next one first, on a non-blocking /dev/fuse that several tasks read)."""
+    assert _load(tmp_path, 6, "poll_us=0")["poll_us"] == 0
 
 
 @needs_root
