@@ -13,10 +13,18 @@ from nixstore import nix, nix_build
 from test_nixstore import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)
 
 
-def lower_calls(store) -> dict:
+def status(store) -> dict:
     out = run_nixfs("status", "--json", store.mnt)
     assert out.returncode == 0, out.stderr
-    calls = json.loads(out.stdout)["lower_calls"]
+    return json.loads(out.stdout)
+
+
+def fuse_requests(store) -> dict:
+    return status(store)["fuse_requests"]
+
+
+def lower_calls(store) -> dict:
+    calls = status(store)["lower_calls"]
     calls.pop("timeout", None)
     return calls
 
@@ -94,16 +102,6 @@ def test_looking_up_a_small_store_path_reads_all_of_it_at_once(store):
         before = total(lower_calls(store))
         walk(store.tree)
         assert total(lower_calls(store)) == before
-
-
-def status(store) -> dict:
-    out = run_nixfs("status", "--json", store.mnt)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def fuse_requests(store) -> dict:
-    return status(store)["fuse_requests"]
 
 
 def test_a_nix_store_mount_has_no_xattrs_and_the_kernel_stops_asking(store):
@@ -208,16 +206,6 @@ def test_lower_change_is_seen_after_invalidation(store):
         assert run_nixfs("sync", m.mnt).returncode == 0
         assert (mpath / "bin/changing").read_text().startswith("changing")
         assert walk(mpath)[0][0] == str(mpath / "bin")
-
-
-def status(store) -> dict:
-    out = run_nixfs("status", "--json", store.mnt)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def fuse_requests(store) -> dict:
-    return status(store)["fuse_requests"]
 
 
 @pytest.mark.skipif(not getattr(__import__("pyfuse3"), "CACHE_SYMLINKS", False),
