@@ -12,6 +12,12 @@ FSCK_EPILOG = """exit codes: 0 clean (no damage; redundant leftovers may be list
 tidies them), 1 damage found and all of it repaired, 4 damage left (found without --repair, or
 not repairable), 2 usage errors (e.g. the upper is mounted)."""
 
+OPTIONS_EPILOG = """nixfs' own -o options: ttl=SECONDS (1: how long the kernel keeps what may
+change), lower_timeout=SECONDS (30; 0 waits forever), max_nodes=N (200000),
+listings=kernel|fixed|none (which listings the kernel keeps), poll_us=N (100 with 2+ CPUs:
+how long to poll for the next request), xattr=on|off (off for a Nix store), nix=off (as
+--no-nix). Others: allow_other, ro, nosuid, nodev, noatime, ... (see README.md)."""
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -23,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nixfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    m = sub.add_parser("mount", help="merge a read-only lower with a writable upper at MOUNTPOINT")
+    m = sub.add_parser("mount", help="merge a read-only lower with a writable upper at MOUNTPOINT",
+                       epilog=OPTIONS_EPILOG)
     m.add_argument("--lower", required=True, help="the read-only lower directory")
     m.add_argument("--upper", required=True, help="the writable upper directory")
     m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -37,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("mountpoint")
 
     r = sub.add_parser("run", help="run COMMAND with nixfs mounted at /nix, as an ordinary "
-                                   "user (in a user and mount namespace of its own)")
+                                   "user (in a user and mount namespace of its own)",
+                       epilog=OPTIONS_EPILOG)
     r.add_argument("--lower", required=True, help="the read-only lower (a Nix directory, "
                                                   "holding store/ and var/nix/db)")
     r.add_argument("--upper", required=True, help="the writable upper directory")
