@@ -8,6 +8,7 @@ other exception would end the mount, so it is logged and answered with EIO.
 import collections
 import errno
 import functools
+import stat
 import logging
 
 import cachetools
@@ -22,6 +23,12 @@ log = logging.getLogger(__name__)
 # of directories opendir says are fixed, or (ENOSYS from opendir) of every directory.
 CACHE_READDIR = getattr(pyfuse3, "CACHE_READDIR", False)
 READDIR_BY_INODE = getattr(pyfuse3, "READDIR_BY_INODE", False)
+_KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)
+# With the patch pyfuse3 can also answer GETATTR from attributes the file system keeps
+# there, without a coroutine: see FuseOps._reply.
+KEEP_ATTRIBUTES = getattr(pyfuse3, "KEEP_ATTRIBUTES", False)
+# At most this many (about 250 bytes each); more are answered by getattr as before.
+KEPT_ATTRIBUTES_MAX = 100_000
 
 
 def _translate(fn):
@@ -81,6 +88,7 @@ class KernelNotifier:
     """
 
     def attr_changed(self, ino: int) -> None:
+        self.node_detached(ino)
         try:
             pyfuse3.invalidate_inode(ino, attr_only=True)
         except OSError as e:
@@ -89,6 +97,10 @@ class KernelNotifier:
 
     def __init__(self):
         self.listings_dropped = None  # callback(ino): the adapter's own listing snapshots
+
+    def node_detached(self, ino: int) -> None:
+        if KEEP_ATTRIBUTES:
+            pyfuse3.drop_attributes(ino)
 
     def entry_changed(self, parent_ino: int, name: bytes) -> None:
         pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
@@ -134,6 +146,24 @@ class FuseOps(pyfuse3.Operations):
     def _node(self, ino):
         return self.fs.node(ino)
 
+    @staticmethod
+    def kept_attributes() -> dict:
+        """How many inodes' attributes pyfuse3 keeps, and GETATTRs it answered from them."""
+        kept, answered = pyfuse3.kept_attributes_stats() if KEEP_ATTRIBUTES else (0, 0)
+        return {"inodes": kept, "getattr_answered": answered, "available": KEEP_ATTRIBUTES}
+
+    def _reply(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        """The entry for *attr*, kept in pyfuse3 when it is an immutable lower
+        directory or symlink: the kernel asks for their attributes again after
+        reading a listing or target uncached (it marks the atime stale), so a second
+        tree walk would cost a round trip through Python for each.  The model says
+        attr_changed or node_detached before they stop being true."""
+        e = _entry(attr)
+        if (attr.fixed and KEEP_ATTRIBUTES and stat.S_IFMT(attr.st.st_mode) in _KEPT_KINDS
+                and pyfuse3.kept_attributes_stats()[0] < KEPT_ATTRIBUTES_MAX):
+            pyfuse3.keep_attributes(e)
+        return e
+
     @_translate
     async def lookup(self, parent_inode, name, ctx=None):
         try:
@@ -143,7 +173,7 @@ class FuseOps(pyfuse3.Operations):
             entry.st_ino = 0
             entry.entry_timeout = e.ttl
             return entry
-        return _entry(attr)
+        return self._reply(attr)
 
     def forget(self, inode_list):
         self.requests["forget"] += 1
@@ -152,7 +182,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def getattr(self, inode, ctx=None):
-        return _entry(await self.fs.getattr(self._node(inode)))
+        return self._reply(await self.fs.getattr(self._node(inode)))
 
     @_translate
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -283,7 +313,7 @@ class FuseOps(pyfuse3.Operations):
             if found is None:
                 continue
             node, attr = found
-            if not pyfuse3.readdir_reply(token, dh.entries[index].name, _entry(attr), index + 3):
+            if not pyfuse3.readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):
                 self.fs.inodes.release_unreferenced(node)
                 break
             node.lookups += 1

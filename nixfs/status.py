@@ -41,6 +41,7 @@ def collect(*, cfg, ops, overlay, service, started: float, poll_us: int = 0) -> 
         "lower_calls": dict(lower.calls), "upper_calls": dict(upper.calls),
         "lower_timeout_s": overlay.lower.timeout or 0,
         "kernel_listings": ops.listings, "xattrs": ops.xattrs, "poll_us": poll_us,
+        "kept_attributes": ops.kept_attributes(),
         "copy_ups": overlay.copy_ups, "stale_answers": overlay.stale_answers,
         "nodes": len(overlay.inodes), "nodes_trimmed": overlay.trims,
         "rss_bytes": _rss(),
@@ -87,6 +88,13 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _kept_line(k: dict) -> str:
+    if not k["available"]:
+        return "  attributes kept in pyfuse3: no (pyfuse3 without nixfs' patch)"
+    return (f"  attributes kept in pyfuse3: {k['inodes']} directories and symlinks, "
+            f"{k['getattr_answered']} GETATTRs answered from them")
+
+
 def render(s: dict) -> str:
     lines = [f"{s['mountpoint']}  (pid {s['pid']}, up {s['uptime_s']} s)",
              f"  lower  {s['lower']}", f"  upper  {s['upper']}  ({_human(s['upper_bytes'])})",
@@ -97,6 +105,7 @@ def render(s: dict) -> str:
              + (f" (timeout {s['lower_timeout_s']} s)" if s.get("lower_timeout_s") else ""),
              f"  kernel keeps listings: {s['kernel_listings']}; xattrs "
              f"{'on' if s['xattrs'] else 'off'}; polls /dev/fuse {s['poll_us']} µs after a request",
+             _kept_line(s["kept_attributes"]),
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "
              f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"
              + ("" if s["cache"]["hit_ratio"] is None

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -213,17 +214,83 @@ def test_lower_change_is_seen_after_invalidation(store):
 def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     """Listings, attributes and symlink targets of a store path stay in the kernel:
     walking it again sends nixfs no request but one GETATTR per directory (after
-    reading a listing the kernel drops a writable mount's atime and asks again)."""
+    reading a listing the kernel drops a writable mount's atime and asks again; `find
+    -ls` also gets one per symlink), and those pyfuse3 answers from the attributes
+    nixfs kept there."""
     with store.mount():
         first = walk(store.tree)
-        before = fuse_requests(store)
+        before = status(store)
         assert walk(store.tree) == first
-        after = fuse_requests(store)
+        after = status(store)
     # `nixfs status` itself goes through the control socket, not FUSE.
-    new = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
-    dirs = sum(1 for p, mode, *_ in first if stat.S_ISDIR(mode)) + 1
-    assert new.pop("getattr", 0) <= dirs
-    assert new == {}, new
+    old = before["fuse_requests"]
+    new = {op: n - old.get(op, 0) for op, n in after["fuse_requests"].items() if n != old.get(op, 0)}
+    dirs = sum(1 for p, mode, *_ in first if stat.S_ISDIR(mode))
+    links = sum(1 for p, mode, *_ in first if stat.S_ISLNK(mode))
+    kept = after["kept_attributes"]
+    if kept["available"]:
+        answered = kept["getattr_answered"] - before["kept_attributes"]["getattr_answered"]
+        assert dirs <= answered <= dirs + links + 1  # (+ the tree's own directory)
+        assert new == {}, new
+    else:
+        assert new.pop("getattr", 0) <= dirs + links + 1
+        assert new == {}, new
+
+
+needs_kept_attributes = pytest.mark.skipif(
+    not getattr(__import__("pyfuse3"), "KEEP_ATTRIBUTES", False),
+    reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
+
+
+@needs_kept_attributes
+def test_kept_attributes_give_way_to_a_copy_up(store):
+    """A directory whose attributes pyfuse3 answers for is copied up when a file is
+    created in it: the kernel asks again and sees the copy's, not the lower's."""
+    sub = store.tree / "d2/sub"
+    with store.mount():
+        walk(store.tree)
+        walk(store.tree)  # the GETATTRs of the directories are answered from kept ones
+        lower_st = os.stat(sub)
+        for d in (store.tree, store.tree / "d2", sub):
+            os.chmod(d, 0o755)
+        os.chmod(sub, 0o700)
+        (sub / "new").write_text("x")
+        assert "new" in os.listdir(sub)
+        st = os.stat(sub)
+        assert stat.S_IMODE(st.st_mode) == 0o700
+        assert st.st_mtime_ns != lower_st.st_mtime_ns
+
+
+@needs_kept_attributes
+def test_kept_attributes_go_with_the_node(store):
+    """Removed or forgotten nodes leave nothing kept: a removed directory is not
+    described by its old attributes, and the kernel forgetting nodes frees theirs."""
+    lower_tree = store.lower / "store" / store.tree.name
+    os.chmod(lower_tree, 0o755)
+    (lower_tree / "empty").mkdir()
+    os.chmod(lower_tree, 0o555)
+    with store.mount():
+        walk(store.tree)
+        walk(store.tree)
+        kept = status(store)["kept_attributes"]["inodes"]
+        assert kept >= 11  # d0..d4, their sub, empty
+        fd = os.open(store.tree / "empty", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.chmod(store.tree, 0o755)
+            os.rmdir(store.tree / "empty")
+            # The kernel asks again (the link count and ctime changed): nixfs answers,
+            # not the lower's attributes pyfuse3 kept until the directory was removed.
+            before = status(store)
+            os.fstat(fd)
+            after = status(store)
+        finally:
+            os.close(fd)
+        assert after["fuse_requests"]["getattr"] == before["fuse_requests"].get("getattr", 0) + 1
+        assert after["kept_attributes"] == before["kept_attributes"]
+        assert after["kept_attributes"]["inodes"] < kept
+        if os.geteuid() == 0:
+            drop_kernel_caches()
+            assert status(store)["kept_attributes"]["inodes"] < kept
 
 
 def test_closing_files_costs_no_flush_round_trip(store):

@@ -104,8 +104,11 @@ def _outage(mnt, upper, lower, names, warm, cold, wfile, held):
                 # (a revalidation of data/dN, if the kernel's 1 s ttl ran out, may wait
                 # for the lower once before nixfs knows it is out)
                 assert TIMEOUT - 0.1 < took < 2 * TIMEOUT + 1.0, took
-            # Long after the kernel's ttl: what nixfs keeps still answers at once.
+            # Long after the kernel's ttl: what nixfs keeps still answers at once, and a
+            # directory it knows answers with what the lower last said of it.
             _answered_without_lower(mnt, warm, wfile)
+            err, took, _ = timed(os.stat, mnt / "data/d0")
+            assert err == 0 and took < FAST, (err, took)
             err, took, _ = timed(os.listdir, mnt / "store" / cold[0])  # never looked at
             assert err == errno.EIO and took < TIMEOUT + 1.0
             # A copy-up that cannot read the lower: EIO, nothing shown in the upper.

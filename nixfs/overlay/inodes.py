@@ -184,6 +184,16 @@ class InodeTable:
         node.lookups = max(0, node.lookups - count)
         self._maybe_drop(node)
 
+    @staticmethod
+    def descendants(node: Node):
+        """Every node below *node* (depth first)."""
+        stack = list((node.children or {}).values())
+        while stack:
+            below = stack.pop()
+            yield below
+            if below.children:
+                stack.extend(below.children.values())
+
     def release_unreferenced(self, node: Node) -> None:
         """Drop a node that was created but never handed to the kernel."""
         self._maybe_drop(node)

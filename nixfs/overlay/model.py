@@ -66,6 +66,9 @@ class Attr:
     uid: int
     gid: int
     ttl: float
+    # The node is an immutable lower object: these attributes stay valid until the
+    # model says attr_changed() or node_detached() for it (so the adapter may keep them).
+    fixed: bool = False
 
 
 @dataclass(slots=True)
@@ -188,6 +191,10 @@ class Notifier:
     def attr_changed(self, ino: int) -> None:
         pass
 
+    def node_detached(self, ino: int) -> None:
+        """The node left the tree (unlinked, its lower object gone, or forgotten):
+        what was said of it before no longer holds."""
+
     def entry_changed(self, parent_ino: int, name: bytes) -> None:
         pass
 
@@ -271,6 +278,7 @@ class Overlay:
     # ------------------------------------------------------------------ descriptors
 
     def _on_drop(self, node: Node) -> None:
+        self.notify.node_detached(node.ino)
         self._known_dirs.pop(node.ino, None)
         self.fds.drop(("u", node.ino))
         self.fds.drop(("l", node.ino))
@@ -713,8 +721,8 @@ class Overlay:
             uid, gid = self.owner
         else:
             uid, gid = st.st_uid, st.st_gid
-        ttl = self.immutable_ttl if self._immutable(node) else self.ttl
-        return Attr(node.ino, st, nlink, uid, gid, ttl)
+        fixed = self._immutable(node)
+        return Attr(node.ino, st, nlink, uid, gid, self.immutable_ttl if fixed else self.ttl, fixed)
 
     async def getattr(self, node: Node) -> Attr:
         return self._attr(node, await self._stat(node))
@@ -1123,6 +1131,7 @@ class Overlay:
         self._orphans[node.ino] = fd
 
     def _unlink_node(self, node: Node, parent: Node, name: bytes) -> None:
+        self.notify.node_detached(node.ino)
         self._forget_dir_fds(node)
         self.inodes.detach(node, parent, name)
 
@@ -1283,6 +1292,10 @@ class Overlay:
                     self.fds.drop(("l", child.ino))
                     child.lower = None if not self._lower_visible(parent, name) else child.lower
             else:
+                # What is below it left the lower too (nodes the kernel still holds, e.g.
+                # a working directory, answer from the lower from now on: "gone").
+                for below in self.inodes.descendants(child):
+                    self.notify.node_detached(below.ino)
                 self._unlink_node(child, parent, name)
         self.notify.entry_changed(parent.ino, name)
 
