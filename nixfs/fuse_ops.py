@@ -8,8 +8,8 @@ other exception would end the mount, so it is logged and answered with EIO.
 import collections
 import errno
 import functools
-import stat
 import logging
+import stat
 
 import cachetools
 import pyfuse3
@@ -23,12 +23,12 @@ log = logging.getLogger(__name__)
 # of directories opendir says are fixed, or (ENOSYS from opendir) of every directory.
 CACHE_READDIR = getattr(pyfuse3, "CACHE_READDIR", False)
 READDIR_BY_INODE = getattr(pyfuse3, "READDIR_BY_INODE", False)
-_KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)
 # With the patch pyfuse3 can also answer GETATTR from attributes the file system keeps
 # there, without a coroutine: see FuseOps._reply.
 KEEP_ATTRIBUTES = getattr(pyfuse3, "KEEP_ATTRIBUTES", False)
 # At most this many (about 250 bytes each); more are answered by getattr as before.
 KEPT_ATTRIBUTES_MAX = 100_000
+_KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)  # what the kernel asks again (see FuseOps._reply)
 
 
 def _translate(fn):
@@ -73,6 +73,12 @@ def _caller(ctx) -> Caller:
     return Caller(ctx.uid, ctx.gid)
 
 
+def _drop_kept(ino: int) -> None:
+    """pyfuse3 answers for *ino* no longer (see FuseOps._reply)."""
+    if KEEP_ATTRIBUTES:
+        pyfuse3.drop_attributes(ino)
+
+
 def _invalidate_data(ino: int) -> None:
     try:
         pyfuse3.invalidate_inode(ino, attr_only=False)
@@ -88,7 +94,7 @@ class KernelNotifier:
     """
 
     def attr_changed(self, ino: int) -> None:
-        self.node_detached(ino)
+        _drop_kept(ino)
         try:
             pyfuse3.invalidate_inode(ino, attr_only=True)
         except OSError as e:
@@ -99,8 +105,7 @@ class KernelNotifier:
         self.listings_dropped = None  # callback(ino): the adapter's own listing snapshots
 
     def node_detached(self, ino: int) -> None:
-        if KEEP_ATTRIBUTES:
-            pyfuse3.drop_attributes(ino)
+        _drop_kept(ino)
 
     def entry_changed(self, parent_ino: int, name: bytes) -> None:
         pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)

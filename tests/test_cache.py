@@ -329,3 +329,29 @@ def test_a_walk_into_the_store_reads_the_next_store_paths_ahead(store):
         for name in names[1:]:
             walk(store.mnt / "store" / name)
         assert total(lower_calls(store)) == before
+
+
+def test_read_ahead_names_come_from_few_index_queries(tmp_path):
+    """A walk asks for the store paths after each one it enters: the policy answers
+    from one query per many asks, skips paths not shown, and sees the index change."""
+    from nixfs.nixdb.lowerindex import LowerIndex
+    from nixfs.nixdb.storeview import NixStorePolicy
+    index = LowerIndex(str(tmp_path / "index.sqlite"))
+    names = [b"%03d-p" % i for i in range(100)]
+    with index.conn:
+        index.add((n, i, 1 if i % 10 == 5 else 0) for i, n in enumerate(names))
+    policy = NixStorePolicy(index)
+    queries = []
+    real = index.shown_after
+    index.shown_after = lambda name, count: queries.append(name) or real(name, count)
+    shown = [n for i, n in enumerate(names) if i % 10 != 5]
+    for i, n in enumerate(shown):
+        assert policy.read_ahead(b"store/" + n, 8) == [b"store/" + m for m in shown[i + 1:i + 9]]
+    assert len(queries) <= 100 // (8 * 8 - 8) + 8 + 1  # (the last few ask each time)
+    assert policy.read_ahead(b"store/005-p/bin", 8) == []
+    other = LowerIndex(str(tmp_path / "index.sqlite"))  # the sync worker's connection
+    with other.conn:
+        other.set_state([b"001-p"], 1)
+    assert policy.read_ahead(b"store/000-p", 2) == [b"store/002-p", b"store/003-p"]
+    other.close()
+    index.close()

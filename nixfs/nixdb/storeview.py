@@ -12,6 +12,7 @@ mount (so nixfs' writes share Nix's locks and ``-shm``), then tells the overlay,
 which drops what it and the kernel cached about those entries.
 """
 
+import bisect
 import errno
 import logging
 import time
@@ -40,12 +41,19 @@ class NixStorePolicy(LowerPolicy):
         # sync worker) bumps its data version; forget() drops a name the overlay hears of.
         self._states: cachetools.LRUCache = cachetools.LRUCache(50_000)
         self._version = None
+        # The shown names following the last read-ahead's, in name order: a walk asks
+        # for the next few after each store path, so one query serves many asks.
+        self._following: list[bytes] = []
 
-    def _state(self, name: bytes):
+    def _check_version(self) -> None:
         version = self.index.conn.data_version()
         if version != self._version:
             self._states.clear()
+            self._following = []
             self._version = version
+
+    def _state(self, name: bytes):
+        self._check_version()
         try:
             return self._states[name]
         except KeyError:
@@ -57,7 +65,14 @@ class NixStorePolicy(LowerPolicy):
         parts = lower_path.split(b"/")
         if len(parts) != 2 or parts[0] != b"store":
             return []
-        return [b"store/" + n for n in self.index.shown_after(parts[1], count)]
+        name = parts[1]
+        self._check_version()
+        following = self._following
+        at = bisect.bisect_right(following, name)
+        if not (following and following[0] <= name and at + count <= len(following)):
+            following = self._following = [name] + self.index.shown_after(name, 8 * count)
+            at = 1
+        return [b"store/" + n for n in following[at:at + count]]
 
     def forget(self, lower_path):
         parts = lower_path.split(b"/")

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 import apsw
+import cachetools
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,9 @@ class ListingStore:
         self.conn.execute("create table if not exists listings "
                           "(key blob primary key, data blob not null) without rowid")
         self.pending: dict[bytes, bytes] = {}
+        # Keys just found missing: a cold walk asks for each one twice or more (a
+        # read-ahead checks before it fetches, a listing of the store for every path).
+        self._absent: cachetools.LRUCache = cachetools.LRUCache(8192)
 
     def get(self, key: bytes) -> Listing | None:
         return self._get(key, decode)
@@ -175,8 +179,11 @@ class ListingStore:
     def _get(self, key: bytes, decoder):
         data = self.pending.get(key)
         if data is None:
+            if key in self._absent:
+                return None
             row = self.conn.execute("select data from listings where key = ?", (key,)).fetchone()
             if row is None:
+                self._absent[key] = True
                 return None
             data = row[0]
         try:
@@ -187,6 +194,7 @@ class ListingStore:
             return None
 
     def _put(self, key: bytes, data: bytes) -> None:
+        self._absent.pop(key, None)
         self.pending[key] = data
         if len(self.pending) >= 256:
             self.flush()
