@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import shutil
 import stat
 import subprocess
 import time
@@ -231,10 +230,9 @@ def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     if kept["available"]:
         answered = kept["getattr_answered"] - before["kept_attributes"]["getattr_answered"]
         assert dirs <= answered <= dirs + links + 1  # (+ the tree's own directory)
-        assert new == {}, new
     else:
         assert new.pop("getattr", 0) <= dirs + links + 1
-        assert new == {}, new
+    assert new == {}, new
 
 
 needs_kept_attributes = pytest.mark.skipif(
@@ -353,5 +351,8 @@ def test_read_ahead_names_come_from_few_index_queries(tmp_path):
     with other.conn:
         other.set_state([b"001-p"], 1)
     assert policy.read_ahead(b"store/000-p", 2) == [b"store/002-p", b"store/003-p"]
+    with index.conn:  # a change through the policy's own connection is seen too
+        index.set_state([b"002-p"], 1)
+    assert policy.read_ahead(b"store/000-p", 2) == [b"store/003-p", b"store/004-p"]
     other.close()
     index.close()
