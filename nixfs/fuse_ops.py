@@ -9,13 +9,14 @@ import collections
 import errno
 import functools
 import logging
+import os
 import stat
 
 import cachetools
 import pyfuse3
 import trio
 
-from .overlay import Attr, Caller, NegativeEntry, Overlay, SetAttr
+from .overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ READDIR_BY_INODE = getattr(pyfuse3, "READDIR_BY_INODE", False)
 # With the patch pyfuse3 can also answer GETATTR from attributes the file system keeps
 # there, without a coroutine: see FuseOps._reply.
 KEEP_ATTRIBUTES = getattr(pyfuse3, "KEEP_ATTRIBUTES", False)
+# And it lets open answer ENOSYS: the kernel then keeps opens itself (see FuseOps.open).
+FILES_BY_INODE = getattr(pyfuse3, "FILES_BY_INODE", False)
 # At most this many (about 250 bytes each); more are answered by getattr as before.
 KEPT_ATTRIBUTES_MAX = 100_000
 _KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)  # what the kernel asks again (see FuseOps._reply)
@@ -126,7 +129,8 @@ class FuseOps(pyfuse3.Operations):
     # a lower path that changes gets a new node).
     enable_cache_symlinks = True
 
-    def __init__(self, overlay: Overlay, *, listings: str = "best", xattrs: bool = True):
+    def __init__(self, overlay: Overlay, *, listings: str = "best", opens: str = "best",
+                 xattrs: bool = True):
         super().__init__()
         self.fs = overlay
         # Without xattrs every xattr request is answered ENOSYS: the kernel then answers
@@ -144,6 +148,15 @@ class FuseOps(pyfuse3.Operations):
             listings = "none"
         self.listings = listings
         self.readdir_by_inode = listings == "kernel"
+        # "kernel": the kernel keeps opens of files (no OPEN/RELEASE, reads by inode);
+        # "nixfs": every open is a file handle here.
+        if opens == "best":
+            opens = "kernel" if FILES_BY_INODE else "nixfs"
+        if opens == "kernel" and not FILES_BY_INODE:
+            log.warning("pyfuse3 lacks nixfs' patch: opens=kernel is not available")
+            opens = "nixfs"
+        self.opens = opens
+        self.files_by_inode = opens == "kernel"
         self._by_inode: cachetools.LRUCache = cachetools.LRUCache(512)  # ino -> DirHandle
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors = 0
@@ -245,20 +258,42 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def open(self, inode, flags, ctx):
+        if self.files_by_inode:
+            # The kernel then sends no OPEN or RELEASE for any file again and keeps file
+            # pages across opens: starting a program from the store costs no round trip.
+            # Reads and writes come by inode (see _file); O_TRUNC comes as a setattr.
+            self._node(inode)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         h = await self.fs.open(self._node(inode), flags)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
+        if self.files_by_inode:
+            # Once open answered ENOSYS the kernel sends no RELEASE for a created file
+            # either: its descriptor becomes the node's, and its reads come by inode.
+            h, _, attr = await self.fs.create(self._node(parent_inode), name, mode,
+                                              os.O_RDWR, _caller(ctx))
+            self.fs.keep_by_node(h)
+            return pyfuse3.FileInfo(fh=0, keep_cache=True), _entry(attr)
         h, _, attr = await self.fs.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), _entry(attr)
 
+    def _by_node(self, fh: int) -> bool:
+        """Whether *fh* is an inode: a file opened while open answers ENOSYS, or made
+        by create then (handles made before start above every inode)."""
+        return self.files_by_inode and fh < FIRST_HANDLE
+
     @_translate
     async def read(self, fh, off, size):
+        if self._by_node(fh):
+            return await self.fs.read_node(self._node(fh), off, size)
         return await self.fs.read(self.fs.handle(fh), off, size)
 
     @_translate
     async def write(self, fh, off, buf):
+        if self._by_node(fh):
+            return await self.fs.write_node(self._node(fh), off, buf)
         return await self.fs.write(self.fs.handle(fh), off, buf)
 
     @_translate
@@ -274,7 +309,10 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def fsync(self, fh, datasync):
-        await self.fs.fsync(self.fs.handle(fh), bool(datasync))
+        if self._by_node(fh):
+            await self.fs.fsync_node(self._node(fh), bool(datasync))
+        else:
+            await self.fs.fsync(self.fs.handle(fh), bool(datasync))
 
     @_translate
     async def opendir(self, inode, ctx):

@@ -34,7 +34,7 @@ FUSE_OPTIONS = {
 # How long the daemon polls for the next request after answering one (-o poll_us=).
 DEFAULT_POLL_US = 100
 # nixfs' own -o key=value options that set the MountConfig field of the same name.
-VALUE_FIELDS = ("ttl", "max_nodes", "listings", "lower_timeout", "poll_us", "xattr")
+VALUE_FIELDS = ("ttl", "max_nodes", "listings", "opens", "lower_timeout", "poll_us", "xattr")
 # What mount(8) and fstab add that is not for the file system.
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                    "nofail", "_netdev", "default_permissions"}
@@ -57,6 +57,7 @@ class MountConfig:
     nix: bool = True  # treat a lower holding store/ and var/nix/db as a Nix store
     max_nodes: int = 200_000  # inodes kept before asking the kernel to forget old ones
     listings: str = "best"  # which directory listings the kernel keeps: kernel/fixed/none
+    opens: str = "best"  # who keeps opens of files: kernel (no OPEN/RELEASE) or nixfs
     quiet: bool = False  # no announcement on stdout (nixfs run: stdout is the command's)
     exit_with_parent: bool = False  # the daemon unmounts when the process that mounted dies
     # Seconds a lower call may take before it fails with EIO (a hung NFS server must not
@@ -200,6 +201,8 @@ def check(cfg: MountConfig) -> None:
                          f"{cfg.lower_timeout!r}") from None
     if cfg.listings not in ("best", "kernel", "fixed", "none"):
         raise UsageError(f"listings must be kernel, fixed or none, not {cfg.listings!r}")
+    if cfg.opens not in ("best", "kernel", "nixfs"):
+        raise UsageError(f"opens must be kernel or nixfs, not {cfg.opens!r}")
     try:
         cfg.max_nodes = int(cfg.max_nodes)
         if cfg.max_nodes < 100:
@@ -397,7 +400,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
     # which FUSE mounts get from the mount, not the file system): a Nix store has none to show.
     xattrs = cfg.xattr == "on" or (cfg.xattr == "auto" and service is None)
-    ops = FuseOps(overlay, listings=cfg.listings, xattrs=xattrs)
+    ops = FuseOps(overlay, listings=cfg.listings, opens=cfg.opens, xattrs=xattrs)
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
     options.discard("rw")
     if owner is None:

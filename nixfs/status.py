@@ -40,12 +40,14 @@ def collect(*, cfg, ops, overlay, service, started: float, poll_us: int = 0) -> 
         "fuse_requests": dict(ops.requests), "errors": ops.errors,
         "lower_calls": dict(lower.calls), "upper_calls": dict(upper.calls),
         "lower_timeout_s": overlay.lower.timeout or 0,
-        "kernel_listings": ops.listings, "xattrs": ops.xattrs, "poll_us": poll_us,
+        "kernel_listings": ops.listings, "opens": ops.opens, "xattrs": ops.xattrs,
+        "poll_us": poll_us,
         "kept_attributes": ops.kept_attributes(),
         "copy_ups": overlay.copy_ups, "stale_answers": overlay.stale_answers,
         "nodes": len(overlay.inodes), "nodes_trimmed": overlay.trims,
         "rss_bytes": _rss(),
         "open_dir_fds": len(overlay.fds), "shared_lower_files": len(overlay.lower_files),
+        "node_file_fds": len(overlay.file_fds),
         "cache": {"hits": overlay.dircache.hits, "misses": overlay.dircache.misses,
                   "loaded_from_disk": overlay.dircache.loads, "listings": len(overlay.dircache),
                   "bytes_on_disk": overlay.dircache.store.size_bytes()
@@ -103,7 +105,7 @@ def render(s: dict) -> str:
              "  lower calls " + (", ".join(f"{k} {v}" for k, v in sorted(s["lower_calls"].items()))
                                  or "none")
              + (f" (timeout {s['lower_timeout_s']} s)" if s.get("lower_timeout_s") else ""),
-             f"  kernel keeps listings: {s['kernel_listings']}; xattrs "
+             f"  kernel keeps listings: {s['kernel_listings']}; opens kept by {s['opens']}; xattrs "
              f"{'on' if s['xattrs'] else 'off'}; polls /dev/fuse {s['poll_us']} µs after a request",
              _kept_line(s["kept_attributes"]),
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "

@@ -197,10 +197,11 @@ def _daemon_sample(pid: int) -> tuple[int, int]:
 
 
 def _cached_fds(mnt: Path) -> int:
-    """Descriptors the daemon keeps on purpose (its directory and lower-file caches)."""
+    """Descriptors the daemon keeps on purpose (its directory, lower-file and by-node
+    file caches)."""
     from relharness import status
     s = status(mnt)
-    return s["open_dir_fds"] + s["shared_lower_files"]
+    return s["open_dir_fds"] + s["shared_lower_files"] + s["node_file_fds"]
 
 
 def run_load(root: Path, daemon_pid: int, *, seconds: float, clients: int = 8,

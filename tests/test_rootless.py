@@ -28,7 +28,8 @@ def test_rootless_mount_write_umount(user):
         assert owners == [f"{user.uid}:{user.gid}"] * 2
         script = (f"set -e; echo more >> {mnt}/dir/file; chmod 600 {mnt}/dir/ro-file; "
                   f"mkdir {mnt}/new; echo x > {mnt}/new/f; rm {mnt}/top-file; "
-                  f"mv {mnt}/dir/sub {mnt}/sub; cat {mnt}/dir/file")
+                  f"mv {mnt}/dir/sub {mnt}/sub; (umask 222; echo ro > {mnt}/ro-new); "
+                  f"cat {mnt}/dir/file")
         proc = user.run("sh", "-c", script)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout == "content\nmore\n"
@@ -39,6 +40,9 @@ def test_rootless_mount_write_umount(user):
     st = os.lstat(up / "dir/file")
     assert (st.st_uid, st.st_gid) == (user.uid, user.gid)  # copied up as the user's
     assert (up / "new/f").read_text() == "x\n"
+    # Created read-only and written through the same open, as the user (no privilege to
+    # open it for writing again).
+    assert (up / "ro-new").read_text() == "ro\n" and os.stat(up / "ro-new").st_mode & 0o777 == 0o444
     assert (up / ".wh.top-file").exists()
     assert os.stat(lower / "dir/file").st_uid == 0
 

@@ -1,5 +1,5 @@
 """The overlay model: two layers merged into one tree, with no knowledge of FUSE."""
 
-from .model import Attr, Caller, DirHandle, Handle, NegativeEntry, Overlay, SetAttr
+from .model import FIRST_HANDLE, Attr, Caller, DirHandle, Handle, NegativeEntry, Overlay, SetAttr
 
 __all__ = ["Attr", "Caller", "DirHandle", "Handle", "NegativeEntry", "Overlay", "SetAttr"]

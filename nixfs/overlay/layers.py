@@ -172,6 +172,15 @@ class Layer:
         self.calls["open"] += 1
         return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
+    def read_at(self, dirfd: int, name: bytes, size: int, offset: int) -> bytes:
+        """Open, read, close: a file that may change between reads."""
+        fd = self.open(dirfd, name, os.O_RDONLY)
+        try:
+            self.calls["read"] += 1
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
     def _object_fd(self, dirfd: int, name: bytes) -> int:
         return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
 

@@ -37,6 +37,10 @@ _PASS_FLAGS = (os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_SYNC | os.O_DSY
                | os.O_DIRECT | os.O_TRUNC | os.O_LARGEFILE)
 
 
+# File handle numbers start here, above every inode number: a file system that lets the
+# kernel keep opens (FuseOps files_by_inode) gets either, and tells them apart by size.
+FIRST_HANDLE = 1 << 63
+
 # Upper reads and writes up to this size are made inline: the upper is a local file
 # system, and a worker-thread round trip costs more than such a call.
 INLINE_IO = 64 * 1024
@@ -246,9 +250,14 @@ class Overlay:
             e.pins = 1 << 62
         self.handles: dict[int, Handle | DirHandle] = {}
         # Nodes removed from the tree while the kernel still holds them (an open file,
-        # a working directory): an O_PATH descriptor, so their attributes can still be read.
+        # a working directory): a descriptor, so their attributes (and a file's data) can
+        # still be read (see _keep_orphan).
         self._orphans: dict[int, int] = {}
-        self._fh = itertools.count(1)
+        self._lower_orphans: set[int] = set()  # of those, lower files (read-only, never copied)
+        self._fh = itertools.count(FIRST_HANDLE)
+        # Upper files read or written by node (no open file: the kernel keeps opens), by
+        # ("r" or "w", node number): one descriptor per node and use, closed by LRU.
+        self.file_fds = FdCache(128)
         self._tmp = itertools.count(1)
         self._lock = trio.Lock()
         self.data_limiter = trio.CapacityLimiter(8)
@@ -270,7 +279,9 @@ class Overlay:
         for fd in self._orphans.values():
             os.close(fd)
         self._orphans.clear()
+        self._lower_orphans.clear()
         self.fds.clear()
+        self.file_fds.clear()
         self.state.close()
         self.upper.close()
         self.lower.layer.close()
@@ -282,7 +293,10 @@ class Overlay:
         self._known_dirs.pop(node.ino, None)
         self.fds.drop(("u", node.ino))
         self.fds.drop(("l", node.ino))
+        self.file_fds.drop(("r", node.ino))
+        self.file_fds.drop(("w", node.ino))
         orphan = self._orphans.pop(node.ino, None)
+        self._lower_orphans.discard(node.ino)
         if orphan is not None:
             os.close(orphan)
 
@@ -1114,21 +1128,36 @@ class Overlay:
 
     async def _keep_orphan(self, node: Node) -> None:
         """Before *node* loses its last name, keep a handle on its object if the kernel
-        still holds the node (an unlinked open file, a removed working directory)."""
+        still holds the node (an unlinked open file, a removed working directory).
+
+        A regular file's is open for reading (and writing, if it is in the upper and the
+        daemon may): when the kernel keeps opens, reads and writes of an unlinked open
+        file come by node, and this is what they use."""
         if node.lookups == 0 or node.aliases or node.ino in self._orphans:
             return
-        flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+        tries = [os.O_PATH]
+        if node.kind == stat.S_IFREG:
+            tries[:0] = [os.O_RDWR, os.O_RDONLY] if node.upper else [os.O_RDONLY]
+
+        def keep(pfd):
+            for flags in tries:
+                try:
+                    return os.open(node.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                except OSError:
+                    if flags == os.O_PATH:
+                        raise
         try:
             if node.upper:
                 with self._upper_fd(node.parent) as pfd:
-                    fd = os.open(node.name, flags, dir_fd=pfd)
+                    fd = keep(pfd)
             else:
                 async with self._lower_fd(node.parent) as pfd:
-                    fd = await self.lower.run(lambda: os.open(node.name, flags, dir_fd=pfd),
-                                              late=os.close)
+                    fd = await self.lower.run(keep, pfd, late=os.close)
         except OSError:
             return
         self._orphans[node.ino] = fd
+        if not node.upper and node.kind == stat.S_IFREG:
+            self._lower_orphans.add(node.ino)
 
     def _unlink_node(self, node: Node, parent: Node, name: bytes) -> None:
         self.notify.node_detached(node.ino)
@@ -1409,6 +1438,8 @@ class Overlay:
     async def _lower_object_call(self, node: Node, fn, *args):
         if node is self.root:
             return await self.lower.run(fn, self.lower.root_fd, b".", *args)
+        if node.parent is None:
+            raise _err(errno.ENOENT, "removed")  # as _object says for an upper one
         async with self._lower_fd(node.parent) as pfd:
             return await self.lower.run(fn, pfd, node.name, *args)
 
@@ -1524,11 +1555,7 @@ class Overlay:
             self._close_handle_fd(h)
             h.fd, h.upper, h.shared = fd, True, None
         if h.upper:
-            self.upper.calls["read"] += 1
-            if size <= INLINE_IO:
-                return os.pread(h.fd, size, offset)  # local and small: a thread hop costs more
-            return await trio.to_thread.run_sync(os.pread, h.fd, size, offset,
-                                                 limiter=self.data_limiter)
+            return await self._upper_pread(h.fd, size, offset)
         self.lower.calls["read"] += 1
         return await self.lower.run(os.pread, h.fd, size, offset)
 
@@ -1556,6 +1583,141 @@ class Overlay:
             self.lower_files.release(h.shared)
         else:
             os.close(h.fd)
+
+    # ------------------------------------------------------------------ file data by node
+    # When the kernel keeps opens (the adapter answers open with ENOSYS), it sends no
+    # OPEN or RELEASE: reads and writes name the node, and nixfs keeps descriptors per
+    # node instead of per open file.  A lower file is copied up at its first write.
+
+    async def read_node(self, node: Node, offset: int, size: int) -> bytes:
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        if node.parent is None:  # unlinked while the kernel holds it
+            fd = self._orphan_fd(node)
+            if node.ino in self._lower_orphans:
+                return await self.lower.run(os.pread, fd, size, offset)
+            return os.pread(fd, size, offset)
+        if node.upper:
+            entry = self._kept_file_fd(node, "r")
+            try:
+                return await self._upper_pread(entry.fd, size, offset)
+            finally:
+                self.file_fds.release(entry)
+        if node.kind == stat.S_IFREG and self._immutable(node):
+            key = self.lower_path(node)
+            fd = self.lower_files.acquire(key)
+            if fd is None:
+                fd = self.lower_files.add(key, await self._open_top(node, os.O_RDONLY))
+            try:
+                self.lower.calls["read"] += 1
+                return await self.lower.run(os.pread, fd, size, offset)
+            finally:
+                self.lower_files.release(key)
+        # A file of a lower that may change: opened for this read only, as an open would.
+        async with self._lower_fd(node.parent) as pfd:
+            return await self.lower.run(self.lower.layer.read_at, pfd, node.name, size, offset)
+
+    async def write_node(self, node: Node, offset: int, data: bytes) -> int:
+        if node.is_dir:
+            raise _err(errno.EISDIR)
+        if self.readonly:
+            raise _err(errno.EROFS)
+        if node.parent is None:
+            return os.pwrite(await self._writable_orphan(node), data, offset)
+        if not node.upper:
+            async with self._lock:
+                await self._copy_up(node)
+            if node.parent is None:  # removed meanwhile
+                return os.pwrite(await self._writable_orphan(node), data, offset)
+        entry = self._kept_file_fd(node, "w")
+        try:
+            self.upper.calls["write"] += 1
+            if len(data) <= INLINE_IO:
+                return os.pwrite(entry.fd, data, offset)
+            return await trio.to_thread.run_sync(os.pwrite, entry.fd, data, offset,
+                                                 limiter=self.data_limiter)
+        finally:
+            self.file_fds.release(entry)
+
+    async def fsync_node(self, node: Node, datasync: bool) -> None:
+        if node.parent is None:
+            if node.ino in self._lower_orphans:
+                return  # never written: nothing of ours to sync
+            fd = self._orphan_fd(node)
+        elif node.upper:
+            entry = self._kept_file_fd(node, "r")
+            try:
+                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, entry.fd,
+                                              limiter=self.data_limiter)
+            finally:
+                self.file_fds.release(entry)
+            return
+        else:
+            return  # nothing written: a lower file is copied up at its first write
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
+                                      limiter=self.data_limiter)
+
+    def keep_by_node(self, h: Handle) -> None:
+        """Make a new file's open descriptor (read-write) the one its node's reads and
+        writes use: a file created read-only can still be written through it."""
+        self.handles.pop(h.fh, None)
+        self.file_fds.release(self.file_fds.insert(("w", h.node.ino), h.fd))
+
+    def _kept_file_fd(self, node: Node, use: str) -> FdEntry:
+        """A descriptor of *node*'s upper file for *use* ("r" or "w"), pinned: a writable
+        one serves reads too."""
+        entry = self.file_fds.acquire(("w", node.ino))
+        if entry is None and use == "r":
+            entry = self.file_fds.acquire(("r", node.ino))
+        if entry is None:
+            with self._upper_fd(node.parent) as pfd:
+                fd = self.upper.open(pfd, node.name, os.O_RDWR if use == "w" else os.O_RDONLY)
+            entry = self.file_fds.insert((use, node.ino), fd)
+        return entry
+
+    async def _writable_orphan(self, node: Node) -> int:
+        """The descriptor an unlinked file is written through.  A lower file's is
+        read-only: it gets a private copy in the work directory now (kernel overlayfs
+        copies up when such a file is opened for writing, before the unlink)."""
+        if node.ino not in self._lower_orphans:
+            return self._orphan_fd(node)
+        async with self._lock:  # one copy, however many writes wait for it
+            if node.ino not in self._lower_orphans:
+                return self._orphan_fd(node)
+            return await self._copy_orphan(node, self._orphan_fd(node))
+
+    async def _copy_orphan(self, node: Node, fd: int) -> int:
+        def copy() -> int:
+            st = os.fstat(fd)
+            new = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self.work_fd)
+            try:
+                copyup.copy_data(fd, new, st.st_size, self.lower.layer)
+                os.fchmod(new, stat.S_IMODE(st.st_mode))
+                if self.privileged:
+                    os.fchown(new, st.st_uid, st.st_gid)
+                os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+            except BaseException:
+                os.close(new)
+                raise
+            return new
+        new = await self.lower.run(copy, late=os.close)
+        os.close(fd)
+        self._orphans[node.ino] = new
+        self._lower_orphans.discard(node.ino)
+        return new
+
+    def _orphan_fd(self, node: Node) -> int:
+        fd = self._orphans.get(node.ino)
+        if fd is None:
+            raise _err(errno.ENOENT, "removed")
+        return fd  # (an O_PATH one, where no better could be had, answers EBADF)
+
+    async def _upper_pread(self, fd: int, size: int, offset: int) -> bytes:
+        self.upper.calls["read"] += 1
+        if size <= INLINE_IO:
+            return os.pread(fd, size, offset)  # local and small: a thread hop costs more
+        return await trio.to_thread.run_sync(os.pread, fd, size, offset,
+                                             limiter=self.data_limiter)
 
     async def fsyncdir(self, node: Node, datasync: bool) -> None:
         if node.upper:
