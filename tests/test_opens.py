@@ -148,3 +148,20 @@ def test_writing_a_directory_or_through_a_read_only_open_fails(mounted):
         assert e.value.errno == errno.EBADF  # the kernel's: not open for writing
     finally:
         os.close(fd)
+
+
+def test_a_shared_writable_mapping_of_a_lower_file_is_written_back(mounted, upper):
+    """Pages written through mmap come back as WRITEs (by inode when the kernel keeps
+    opens): the lower file is copied up then, and the lower is never written."""
+    import mmap
+    path = mounted.mnt / "dir/file"
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 8) as m:
+            assert m[:8] == b"content\n"
+            m[:4] = b"CONT"
+            m.flush()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"CONTent\n"
+    assert (upper / "dir/file").read_bytes() == b"CONTent\n"
