@@ -261,7 +261,7 @@ class FuseOps(pyfuse3.Operations):
         if self.files_by_inode:
             # The kernel then sends no OPEN or RELEASE for any file again and keeps file
             # pages across opens: starting a program from the store costs no round trip.
-            # Reads and writes come by inode (see _file); O_TRUNC comes as a setattr.
+            # Reads and writes come by inode (see _by_node); O_TRUNC comes as a setattr.
             self._node(inode)
             raise pyfuse3.FUSEError(errno.ENOSYS)
         h = await self.fs.open(self._node(inode), flags)
