@@ -269,15 +269,14 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def create(self, parent_inode, name, mode, flags, ctx):
-        if self.files_by_inode:
-            # Once open answered ENOSYS the kernel sends no RELEASE for a created file
-            # either: its descriptor becomes the node's, and its reads come by inode.
-            h, _, attr = await self.fs.create(self._node(parent_inode), name, mode,
-                                              os.O_RDWR, _caller(ctx))
+        # Once open answered ENOSYS the kernel sends no RELEASE for a created file either:
+        # its (read-write) descriptor becomes the node's, and its reads come by inode.
+        by_node = self.files_by_inode
+        h, _, attr = await self.fs.create(self._node(parent_inode), name, mode,
+                                          os.O_RDWR if by_node else flags, _caller(ctx))
+        if by_node:
             self.fs.keep_by_node(h)
-            return pyfuse3.FileInfo(fh=0, keep_cache=True), _entry(attr)
-        h, _, attr = await self.fs.create(self._node(parent_inode), name, mode, flags, _caller(ctx))
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), _entry(attr)
+        return pyfuse3.FileInfo(fh=0 if by_node else h.fh, keep_cache=True), _entry(attr)
 
     def _by_node(self, fh: int) -> bool:
         """Whether *fh* is an inode: a file opened while open answers ENOSYS, or made

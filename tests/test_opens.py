@@ -37,6 +37,15 @@ def deleted_fds(pid: int) -> int:
     return count
 
 
+def assert_no_removed_file_kept(mnt) -> None:
+    pid = daemon_pid(mnt)
+    for _ in range(50):  # the kernel forgets the inode soon after the last close
+        if deleted_fds(pid) == 0:
+            return
+        time.sleep(0.1)
+    assert deleted_fds(pid) == 0, "the daemon keeps a removed file open"
+
+
 @needs_patch
 def test_starting_a_program_makes_no_request(lower, upper, mnt):
     """The default with the patch: after the first open, starting a program from the
@@ -109,12 +118,7 @@ def test_an_unlinked_open_file_stays_readable_and_writable(mounted, upper, where
         assert (st.st_nlink, st.st_size) == (0, 15)
     finally:
         os.close(fd)
-    pid = daemon_pid(mounted.mnt)
-    for _ in range(50):  # the kernel forgets the inode soon after the last close
-        if deleted_fds(pid) == 0:
-            break
-        time.sleep(0.1)
-    assert deleted_fds(pid) == 0, "the daemon keeps a removed file open"
+    assert_no_removed_file_kept(mounted.mnt)
     assert not (upper / "dir/file").exists()
     assert os.listdir(upper / ".nixfs/work") == []
 
@@ -130,12 +134,7 @@ def test_a_file_created_read_only_is_written_through_its_open(mounted, upper):
     assert os.stat(upper / "new").st_mode & 0o777 == 0o444
     # Its descriptor is let go (there is no RELEASE for it when the kernel keeps opens).
     os.unlink(mounted.mnt / "new")
-    pid = daemon_pid(mounted.mnt)
-    for _ in range(50):
-        if deleted_fds(pid) == 0:
-            break
-        time.sleep(0.1)
-    assert deleted_fds(pid) == 0, "the daemon keeps a removed file open"
+    assert_no_removed_file_kept(mounted.mnt)
 
 
 def test_writing_a_directory_or_through_a_read_only_open_fails(mounted):

@@ -2,4 +2,4 @@
 
 from .model import FIRST_HANDLE, Attr, Caller, DirHandle, Handle, NegativeEntry, Overlay, SetAttr
 
-__all__ = ["Attr", "Caller", "DirHandle", "Handle", "NegativeEntry", "Overlay", "SetAttr"]
+__all__ = ["FIRST_HANDLE", "Attr", "Caller", "DirHandle", "Handle", "NegativeEntry", "Overlay", "SetAttr"]

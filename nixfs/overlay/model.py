@@ -1529,15 +1529,21 @@ class Overlay:
                 await self._copy_up(node, truncate=bool(flags & os.O_TRUNC))
         if (not writing and node.kind == stat.S_IFREG and self._immutable(node)
                 and flags & _PASS_FLAGS & ~os.O_LARGEFILE == os.O_RDONLY):
-            key = self.lower_path(node)
-            fd = self.lower_files.acquire(key)
-            if fd is None:
-                fd = self.lower_files.add(key, await self._open_top(node, os.O_RDONLY))
+            key, fd = await self._shared_lower_fd(node)
             h = self._new_handle(node, fd, False, flags)
             h.shared = key
             return h
         fd = await self._open_top(node, flags & _PASS_FLAGS)
         return self._new_handle(node, fd, node.upper, flags)
+
+    async def _shared_lower_fd(self, node: Node) -> tuple[bytes, int]:
+        """The descriptor of an immutable lower file shared by all its readers (and its
+        key, for lower_files.release)."""
+        key = self.lower_path(node)
+        fd = self.lower_files.acquire(key)
+        if fd is None:
+            fd = self.lower_files.add(key, await self._open_top(node, os.O_RDONLY))
+        return key, fd
 
     async def _open_top(self, node: Node, flags: int) -> int:
         if node.parent is None:
@@ -1556,22 +1562,16 @@ class Overlay:
             h.fd, h.upper, h.shared = fd, True, None
         if h.upper:
             return await self._upper_pread(h.fd, size, offset)
-        self.lower.calls["read"] += 1
-        return await self.lower.run(os.pread, h.fd, size, offset)
+        return await self._lower_pread(h.fd, size, offset)
 
     async def write(self, h: Handle, offset: int, data: bytes) -> int:
         if not h.upper:
             raise _err(errno.EBADF)
-        self.upper.calls["write"] += 1
-        if len(data) <= INLINE_IO:
-            return os.pwrite(h.fd, data, offset)
-        return await trio.to_thread.run_sync(os.pwrite, h.fd, data, offset,
-                                             limiter=self.data_limiter)
+        return await self._upper_pwrite(h.fd, data, offset)
 
     async def fsync(self, h: Handle, datasync: bool) -> None:
         if h.upper:
-            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd,
-                                          limiter=self.data_limiter)
+            await self._sync_fd(h.fd, datasync)
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
@@ -1595,8 +1595,8 @@ class Overlay:
         if node.parent is None:  # unlinked while the kernel holds it
             fd = self._orphan_fd(node)
             if node.ino in self._lower_orphans:
-                return await self.lower.run(os.pread, fd, size, offset)
-            return os.pread(fd, size, offset)
+                return await self._lower_pread(fd, size, offset)
+            return await self._upper_pread(fd, size, offset)
         if node.upper:
             entry = self._kept_file_fd(node, "r")
             try:
@@ -1604,13 +1604,9 @@ class Overlay:
             finally:
                 self.file_fds.release(entry)
         if node.kind == stat.S_IFREG and self._immutable(node):
-            key = self.lower_path(node)
-            fd = self.lower_files.acquire(key)
-            if fd is None:
-                fd = self.lower_files.add(key, await self._open_top(node, os.O_RDONLY))
+            key, fd = await self._shared_lower_fd(node)
             try:
-                self.lower.calls["read"] += 1
-                return await self.lower.run(os.pread, fd, size, offset)
+                return await self._lower_pread(fd, size, offset)
             finally:
                 self.lower_files.release(key)
         # A file of a lower that may change: opened for this read only, as an open would.
@@ -1622,40 +1618,28 @@ class Overlay:
             raise _err(errno.EISDIR)
         if self.readonly:
             raise _err(errno.EROFS)
-        if node.parent is None:
-            return os.pwrite(await self._writable_orphan(node), data, offset)
-        if not node.upper:
+        if not node.upper and node.parent is not None:
             async with self._lock:
                 await self._copy_up(node)
-            if node.parent is None:  # removed meanwhile
-                return os.pwrite(await self._writable_orphan(node), data, offset)
+        if node.parent is None:  # unlinked while the kernel holds it (or during the copy)
+            return await self._upper_pwrite(await self._writable_orphan(node), data, offset)
         entry = self._kept_file_fd(node, "w")
         try:
-            self.upper.calls["write"] += 1
-            if len(data) <= INLINE_IO:
-                return os.pwrite(entry.fd, data, offset)
-            return await trio.to_thread.run_sync(os.pwrite, entry.fd, data, offset,
-                                                 limiter=self.data_limiter)
+            return await self._upper_pwrite(entry.fd, data, offset)
         finally:
             self.file_fds.release(entry)
 
     async def fsync_node(self, node: Node, datasync: bool) -> None:
+        # A lower file (orphaned or not) was never written: nothing of ours to sync.
         if node.parent is None:
-            if node.ino in self._lower_orphans:
-                return  # never written: nothing of ours to sync
-            fd = self._orphan_fd(node)
+            if node.ino not in self._lower_orphans:
+                await self._sync_fd(self._orphan_fd(node), datasync)
         elif node.upper:
             entry = self._kept_file_fd(node, "r")
             try:
-                await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, entry.fd,
-                                              limiter=self.data_limiter)
+                await self._sync_fd(entry.fd, datasync)
             finally:
                 self.file_fds.release(entry)
-            return
-        else:
-            return  # nothing written: a lower file is copied up at its first write
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
-                                      limiter=self.data_limiter)
 
     def keep_by_node(self, h: Handle) -> None:
         """Make a new file's open descriptor (read-write) the one its node's reads and
@@ -1718,6 +1702,21 @@ class Overlay:
             return os.pread(fd, size, offset)  # local and small: a thread hop costs more
         return await trio.to_thread.run_sync(os.pread, fd, size, offset,
                                              limiter=self.data_limiter)
+
+    async def _upper_pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        self.upper.calls["write"] += 1
+        if len(data) <= INLINE_IO:
+            return os.pwrite(fd, data, offset)
+        return await trio.to_thread.run_sync(os.pwrite, fd, data, offset,
+                                             limiter=self.data_limiter)
+
+    async def _lower_pread(self, fd: int, size: int, offset: int) -> bytes:
+        self.lower.calls["read"] += 1
+        return await self.lower.run(os.pread, fd, size, offset)
+
+    async def _sync_fd(self, fd: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd,
+                                      limiter=self.data_limiter)
 
     async def fsyncdir(self, node: Node, datasync: bool) -> None:
         if node.upper:
