@@ -29,6 +29,9 @@ READDIR_BY_INODE = getattr(pyfuse3, "READDIR_BY_INODE", False)
 KEEP_ATTRIBUTES = getattr(pyfuse3, "KEEP_ATTRIBUTES", False)
 # And it lets open answer ENOSYS: the kernel then keeps opens itself (see FuseOps.open).
 FILES_BY_INODE = getattr(pyfuse3, "FILES_BY_INODE", False)
+# And readdir may say it listed the last entry: pyfuse3 then answers the kernel's closing,
+# empty READDIRPLUS of that listing itself (half the requests of a cold tree walk).
+READDIR_END = getattr(pyfuse3, "READDIR_END", False)
 # At most this many (about 250 bytes each); more are answered by getattr as before.
 KEPT_ATTRIBUTES_MAX = 100_000
 _KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)  # what the kernel asks again (see FuseOps._reply)
@@ -69,6 +72,15 @@ def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e.st_atime_ns = st.st_atime_ns
     e.st_mtime_ns = st.st_mtime_ns
     e.st_ctime_ns = st.st_ctime_ns
+    return e
+
+
+def _dot_entry(ino: int) -> pyfuse3.EntryAttributes:
+    """``.`` or ``..`` in a listing: the kernel takes only the inode number and type
+    from it (it neither looks them up nor keeps their attributes), so no getattr."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.st_mode = stat.S_IFDIR
     return e
 
 
@@ -166,9 +178,12 @@ class FuseOps(pyfuse3.Operations):
 
     @staticmethod
     def kept_attributes() -> dict:
-        """How many inodes' attributes pyfuse3 keeps, and GETATTRs it answered from them."""
+        """How many inodes' attributes pyfuse3 keeps, the GETATTRs it answered from them,
+        and the closing READDIRPLUS requests it answered itself."""
         kept, answered = pyfuse3.kept_attributes_stats() if KEEP_ATTRIBUTES else (0, 0)
-        return {"inodes": kept, "getattr_answered": answered, "available": KEEP_ATTRIBUTES}
+        ends = pyfuse3.readdir_ends_stats()[1] if READDIR_END else 0
+        return {"inodes": kept, "getattr_answered": answered, "available": KEEP_ATTRIBUTES,
+                "readdir_ends_answered": ends}
 
     def _reply(self, attr: Attr) -> pyfuse3.EntryAttributes:
         """The entry for *attr*, kept in pyfuse3 when it is an immutable lower
@@ -325,6 +340,8 @@ class FuseOps(pyfuse3.Operations):
 
     def _drop_listing(self, ino: int) -> None:
         self._by_inode.pop(ino, None)
+        if READDIR_END:
+            pyfuse3.forget_readdir_end(ino)
 
     async def _listing_by_inode(self, ino: int, start_id: int):
         """The snapshot a readdir by inode continues (a new one from offset 0)."""
@@ -335,20 +352,21 @@ class FuseOps(pyfuse3.Operations):
         return dh
 
     @_translate
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh, start_id, token) -> bool:
+        """Reply from *start_id* on; True when the last entry is in the reply (pyfuse3
+        answers the kernel's next, closing request of this listing itself)."""
         # Offsets 0 and 1 are "." and ".."; the kernel takes no reference for them.
         # (With readdir_by_inode, *fh* is the directory's inode.)
         dh = (await self._listing_by_inode(fh, start_id) if self.readdir_by_inode
               else self.fs.dirhandle(fh))
         if start_id == 0:
-            attr = await self.fs.getattr(dh.node)
-            if not pyfuse3.readdir_reply(token, b".", _entry(attr), 1):
-                return
+            if not pyfuse3.readdir_reply(token, b".", _dot_entry(dh.node.ino), 1):
+                return False
             start_id = 1
         if start_id == 1:
-            attr = await self.fs.getattr(dh.node.parent or self.fs.root)
-            if not pyfuse3.readdir_reply(token, b"..", _entry(attr), 2):
-                return
+            parent = dh.node.parent or self.fs.root
+            if not pyfuse3.readdir_reply(token, b"..", _dot_entry(parent.ino), 2):
+                return False
             start_id = 2
         for index in range(start_id - 2, len(dh.entries)):
             found = await self.fs.readdir_entry(dh, index)
@@ -357,8 +375,9 @@ class FuseOps(pyfuse3.Operations):
             node, attr = found
             if not pyfuse3.readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):
                 self.fs.inodes.release_unreferenced(node)
-                break
+                return False
             node.lookups += 1
+        return True
 
     @_translate
     async def releasedir(self, fh):

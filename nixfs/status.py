@@ -94,7 +94,8 @@ def _kept_line(k: dict) -> str:
     if not k["available"]:
         return "  attributes kept in pyfuse3: no (pyfuse3 without nixfs' patch)"
     return (f"  attributes kept in pyfuse3: {k['inodes']} directories and symlinks, "
-            f"{k['getattr_answered']} GETATTRs answered from them")
+            f"{k['getattr_answered']} GETATTRs answered from them, "
+            f"{k.get('readdir_ends_answered', 0)} listings' closing READDIRPLUS answered")
 
 
 def render(s: dict) -> str:

@@ -235,6 +235,39 @@ def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     assert new == {}, new
 
 
+@pytest.mark.skipif(not getattr(__import__("pyfuse3"), "READDIR_END", False),
+                    reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
+def test_a_listing_costs_nixfs_one_readdir(store):
+    """The kernel reads a listing until a reply comes back empty; nixfs says when its
+    reply held the last entry and pyfuse3 answers that closing request itself, so a
+    first walk sends nixfs one READDIRPLUS per directory.  A listing that changes
+    is still read whole: before and after a file comes and goes, and when a reader
+    stopped after the first reply."""
+    with store.mount():
+        before = status(store)
+        first = walk(store.tree)
+        after = status(store)
+        dirs = 1 + sum(1 for p, mode, *_ in first if stat.S_ISDIR(mode))
+        readdirs = after["fuse_requests"]["readdir"] - before["fuse_requests"].get("readdir", 0)
+        ends = (after["kept_attributes"]["readdir_ends_answered"]
+                - before["kept_attributes"]["readdir_ends_answered"])
+        assert (readdirs, ends) == (dirs, dirs)
+
+        sub = store.tree / "d3/sub"
+        for d in (store.tree, store.tree / "d3", sub):
+            os.chmod(d, 0o755)
+        names = sorted(os.listdir(sub))
+        (sub / "new").write_text("x")
+        assert sorted(os.listdir(sub)) == sorted(names + ["new"])
+        (sub / "new2").write_text("y")
+        with os.scandir(sub) as it:
+            next(it)  # one reply read, the closing request never sent
+        assert sorted(os.listdir(sub)) == sorted(names + ["new", "new2"])
+        (sub / "new").unlink()
+        (sub / "new2").unlink()
+        assert sorted(os.listdir(sub)) == names
+
+
 needs_kept_attributes = pytest.mark.skipif(
     not getattr(__import__("pyfuse3"), "KEEP_ATTRIBUTES", False),
     reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
