@@ -31,8 +31,10 @@ FUSE_OPTIONS = {
     "exec", "noexec", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
     "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync", "async", "dirsync",
 }
-# How long the daemon polls for the next request after answering one (-o poll_us=).
-DEFAULT_POLL_US = 100
+# How long the daemon polls for the next request after answering one (-o poll_us=): a
+# cold tree walk's caller often takes more than 100 µs between requests (the kernel
+# builds a listing's dentries, its worker threads want the CPU too).
+DEFAULT_POLL_US = 250
 # nixfs' own -o key=value options that set the MountConfig field of the same name.
 VALUE_FIELDS = ("ttl", "max_nodes", "listings", "opens", "lower_timeout", "poll_us", "xattr")
 # What mount(8) and fstab add that is not for the file system.

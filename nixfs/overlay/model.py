@@ -233,8 +233,10 @@ class Overlay:
         # call as its own listing: a walk into a store path then costs one trip, not
         # one per directory; a single lookup reads at most this much more than it needs.
         self.prefetch_entries = 512
-        # Store paths fetched in the background ahead of a walk (see _read_further).
-        self.read_ahead_paths = 8
+        # Store paths fetched in the background ahead of a walk (see _read_further), a
+        # batch of them per worker-thread call.
+        self.read_ahead_paths = 16
+        self.read_ahead_batch = 4
         self._read_ahead: cachetools.LRUCache = cachetools.LRUCache(4096)  # read, not yet used
         self._ahead_pending: set[bytes] = set()
         self._ahead_limiter = trio.CapacityLimiter(max(1, lower_threads // 2))
@@ -483,6 +485,13 @@ class Overlay:
         finally:
             del self._fetching[path]
             done.set()
+        listing = self._keep_listings(path, key, listings)
+        if further:  # a request's fetch, not a read-ahead
+            self._read_further(parent, path)
+        return listing
+
+    def _keep_listings(self, path: bytes, key: bytes, listings: dict) -> Listing:
+        """Keep what ``read_listing`` read at *path*; its own listing."""
         listing = listings.pop(b"")
         self.dircache.put(path, key, listing)
         for rel, below in listings.items():  # the directories below, read on the way
@@ -490,38 +499,68 @@ class Overlay:
             sub_key = self.policy.cache_key(sub)
             if sub_key is not None:
                 self.dircache.put(sub, sub_key, below)
-        if further:  # a request's fetch, not a read-ahead
-            self._read_further(parent, path)
         return listing
 
     def _read_further(self, parent: Node, path: bytes) -> None:
         """Fetch, in the background, the immutable lower paths the policy expects a
         walk to want next: a cold walk (or NFS) then waits on several at once rather
-        than one after another.  At most ``read_ahead_paths`` ahead, half the lower's
-        threads."""
+        than one after another.  At most ``read_ahead_paths`` ahead, in batches of
+        ``read_ahead_batch`` per worker-thread call (each call costs the event loop
+        more than a listing), on at most half the lower's threads."""
         if not self.read_ahead_paths:
             return
-        for ahead in self.policy.read_ahead(path, self.read_ahead_paths):
-            if ahead in self._ahead_pending or ahead in self._fetching or ahead in self._read_ahead:
-                continue
-            self._ahead_pending.add(ahead)
-            trio.lowlevel.spawn_system_task(self._read_ahead_one, parent, ahead)
+        wanted = self.policy.read_ahead(path, self.read_ahead_paths)
+        new = [ahead for ahead in wanted if ahead not in self._ahead_pending
+               and ahead not in self._fetching and ahead not in self._read_ahead]
+        if len(wanted) == self.read_ahead_paths:  # not the end: wait for a full batch
+            new = new[:len(new) - len(new) % self.read_ahead_batch]
+        for at in range(0, len(new), self.read_ahead_batch):
+            batch = new[at:at + self.read_ahead_batch]
+            self._ahead_pending.update(batch)
+            trio.lowlevel.spawn_system_task(self._fetch_ahead, parent, batch)
 
-    async def _read_ahead_one(self, parent: Node, path: bytes) -> None:
+    async def _fetch_ahead(self, parent: Node, paths: list[bytes]) -> None:
+        """Fetch *paths* (immutable lower entries of *parent*) in one worker call."""
+        done = trio.Event()
         try:
             async with self._ahead_limiter:
                 if self.inodes.get(parent.ino) is not parent:
                     return  # the directory went meanwhile
-                key = self.policy.cache_key(path)
-                if key is None or self.dircache.get(path, key) is not None:
+                todo = []
+                for path in paths:
+                    key = self.policy.cache_key(path)
+                    if (key is not None and path not in self._fetching
+                            and self.dircache.get(path, key) is None):
+                        todo.append((path, key))
+                        self._fetching[path] = done
+                if not todo:
                     return
-                name = path.rsplit(b"/", 1)[1]
-                if await self._listing_at(parent, name, path, further=False) is not None:
-                    self._read_ahead[path] = True
+                async with self._lower_fd(parent) as pfd:
+                    found = await self.lower.run(self._read_listings, pfd,
+                                                 [path.rsplit(b"/", 1)[1] for path, _ in todo])
+                for (path, key), listings in zip(todo, found):
+                    if listings is not None:
+                        self._keep_listings(path, key, listings)
+                        self._read_ahead[path] = True
         except Exception as e:  # a read-ahead is a guess: its failure is no one's error
-            log.debug("reading %r ahead: %s", path, e)
+            log.debug("reading %r ahead: %s", paths, e)
         finally:
-            self._ahead_pending.discard(path)
+            for path in paths:
+                self._ahead_pending.discard(path)
+                if self._fetching.get(path) is done:
+                    del self._fetching[path]
+            done.set()
+
+    def _read_listings(self, dirfd: int, names: list[bytes]) -> list[dict | None]:
+        """(In a worker thread) ``read_listing`` of each name; None where it is gone."""
+        out = []
+        for name in names:
+            try:
+                out.append(self.lower.layer.read_listing(dirfd, name, False,
+                                                         self.prefetch_entries)[0])
+            except (FileNotFoundError, NotADirectoryError):
+                out.append(None)
+        return out
 
     async def _node_listing(self, node: Node) -> Listing | None:
         """The kept listing of a node's lower object, if there is one to keep."""
