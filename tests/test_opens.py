@@ -4,6 +4,7 @@ semantics must not depend on who keeps opens, so most tests run with both."""
 
 import errno
 import os
+import stat
 import subprocess
 import time
 
@@ -120,6 +121,31 @@ def test_an_unlinked_open_file_stays_readable_and_writable(mounted, upper, where
         os.close(fd)
     assert_no_removed_file_kept(mounted.mnt)
     assert not (upper / "dir/file").exists()
+    assert os.listdir(upper / ".nixfs/work") == []
+
+
+@pytest.mark.parametrize("where", ["upper", "lower"])
+def test_an_unlinked_open_file_can_be_truncated_chmodded_and_touched(mounted, lower, upper, where):
+    """ftruncate, fchmod and futimens work on an open file after its unlink (SQLite's
+    temporary files are unlinked at once and then truncated); a lower one is changed
+    in its private copy only (the lower fixture checks that the lower is unchanged)."""
+    path = mounted.mnt / "dir/file"
+    if where == "upper":
+        path.write_bytes(b"content\n")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.unlink(path)
+        os.ftruncate(fd, 4)
+        os.fchmod(fd, 0o600)
+        os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+        st = os.fstat(fd)
+        assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (4, 0o600, 2_000_000_000)
+        assert os.pread(fd, 100, 0) == b"cont"
+        assert os.pwrite(fd, b"ent", 4) == 3
+        assert os.pread(fd, 100, 0) == b"content"
+    finally:
+        os.close(fd)
+    assert_no_removed_file_kept(mounted.mnt)
     assert os.listdir(upper / ".nixfs/work") == []
 
 

@@ -1424,6 +1424,8 @@ class Overlay:
     async def setattr(self, node: Node, changes: SetAttr, handle: Handle | None = None) -> Attr:
         if self.readonly:
             raise _err(errno.EROFS)
+        if node.parent is None and node is not self.root:
+            return await self._setattr_orphan(node, changes)
         async with self._lock:
             await self._copy_up(node, truncate=changes.size == 0)
             fd_for_size = handle.fd if handle is not None and handle.upper else None
@@ -1439,8 +1441,9 @@ class Overlay:
                             os.ftruncate(fd, changes.size)
                         finally:
                             os.close(fd)
-                if changes.uid is not None or changes.gid is not None:
-                    self._chown(pfd, name, changes.uid, changes.gid)
+                ids = self._new_owner(changes)
+                if ids is not None:
+                    os.chown(name, *ids, dir_fd=pfd, follow_symlinks=False)
                 if changes.mode is not None:
                     if node.kind == stat.S_IFLNK:
                         raise _err(errno.EOPNOTSUPP)
@@ -1453,15 +1456,36 @@ class Overlay:
                 st = self.upper.lstat(pfd, name)
             return self._attr(node, st)
 
-    def _chown(self, pfd: int, name: bytes, uid: int | None, gid: int | None) -> None:
+    def _new_owner(self, changes: SetAttr) -> tuple[int, int] | None:
+        """The (uid, gid) to give the upper object (-1: unchanged), or None for no chown."""
+        uid, gid = changes.uid, changes.gid
         if self.owner is not None:
             # Everything shows as the mounting user's; only a real change is passed on.
             uid = None if uid == self.owner[0] else uid
             gid = None if gid == self.owner[1] else gid
-            if uid is None and gid is None:
-                return
-        os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=pfd,
-                 follow_symlinks=False)
+        if uid is None and gid is None:
+            return None
+        return (-1 if uid is None else uid, -1 if gid is None else gid)
+
+    async def _setattr_orphan(self, node: Node, changes: SetAttr) -> Attr:
+        """ftruncate, fchmod, fchown or futimens of a file unlinked while open: done on
+        the descriptor kept for it (see _keep_orphan); a lower file gets its private
+        copy first, as for a write, so the lower is never changed."""
+        if node.kind != stat.S_IFREG:
+            raise _err(errno.ENOENT, "removed")
+        fd = await self._writable_orphan(node)
+        if changes.size is not None:
+            os.ftruncate(fd, changes.size)
+        ids = self._new_owner(changes)
+        if ids is not None:
+            os.fchown(fd, *ids)
+        if changes.mode is not None:
+            os.fchmod(fd, stat.S_IMODE(changes.mode))
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            st = os.fstat(fd)
+            os.utime(fd, ns=(st.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
+                             st.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns))
+        return self._attr(node, os.fstat(fd))
 
     @contextmanager
     def _object(self, node: Node):
