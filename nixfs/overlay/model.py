@@ -206,6 +206,12 @@ class Notifier:
         """A directory's entries changed behind the kernel's back."""
 
 
+def _new_times(changes: SetAttr, st) -> tuple[int, int]:
+    """(atime, mtime) in ns for utime: what *changes* sets, the rest as *st* has it."""
+    return (st.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
+            st.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns)
+
+
 class Overlay:
     def __init__(self, lower: str, upper: str, *, owner: tuple[int, int] | None = None,
                  privileged: bool | None = None, readonly: bool = False, ttl: float = 1.0,
@@ -1449,10 +1455,8 @@ class Overlay:
                         raise _err(errno.EOPNOTSUPP)
                     os.chmod(name, stat.S_IMODE(changes.mode), dir_fd=pfd)
                 if changes.atime_ns is not None or changes.mtime_ns is not None:
-                    st = self.upper.lstat(pfd, name)
-                    times = (st.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
-                             st.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns)
-                    os.utime(name, ns=times, dir_fd=pfd, follow_symlinks=False)
+                    os.utime(name, ns=_new_times(changes, self.upper.lstat(pfd, name)),
+                             dir_fd=pfd, follow_symlinks=False)
                 st = self.upper.lstat(pfd, name)
             return self._attr(node, st)
 
@@ -1482,9 +1486,7 @@ class Overlay:
         if changes.mode is not None:
             os.fchmod(fd, stat.S_IMODE(changes.mode))
         if changes.atime_ns is not None or changes.mtime_ns is not None:
-            st = os.fstat(fd)
-            os.utime(fd, ns=(st.st_atime_ns if changes.atime_ns is None else changes.atime_ns,
-                             st.st_mtime_ns if changes.mtime_ns is None else changes.mtime_ns))
+            os.utime(fd, ns=_new_times(changes, os.fstat(fd)))
         return self._attr(node, os.fstat(fd))
 
     @contextmanager
