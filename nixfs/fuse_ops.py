@@ -348,7 +348,8 @@ class FuseOps(pyfuse3.Operations):
         dh = self._by_inode.get(ino) if start_id else None
         if dh is None:
             dh = await self.fs.list_dir(self._node(ino))
-            self._by_inode[ino] = dh
+            if not dh.fixed:  # one that cannot change reads the same again: kept if it
+                self._by_inode[ino] = dh  # does not fit one reply (see readdir)
         return dh
 
     @_translate
@@ -375,6 +376,8 @@ class FuseOps(pyfuse3.Operations):
             node, attr = found
             if not pyfuse3.readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):
                 self.fs.inodes.release_unreferenced(node)
+                if self.readdir_by_inode:
+                    self._by_inode[dh.node.ino] = dh  # the kernel goes on from here
                 return False
             node.lookups += 1
         return True

@@ -10,6 +10,7 @@ the upper and exits, so ``nixfs umount`` can wait for that.
 import ctypes
 import ctypes.util
 import errno
+import gc
 import logging
 import logging.handlers
 import os
@@ -338,6 +339,18 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
+def _tune_collector() -> None:
+    """Fit Python's cycle collector to a daemon whose objects are long-lived and made
+    by the ten thousand (nodes, listings).  By default it runs every 700 allocations
+    and goes through all survivors again each time they grew by a quarter: about 15 %
+    of the request handling of a cold walk here.  Start-up's objects (modules, the
+    layers) are left out of every collection."""
+    gc.freeze()
+    # Allocations before a young collection; young collections before a middle one;
+    # middle ones before a full one (which still waits for a quarter's growth).
+    gc.set_threshold(50_000, 20, 10)
+
+
 def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     """Mount and answer requests until unmounted or signalled."""
     import apsw
@@ -488,6 +501,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                 await pyfuse3.main(**main_args)
                 nursery.cancel_scope.cancel()
             await overlay.sync()
+        _tune_collector()
         trio.run(main)
     except BaseException:
         log.exception("the daemon failed")

@@ -268,6 +268,31 @@ def test_a_listing_costs_nixfs_one_readdir(store):
         assert sorted(os.listdir(sub)) == names
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops the kernel's caches")
+def test_a_store_directory_longer_than_one_reply_lists_every_entry_once(store):
+    """A listing that takes several READDIRPLUS replies goes on where the last one
+    stopped, with nothing missed or twice: read whole, read by two readers at once,
+    and by one that stopped after its first reply."""
+    lower_tree = store.lower / "store" / store.tree.name
+    os.chmod(lower_tree, 0o755)
+    (lower_tree / "big").mkdir()
+    names = sorted(f"entry-{i:04d}-{'x' * 40}" for i in range(600))
+    for name in names:
+        (lower_tree / "big" / name).write_text(name)
+    os.chmod(lower_tree, 0o555)
+    big = store.tree / "big"
+    with store.mount():
+        before = fuse_requests(store).get("readdir", 0)
+        assert sorted(os.listdir(big)) == names
+        assert fuse_requests(store)["readdir"] - before > 2  # it took several replies
+        drop_kernel_caches()
+        with os.scandir(big) as first, os.scandir(big) as second:
+            seen = [next(first).name, next(second).name]
+            assert sorted(seen[:1] + [e.name for e in first]) == names
+            assert sorted(seen[1:] + [e.name for e in second]) == names
+        assert sorted(os.listdir(big)) == names
+
+
 needs_kept_attributes = pytest.mark.skipif(
     not getattr(__import__("pyfuse3"), "KEEP_ATTRIBUTES", False),
     reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")

@@ -7,6 +7,8 @@ import stat
 import pytest
 
 from nixfs.overlay import Caller, Overlay, SetAttr
+from nixfs.overlay.model import Notifier
+from nixfs.overlay.policy import LowerPolicy
 from nixfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 ME = Caller(os.getuid(), os.getgid())
@@ -69,6 +71,97 @@ async def test_lookup_counts_and_forget(fs):
     assert fs.inodes.child(parent, b"nested") is None
     fresh = await walk(fs, "dir/sub/nested")
     assert fresh.ino != node.ino  # numbers are never reused
+
+
+class FrozenStore(LowerPolicy):
+    """The lower's ``store/*`` never change (as valid Nix store paths)."""
+
+    def tag(self, parent_tag, name):
+        if parent_tag == self.ROOT:
+            return "store" if name == b"store" else None
+        return "path" if parent_tag in ("store", "path") else None
+
+    def immutable(self, parent_tag):
+        return parent_tag in ("store", "path")
+
+    def complete(self, tag):
+        return tag == "path"
+
+    def cache_key(self, lower_path):
+        return lower_path if lower_path.startswith(b"store/") else None
+
+
+async def test_listing_an_immutable_directory_gives_what_lookups_give(lower, upper):
+    """A lower-only directory that never changes is listed from its kept listing
+    alone; its entries are the nodes lookups give, with the same attributes, and an
+    entry copied up after the listing was taken is described by its copy."""
+    fs = Overlay(str(lower), str(upper), policy=FrozenStore())
+    try:
+        pkg = await walk(fs, "store/aaa-pkg")
+        known, known_attr = await fs.lookup(pkg, b"bin")
+        dh = await fs.opendir(pkg)
+        assert dh.fixed and sorted(e.name for e in dh.entries) == [b"bin", b"share"]
+        listed = {dh.entries[i].name: await fs.readdir_entry(dh, i)
+                  for i in range(len(dh.entries))}
+        node, attr = listed[b"bin"]
+        assert node is known and attr == known_attr  # a known node, not a second one
+        share, attr = listed[b"share"]
+        assert share.lookups == 0 and not share.upper and attr.fixed
+        assert (attr.ino, attr.st.st_mode, attr.st.st_mtime_ns) == (
+            share.ino, (lower / "store/aaa-pkg/share").lstat().st_mode,
+            (lower / "store/aaa-pkg/share").lstat().st_mtime_ns)
+        fs.releasedir(dh.fh)
+
+        dh = await fs.opendir(pkg)
+        await fs.setattr(known, SetAttr(mode=stat.S_IFDIR | 0o700))  # copies it up
+        node, attr = await fs.readdir_entry(dh, [e.name for e in dh.entries].index(b"bin"))
+        assert node is known and node.upper and not attr.fixed
+        assert stat.S_IMODE(attr.st.st_mode) == 0o700
+        fs.releasedir(dh.fh)
+    finally:
+        fs.close()
+
+
+class AskLog(Notifier):
+    def __init__(self):
+        self.asked = []
+
+    def entry_changed(self, parent_ino, name):
+        self.asked.append((parent_ino, name))
+
+
+async def test_trimming_asks_the_kernel_to_forget_each_node_once(tmp_path, upper):
+    """Beyond its budget the node table asks the kernel to forget its oldest nodes.
+    The FORGETs come late, so a node already asked is not asked again while the
+    table grows on: each ask would queue behind the others (a walk of a million
+    entries once piled up millions of asks and gigabytes)."""
+    lower = tmp_path / "many-lower"
+    for d in range(13):
+        (lower / f"many/d{d}").mkdir(parents=True)
+        for f in range(100):
+            (lower / f"many/d{d}/f{f}").write_text("x")
+    fs = Overlay(str(lower), str(upper), max_nodes=100)
+    fs.notify = log = AskLog()
+
+    async def look_up(dirs):
+        for d in dirs:
+            parent = await walk(fs, f"many/d{d}")
+            for f in range(100):
+                await fs.lookup(parent, f"f{f}".encode())
+
+    try:
+        await look_up(range(10))
+        assert len(fs.inodes) > 1000  # the kernel forgot nothing yet
+        first = log.asked[:]
+        assert len(first) == len(set(first)) and 600 <= len(first) <= 1000
+        for parent_ino, name in first[:500]:  # now it forgets half of them
+            node = fs.inodes.child(fs.node(parent_ino), name)
+            fs.forget(node.ino, node.lookups)
+        del log.asked[:]
+        await look_up(range(10, 13))
+        assert log.asked and not set(log.asked) & set(first[500:])
+    finally:
+        fs.close()
 
 
 async def test_reserved_names(fs):

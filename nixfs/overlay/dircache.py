@@ -44,16 +44,17 @@ class LStat(NamedTuple):
     st_blocks: int
     st_rdev: int
 
-    @classmethod
-    def of(cls, st) -> "LStat":
-        return cls(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
-                   st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_blksize,
-                   st.st_blocks, st.st_rdev)
-
 
 _HEAD = struct.Struct("<HI")  # name length, target length (0xFFFFFFFF: none)
-_STAT = struct.Struct("<IQQQIIqqqqqqQ")
+_STAT = struct.Struct("<IQQQIIqqqqqqQ")  # LStat's fields in order
 _NONE = 0xFFFFFFFF
+
+
+def pack_stat(st) -> bytes:
+    """A stat (os.stat_result or LStat) as a listing keeps it."""
+    return _STAT.pack(st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
+                      st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                      st.st_blksize, st.st_blocks, st.st_rdev)
 
 
 class Listing(NamedTuple):
@@ -62,10 +63,6 @@ class Listing(NamedTuple):
     unpacked when asked for."""
     entries: dict[bytes, bytes]     # name -> packed stat; b"." is the directory (or file) itself
     targets: dict[bytes, bytes]     # name -> symlink target
-
-    @classmethod
-    def build(cls, stats: dict[bytes, LStat], targets: dict[bytes, bytes]) -> "Listing":
-        return cls({name: _STAT.pack(*st) for name, st in stats.items()}, targets)
 
     def stat(self, name: bytes) -> LStat | None:
         packed = self.entries.get(name)

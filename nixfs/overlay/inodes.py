@@ -166,16 +166,25 @@ class InodeTable:
             return None
         return node
 
-    def oldest_leaves(self, count: int, scan: int) -> list[Node]:
-        """Up to *count* of the oldest nodes the kernel could forget (no children), looking
-        at no more than *scan* nodes: candidates for trimming the table."""
+    def oldest_leaves(self, count: int, scan: int, skip: set[int] = frozenset()) -> list[Node]:
+        """Up to *count* of the oldest nodes the kernel could forget (no children), but
+        those in *skip*, looking at no more than *scan* nodes: candidates for trimming."""
         out = []
         for i, node in enumerate(self._nodes.values()):
             if len(out) >= count or i >= scan:
                 break
-            if node is not self.root and node.parent is not None and not node.children:
+            if (node is not self.root and node.parent is not None and not node.children
+                    and node.ino not in skip):
                 out.append(node)
         return out
+
+    def to_back(self, nodes: list[Node]) -> None:
+        """Count *nodes* as the newest: the kernel was asked to forget them, so the next
+        candidates are others (asking again before its FORGETs come would only pile
+        up requests behind the first)."""
+        for node in nodes:
+            if self._nodes.get(node.ino) is node:
+                self._nodes[node.ino] = self._nodes.pop(node.ino)
 
     def forget(self, ino: int, count: int) -> None:
         node = self._nodes.get(ino)

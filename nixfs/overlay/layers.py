@@ -122,25 +122,33 @@ class Layer:
         so walking into an immutable tree costs one trip to a worker thread rather
         than one per directory.  With *keep_fd*, a directory's descriptor stays
         open for the caller to keep; otherwise, or for a non-directory, fd is -1."""
-        from .dircache import Listing, LStat
+        from .dircache import Listing, pack_stat
         st = self.lstat(dirfd, name)
         if not stat.S_ISDIR(st.st_mode):
             targets = {b".": self.readlink(dirfd, name)} if stat.S_ISLNK(st.st_mode) else {}
-            return {b"": Listing.build({b".": LStat.of(st)}, targets)}, -1
+            return {b"": Listing({b".": pack_stat(st)}, targets)}, -1
         fd = self.open_dir(dirfd, name)
         out = {}
+        calls = self.calls
         try:
             queue, read = [(b"", fd, st)], 0
             while queue:
                 rel, dfd, dst = queue.pop(0)
                 try:
-                    entries, targets = {b".": LStat.of(dst)}, {}
-                    for child, _ in self.scandir(dfd):
+                    # Every entry is stat'ed anyway: the names alone from the listing,
+                    # each stat packed at once (this runs beside the event loop, which
+                    # wants the interpreter lock back).
+                    entries, targets = {b".": pack_stat(dst)}, {}
+                    calls["readdir"] += 1
+                    with os.scandir(dfd) as it:
+                        names = [os.fsencode(entry.name) for entry in it]
+                    for child in names:
+                        calls["lstat"] += 1
                         try:
-                            cst = self.lstat(dfd, child)
+                            cst = os.stat(child, dir_fd=dfd, follow_symlinks=False)
                         except FileNotFoundError:
                             continue
-                        entries[child] = LStat.of(cst)
+                        entries[child] = pack_stat(cst)
                         if stat.S_ISLNK(cst.st_mode):
                             targets[child] = self.readlink(dfd, child)
                         elif stat.S_ISDIR(cst.st_mode) and read + len(entries) < depth_budget:
@@ -149,7 +157,7 @@ class Layer:
                             except PermissionError:
                                 continue  # read when someone goes there
                             queue.append((rel + b"/" + child if rel else child, sub, cst))
-                    out[rel] = Listing.build(entries, targets)
+                    out[rel] = Listing(entries, targets)
                     read += len(entries)
                 finally:
                     if dfd != fd:

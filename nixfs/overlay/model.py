@@ -126,6 +126,16 @@ class _Found:
     lower_st: os.stat_result | None
 
 
+def _shown_lower(listing: Listing) -> list[Entry]:
+    """What a lower-only directory shows of its listing: every entry but ``.``,
+    reserved names and kernel whiteouts (``_list`` without the merging)."""
+    shown = []
+    for name, st in listing.stats():
+        if name != b"." and not fmt.is_reserved(name) and not fmt.is_kernel_whiteout(st):
+            shown.append(Entry(name, None, st))
+    return shown
+
+
 class NegativeEntry(FileNotFoundError):
     """ENOENT that the kernel may remember for *ttl* seconds."""
 
@@ -250,7 +260,8 @@ class Overlay:
         self._xattrs: cachetools.LRUCache = cachetools.LRUCache(20_000)
         self.lower_files = SharedFds(256)
         self.max_nodes = max_nodes
-        self._trimmed_at = 0
+        self._made_since_trim = 0
+        self._trim_asked: set[int] = set()  # nodes the kernel was asked to forget
         self.trims = 0
         self.fds = FdCache(fd_cache)
         self._root_entries = {"u": FdEntry(self.upper.root_fd), "l": FdEntry(self.lower.root_fd)}
@@ -299,6 +310,7 @@ class Overlay:
     def _on_drop(self, node: Node) -> None:
         self.notify.node_detached(node.ino)
         self._known_dirs.pop(node.ino, None)
+        self._trim_asked.discard(node.ino)
         self.fds.drop(("u", node.ino))
         self.fds.drop(("l", node.ino))
         self.file_fds.drop(("r", node.ino))
@@ -703,21 +715,28 @@ class Overlay:
         node = self.inodes.add(parent, name, kind, upper, lower)
         if parent.tag is not None and kind == stat.S_IFDIR:
             node.tag = self.policy.tag(parent.tag, name)
-        if len(self.inodes) > self.max_nodes and len(self.inodes) > self._trimmed_at:
+        self._made_since_trim += 1
+        if len(self.inodes) > self.max_nodes and self._made_since_trim > self.max_nodes // 20:
             self.trim()
         return node
 
     def trim(self) -> None:
         """Keep memory bounded: ask the kernel to forget the oldest nodes beyond the
         budget.  It drops those entries it does not use and sends FORGETs, which
-        remove the nodes; what it still uses (open files, working directories) stays."""
+        remove the nodes; what it still uses (open files, working directories) stays.
+        The FORGETs come late (the kernel takes the asks one at a time), so nodes
+        already asked count as going: asking again would only queue more asks."""
         excess = len(self.inodes) - self.max_nodes
-        batch = excess + self.max_nodes // 10  # some room, so this runs once per batch
-        victims = self.inodes.oldest_leaves(batch, scan=4 * batch)
-        for node in victims:
-            self.notify.entry_changed(node.parent.ino, node.name)
-        self._trimmed_at = len(self.inodes) + self.max_nodes // 20
-        self.trims += len(victims)
+        # Some room beyond the excess, so that this runs once per batch of new nodes.
+        batch = excess + self.max_nodes // 10 - len(self._trim_asked)
+        if batch > 0:
+            victims = self.inodes.oldest_leaves(batch, scan=4 * batch, skip=self._trim_asked)
+            for node in victims:
+                self.notify.entry_changed(node.parent.ino, node.name)
+            self.inodes.to_back(victims)
+            self._trim_asked.update(node.ino for node in victims)
+            self.trims += len(victims)
+        self._made_since_trim = 0
 
     async def _exists(self, parent: Node, name: bytes) -> bool:
         try:
@@ -812,6 +831,7 @@ class Overlay:
 
     def forget(self, ino: int, count: int) -> None:
         self.inodes.forget(ino, count)
+        self._trim_asked.discard(ino)  # answered: if the kernel still holds it, ask anew
 
     async def _list(self, node: Node, *, with_stats: bool) -> list[Entry]:
         """The merged entries of a directory, upper first."""
@@ -885,6 +905,12 @@ class Overlay:
         if not node.is_dir:
             raise _err(errno.ENOTDIR)
         fixed = (not node.upper and self.policy.complete(node.tag) and self._immutable(node))
+        if fixed:
+            # An immutable lower-only directory (most of a store walk): its kept listing
+            # is all there is to show, with nothing to merge.
+            kept = await self._node_listing(node)
+            if kept is not None:
+                return DirHandle(next(self._fh), node, _shown_lower(kept), True)
         return DirHandle(next(self._fh), node, await self._list(node, with_stats=True), fixed)
 
     async def opendir(self, node: Node) -> DirHandle:
@@ -896,7 +922,21 @@ class Overlay:
         """The node of entry *index* (not yet referenced), or None if it is gone."""
         entry = dh.entries[index]
         parent = dh.node
-        if self.inodes.child(parent, entry.name) is None:
+        child = self.inodes.child(parent, entry.name)
+        if dh.fixed and entry.upper_st is None and self.policy.immutable(parent.tag):
+            # In an immutable lower-only directory the listing's stat is the object's:
+            # no layer to ask, whether the node is new or still known.
+            st = entry.lower_st
+            if child is None:
+                child = self._new_node(parent, entry.name, stat.S_IFMT(st.st_mode), False, DERIVED)
+            elif child.upper or child.lower is not DERIVED:
+                child = None  # copied up meanwhile: ask the layers below
+            if child is not None:
+                if child.kind == stat.S_IFDIR:
+                    self._known_dirs[child.ino] = st
+                uid, gid = self.owner or (st.st_uid, st.st_gid)
+                return child, Attr(child.ino, st, st.st_nlink, uid, gid, self.immutable_ttl, True)
+        elif child is None:
             # The listing already looked at both layers: what it saw makes the node,
             # unless it is an upper directory (whose markers decide how it merges).
             st = entry.upper_st or entry.lower_st
