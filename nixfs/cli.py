@@ -13,7 +13,7 @@ tidies them), 1 damage found and all of it repaired, 4 damage left (found withou
 not repairable), 2 usage errors (e.g. the upper is mounted)."""
 
 OPTIONS_EPILOG = """nixfs' own -o options: ttl=SECONDS (1: how long the kernel keeps what may
-change), lower_timeout=SECONDS (30; 0 waits forever), max_nodes=N (200000),
+change), lower_timeout=SECONDS (30; 0 waits forever), max_nodes=N (100000),
 listings=kernel|fixed|none (which listings the kernel keeps), opens=kernel|nixfs (who
 keeps opens of files: the kernel sends no OPEN/RELEASE), poll_us=N (250 with 2+ CPUs:
 how long to poll for the next request), xattr=on|off (off for a Nix store), nix=off (as

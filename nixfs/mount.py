@@ -58,7 +58,7 @@ class MountConfig:
     log_file: str | None = None
     ttl: float = 1.0
     nix: bool = True  # treat a lower holding store/ and var/nix/db as a Nix store
-    max_nodes: int = 200_000  # inodes kept before asking the kernel to forget old ones
+    max_nodes: int = 100_000  # inodes kept before asking the kernel to forget old ones
     listings: str = "best"  # which directory listings the kernel keeps: kernel/fixed/none
     opens: str = "best"  # who keeps opens of files: kernel (no OPEN/RELEASE) or nixfs
     quiet: bool = False  # no announcement on stdout (nixfs run: stdout is the command's)

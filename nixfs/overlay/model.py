@@ -228,7 +228,7 @@ class Overlay:
                  lower_threads: int = 8, lower_timeout: float | None = None,
                  fd_cache: int = 1024, policy: LowerPolicy | None = None,
                  listings: ListingStore | None = None, immutable_ttl: float = 3600.0,
-                 max_nodes: int = 200_000):
+                 max_nodes: int = 100_000):
         self.upper = Layer(upper, name="upper")
         self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
                                 timeout=lower_timeout)
