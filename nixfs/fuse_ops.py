@@ -348,8 +348,10 @@ class FuseOps(pyfuse3.Operations):
         dh = self._by_inode.get(ino) if start_id else None
         if dh is None:
             dh = await self.fs.list_dir(self._node(ino))
-            if not dh.fixed:  # one that cannot change reads the same again: kept if it
-                self._by_inode[ino] = dh  # does not fit one reply (see readdir)
+            # A listing that cannot change reads the same again: kept only when it
+            # does not fit one reply (see readdir).
+            if not dh.fixed:
+                self._by_inode[ino] = dh
         return dh
 
     @_translate

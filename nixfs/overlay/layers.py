@@ -92,6 +92,12 @@ class Layer:
                 out.append((name, kind))
         return out
 
+    def names(self, fd: int) -> list[bytes]:
+        """A directory's names alone, for callers that stat every entry anyway."""
+        self.calls["readdir"] += 1
+        with os.scandir(fd) as it:
+            return [os.fsencode(entry.name) for entry in it]
+
     def scan_stats(self, fd: int) -> list[tuple[bytes, os.stat_result]]:
         """List a directory with the lstat of each entry, in one go (one thread hop)."""
         out = []
@@ -129,23 +135,17 @@ class Layer:
             return {b"": Listing({b".": pack_stat(st)}, targets)}, -1
         fd = self.open_dir(dirfd, name)
         out = {}
-        calls = self.calls
         try:
             queue, read = [(b"", fd, st)], 0
             while queue:
                 rel, dfd, dst = queue.pop(0)
                 try:
-                    # Every entry is stat'ed anyway: the names alone from the listing,
-                    # each stat packed at once (this runs beside the event loop, which
-                    # wants the interpreter lock back).
+                    # Each stat packed at once: this runs beside the event loop, which
+                    # wants the interpreter lock back.
                     entries, targets = {b".": pack_stat(dst)}, {}
-                    calls["readdir"] += 1
-                    with os.scandir(dfd) as it:
-                        names = [os.fsencode(entry.name) for entry in it]
-                    for child in names:
-                        calls["lstat"] += 1
+                    for child in self.names(dfd):
                         try:
-                            cst = os.stat(child, dir_fd=dfd, follow_symlinks=False)
+                            cst = self.lstat(dfd, child)
                         except FileNotFoundError:
                             continue
                         entries[child] = pack_stat(cst)
