@@ -401,29 +401,28 @@ class FuseOps(pyfuse3.Operations):
             setattr(out, field, getattr(vfs, field))
         return out
 
-    @_translate
-    async def getxattr(self, inode, name, ctx):
+    def _xattr_node(self, inode):
+        """The node whose xattrs are asked for.  ENOSYS when the mount shows none: the
+        kernel then answers every xattr request itself and never asks again."""
         if not self.xattrs:
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        return await self.fs.getxattr(self._node(inode), name)
+        return self._node(inode)
+
+    @_translate
+    async def getxattr(self, inode, name, ctx):
+        return await self.fs.getxattr(self._xattr_node(inode), name)
 
     @_translate
     async def listxattr(self, inode, ctx):
-        if not self.xattrs:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
-        return await self.fs.listxattr(self._node(inode))
+        return await self.fs.listxattr(self._xattr_node(inode))
 
     @_translate
     async def setxattr(self, inode, name, value, ctx):
-        if not self.xattrs:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
-        await self.fs.setxattr(self._node(inode), name, value)
+        await self.fs.setxattr(self._xattr_node(inode), name, value)
 
     @_translate
     async def removexattr(self, inode, name, ctx):
-        if not self.xattrs:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
-        await self.fs.removexattr(self._node(inode), name)
+        await self.fs.removexattr(self._xattr_node(inode), name)
 
     @_translate
     async def access(self, inode, mode, ctx):
