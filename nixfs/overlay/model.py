@@ -127,8 +127,9 @@ class _Found:
 
 
 def _shown_lower(listing: Listing) -> list[Entry]:
-    """What a lower-only directory shows of its listing: every entry but ``.``,
-    reserved names and kernel whiteouts (``_list`` without the merging)."""
+    """What a directory shows of its kept lower listing: every entry but ``.``,
+    reserved names and kernel whiteouts (all of it when the directory is lower-only;
+    ``_list`` merges it with the upper)."""
     shown = []
     for name, st in listing.stats():
         if name != b"." and not fmt.is_reserved(name) and not fmt.is_kernel_whiteout(st):
@@ -857,14 +858,13 @@ class Overlay:
                     entries[name] = Entry(name, st, None)
         kept = await self._node_listing(node) if node.lower is not None else None
         if kept is not None:
-            for name, st in kept.stats():
-                if name == b"." or name in hidden or self._hidden_name(node, name) \
-                        or fmt.is_kernel_whiteout(st):
+            for entry in _shown_lower(kept):
+                if entry.name in hidden or self._hidden_name(node, entry.name):
                     continue
-                if name in entries:
-                    entries[name].lower_st = st
+                if entry.name in entries:
+                    entries[entry.name].lower_st = entry.lower_st
                 else:
-                    entries[name] = Entry(name, None, st)
+                    entries[entry.name] = entry
         elif node.lower is not None:
             names = self.policy.lower_names(node.tag) if node.tag is not None else None
             try:
@@ -932,10 +932,7 @@ class Overlay:
             elif child.upper or child.lower is not DERIVED:
                 child = None  # copied up meanwhile: ask the layers below
             if child is not None:
-                if child.kind == stat.S_IFDIR:
-                    self._known_dirs[child.ino] = st
-                uid, gid = self.owner or (st.st_uid, st.st_gid)
-                return child, Attr(child.ino, st, st.st_nlink, uid, gid, self.immutable_ttl, True)
+                return child, self._attr(child, st)
         elif child is None:
             # The listing already looked at both layers: what it saw makes the node,
             # unless it is an upper directory (whose markers decide how it merges).
