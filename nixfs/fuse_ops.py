@@ -17,6 +17,7 @@ import pyfuse3
 import trio
 
 from .overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
+from .stale_attrs import StaleAttributes
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,8 @@ class FuseOps(pyfuse3.Operations):
         self._by_inode: cachetools.LRUCache = cachetools.LRUCache(512)  # ino -> DirHandle
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors = 0
+        # Set by the mount (it knows where the mount is): refreshes what reads made stale.
+        self.stale_attrs: StaleAttributes | None = None
 
     def _node(self, ino):
         return self.fs.node(ino)
@@ -237,7 +240,10 @@ class FuseOps(pyfuse3.Operations):
 
     @_translate
     async def readlink(self, inode, ctx):
-        return await self.fs.readlink(self._node(inode))
+        node = self._node(inode)
+        target = await self.fs.readlink(node)
+        self._went_stale(node)
+        return target
 
     @_translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -382,7 +388,14 @@ class FuseOps(pyfuse3.Operations):
                     self._by_inode[dh.node.ino] = dh  # the kernel goes on from here
                 return False
             node.lookups += 1
+        self._went_stale(dh.node)
         return True
+
+    def _went_stale(self, node) -> None:
+        """The kernel read *node*'s listing or target itself: it now holds its atime
+        stale, so its next stat would wait for a GETATTR (see stale_attrs)."""
+        if self.stale_attrs is not None and self.fs.attributes_settled(node):
+            self.stale_attrs.stale(node)
 
     @_translate
     async def releasedir(self, fh):

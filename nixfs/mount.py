@@ -366,6 +366,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .overlay import Overlay
     from .overlay.dircache import ListingStore
     from .overlay.state import StateError, UpperInUse
+    from .stale_attrs import StaleAttributes
 
     def report(message: str, code: int = 0) -> int:
         """Tell the waiting parent how the start went; return *code*."""
@@ -432,6 +433,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         return report(f"mounting at {cfg.mountpoint} failed ({e}); see the messages above", 1)
     from . import control, status
     started = time.time()
+    stale_attrs = StaleAttributes(cfg.mountpoint, overlay.attributes_settled)
+    ops.stale_attrs = stale_attrs
 
     main_args = _main_args(cfg)
 
@@ -452,6 +455,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         return True
 
     async def op_pause(seconds=10.0):
+        await stale_attrs.pause(seconds)
         if service is not None:
             await service.pause(seconds)
         return True
@@ -491,6 +495,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                             pyfuse3.terminate()
                             return
                 nursery.start_soon(on_signals)
+                nursery.start_soon(stale_attrs.run)
                 await nursery.start(control_server.serve)
 
                 async def start():
@@ -538,10 +543,11 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
     if entry.fstype != runtime.FSTYPE:
         raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
     info = runtime.read_record(mnt)
-    if info is not None and info.get("nix"):
+    if info is not None:
         from . import control
         try:
-            control.request(mnt, "pause")  # its database work lets go of the mount
+            # Its database work and its own stats (stale_attrs) let go of the mount.
+            control.request(mnt, "pause")
         except control.ControlError:
             pass
     err = errno.EPERM

@@ -43,6 +43,7 @@ def collect(*, cfg, ops, overlay, service, started: float, poll_us: int = 0) -> 
         "kernel_listings": ops.listings, "opens": ops.opens, "xattrs": ops.xattrs,
         "poll_us": poll_us,
         "kept_attributes": ops.kept_attributes(),
+        "attributes_refreshed": _refreshed(ops.stale_attrs),
         "copy_ups": overlay.copy_ups, "stale_answers": overlay.stale_answers,
         "nodes": len(overlay.inodes), "nodes_trimmed": overlay.trims,
         "rss_bytes": _rss(),
@@ -98,6 +99,12 @@ def _kept_line(k: dict) -> str:
             f"{k.get('readdir_ends_answered', 0)} listings' closing READDIRPLUS answered")
 
 
+def _refreshed(stale_attrs) -> dict:
+    if stale_attrs is None:
+        return {"done": 0, "failed": 0}
+    return {"done": stale_attrs.refreshed, "failed": stale_attrs.failed}
+
+
 def render(s: dict) -> str:
     lines = [f"{s['mountpoint']}  (pid {s['pid']}, up {s['uptime_s']} s)",
              f"  lower  {s['lower']}", f"  upper  {s['upper']}  ({_human(s['upper_bytes'])})",
@@ -109,6 +116,9 @@ def render(s: dict) -> str:
              f"  kernel keeps listings: {s['kernel_listings']}; opens kept by {s['opens']}; xattrs "
              f"{'on' if s['xattrs'] else 'off'}; polls /dev/fuse {s['poll_us']} µs after a request",
              _kept_line(s["kept_attributes"]),
+             "  attributes refreshed after the kernel read a listing or target: "
+             f"{s.get('attributes_refreshed', {}).get('done', 0)}"
+             f" ({s.get('attributes_refreshed', {}).get('failed', 0)} failed)",
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "
              f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"
              + ("" if s["cache"]["hit_ratio"] is None

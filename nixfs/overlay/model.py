@@ -608,6 +608,12 @@ class Overlay:
             return False
         return self.policy.immutable(node.parent.tag)
 
+    def attributes_settled(self, node: Node) -> bool:
+        """Whether the kernel may keep *node*'s attributes for good: an object that never
+        changes, still in the table and not asked to be forgotten."""
+        return (self.inodes.get(node.ino) is node and node.ino not in self._trim_asked
+                and self._immutable(node))
+
     async def _lower_xattrs(self, node: Node) -> dict[str, bytes]:
         """All xattrs of an immutable lower object, kept (exec asks for
         security.capability every time, ``ls -l`` for every entry): those of a whole
