@@ -223,6 +223,9 @@ def check(cfg: MountConfig) -> None:
         raise UsageError(f"poll_us must be a whole number of microseconds from 0 to 10000, "
                          f"not {cfg.poll_us!r}") from None
     cfg.lower, cfg.upper, cfg.mountpoint = lower, upper, mnt
+    if cfg.readonly and is_nix_store(cfg):
+        raise UsageError("a Nix store mount cannot be read-only: Nix takes its GC lock and "
+                         "writes its database through it (--no-nix mounts the files read-only)")
 
 
 def _main_args(cfg: MountConfig) -> dict:
@@ -433,7 +436,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         return report(f"mounting at {cfg.mountpoint} failed ({e}); see the messages above", 1)
     from . import control, status
     started = time.time()
-    stale_attrs = StaleAttributes(cfg.mountpoint, overlay.attributes_settled)
+    # The kernel holds no attribute stale on a read-only mount: nothing to refresh there.
+    stale_attrs = None if cfg.readonly else StaleAttributes(cfg.mountpoint,
+                                                            overlay.attributes_settled)
     ops.stale_attrs = stale_attrs
 
     main_args = _main_args(cfg)
@@ -455,7 +460,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         return True
 
     async def op_pause(seconds=10.0):
-        await stale_attrs.pause(seconds)
+        if stale_attrs is not None:
+            await stale_attrs.pause(seconds)
         if service is not None:
             await service.pause(seconds)
         return True
@@ -495,7 +501,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                             pyfuse3.terminate()
                             return
                 nursery.start_soon(on_signals)
-                nursery.start_soon(stale_attrs.run)
+                if stale_attrs is not None:
+                    nursery.start_soon(stale_attrs.run)
                 await nursery.start(control_server.serve)
 
                 async def start():

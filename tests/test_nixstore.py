@@ -190,6 +190,17 @@ def test_read_only_lower(store):
         subprocess.run(["umount", str(ro)], check=True)
 
 
+def test_a_read_only_store_mount_is_refused_with_a_clear_error(store):
+    """Nix writes through a store mount (its GC lock, its database): `-o ro` is refused
+    before anything is mounted, with what to do instead."""
+    proc = run_nixfs("mount", "--lower", store.lower, "--upper", store.upper, "-o", "ro",
+                     store.mnt)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot be read-only" in proc.stderr and "--no-nix" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.ismount(store.mnt)
+
+
 def test_remount_keeps_upper_and_catches_up(store):
     expr = store.expr({"persist": ["liba"], "later": ["libb"]})
     with store.mount():
