@@ -105,6 +105,12 @@ def _refreshed(stale_attrs) -> dict:
     return {"done": stale_attrs.refreshed, "failed": stale_attrs.failed}
 
 
+def _refreshed_line(r: dict | None) -> str:
+    r = r or {"done": 0, "failed": 0}  # (a daemon from before the refreshing)
+    return (f"  attributes refreshed after the kernel read a listing or target: "
+            f"{r['done']} ({r['failed']} failed)")
+
+
 def render(s: dict) -> str:
     lines = [f"{s['mountpoint']}  (pid {s['pid']}, up {s['uptime_s']} s)",
              f"  lower  {s['lower']}", f"  upper  {s['upper']}  ({_human(s['upper_bytes'])})",
@@ -116,9 +122,7 @@ def render(s: dict) -> str:
              f"  kernel keeps listings: {s['kernel_listings']}; opens kept by {s['opens']}; xattrs "
              f"{'on' if s['xattrs'] else 'off'}; polls /dev/fuse {s['poll_us']} µs after a request",
              _kept_line(s["kept_attributes"]),
-             "  attributes refreshed after the kernel read a listing or target: "
-             f"{s.get('attributes_refreshed', {}).get('done', 0)}"
-             f" ({s.get('attributes_refreshed', {}).get('failed', 0)} failed)",
+             _refreshed_line(s.get("attributes_refreshed")),
              f"  lower listings kept: {s['cache']['listings']} in memory, hits {s['cache']['hits']}, "
              f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"
              + ("" if s["cache"]["hit_ratio"] is None

@@ -231,7 +231,8 @@ def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
         dirs = 1 + sum(1 for p, mode, *_ in first if stat.S_ISDIR(mode))
         links = sum(1 for p, mode, *_ in first if stat.S_ISLNK(mode))
         before = refreshed_settles(store, dirs + links)
-        assert before["attributes_refreshed"] == {"done": dirs + links, "failed": 0}
+        refreshed = before["attributes_refreshed"]
+        assert refreshed["done"] >= dirs + links and refreshed["failed"] == 0, refreshed
         assert walk(store.tree) == first
         after = status(store)
     # `nixfs status` itself goes through the control socket, not FUSE.
