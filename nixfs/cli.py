@@ -101,6 +101,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_helper_call(argv: list[str]) -> bool:
+    """Whether *argv* is how mount.fuse3 (mount(8), fstab, systemd's mount units) runs
+    its helper: ``SOURCE MOUNTPOINT -o OPTIONS``, the mountpoint absolute and the
+    options always there (mount(8) passes at least ``rw`` or ``ro``).  Anything else
+    whose first word is not a command is a typo, not a mount."""
+    return (len(argv) >= 4 and not argv[0].startswith("-") and argv[1].startswith("/")
+            and "-o" in argv[2:])
+
+
+def _unknown_command(word: str) -> int:
+    import difflib
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    print(f"nixfs: unknown command '{word}': {hint}commands: {', '.join(COMMANDS)} "
+          "(nixfs --help, nixfs COMMAND --help)", file=sys.stderr)
+    return 2
+
+
 def _helper_args(argv: list[str]) -> argparse.Namespace:
     """mount.fuse3 calls ``nixfs SOURCE MOUNTPOINT -o lowerdir=L,upperdir=U,...``."""
     p = _Parser(prog="nixfs", description="mount helper form (mount -t fuse.nixfs)")
@@ -249,7 +267,9 @@ def _fsck(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        if not _is_helper_call(argv):
+            return _unknown_command(argv[0])
         args = _helper_args(argv)
     else:
         args = _parser().parse_args(argv)

@@ -60,7 +60,20 @@ def test_bad_options(dirs):
         expect_usage_error(mount(dirs, "lower", "upper", "mnt", "-o", opt), message)
     expect_usage_error(run_nixfs("mount", "--lower", dirs / "lower", dirs / "mnt"), "--upper")
     expect_usage_error(run_nixfs("umount", dirs / "mnt"), "not mounted")
-    expect_usage_error(run_nixfs("frobnicate"), "invalid choice")
+    expect_usage_error(run_nixfs("frobnicate"), "unknown command 'frobnicate'", "commands: mount")
+
+
+def test_unknown_commands_are_not_taken_for_the_mount_helper(dirs):
+    """A misspelt command gets the list of commands, not the mount helper's usage."""
+    expect_usage_error(run_nixfs("publsh", dirs / "lower"), "unknown command 'publsh'",
+                       "commands: mount, umount, run")
+    proc = run_nixfs("mnt", dirs / "mnt")
+    expect_usage_error(proc, "unknown command 'mnt'", "did you mean 'mount'?")
+    assert "usage:" not in proc.stderr
+    expect_usage_error(run_nixfs("umont", dirs / "mnt"), "did you mean 'umount'?")
+    # The helper form mount.fuse3 uses still reaches the mount (and its checks).
+    proc = run_nixfs("nixfs", dirs / "mnt", "-o", f"rw,lowerdir={dirs / 'nope'},upperdir={dirs / 'upper'}")
+    expect_usage_error(proc, "lower", "does not exist")
 
 
 @needs_root
