@@ -171,7 +171,16 @@ def enter_namespace(cfg: RunConfig) -> None:
         raise _userns_error(cfg, reason)
     try:
         _write("/proc/self/setgroups", "deny")  # an unprivileged gid_map needs this first
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        try:
+            _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        except PermissionError:
+            if uid == 0:  # mapping uid 0 needs CAP_SETFCAP (Linux >= 5.12)
+                raise RunError(
+                    "cannot map uid 0 into a user namespace: that needs CAP_SETFCAP, which "
+                    "this process lacks (a container's root with its capabilities dropped). "
+                    "Run the container as a non-root user (runAsNonRoot, as OKD does), or "
+                    "keep CAP_SETFCAP.") from None
+            raise
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
         # Nothing mounted here reaches the host; what the host mounts later (autofs,
         # NFS home directories) still shows here.

@@ -14,6 +14,8 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_lower
+from harness import REPO
 from test_run import NIXFS, left_behind, plain_layers, wait_for_pid, wait_none_left
 
 # Installs a seccomp filter refusing the system calls named in argv[1] (comma-separated)
@@ -186,3 +188,20 @@ def test_processes_left_behind_do_not_hold_up_the_end(user):
     finally:
         os.kill(bg, signal.SIGKILL)
     wait_none_left(user, timeout=2.0)
+
+
+def test_root_without_cap_setfcap(tmp_path):
+    """A container's root with its capabilities dropped cannot map uid 0 into a user
+    namespace (that needs CAP_SETFCAP): the error says so and what to change, not that
+    user namespaces are off."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    lower, upper = make_lower(tmp_path / "lower"), tmp_path / "upper"
+    upper.mkdir()
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set=-setfcap", "--inh-caps=-setfcap", *NIXFS.split(), "run",
+         "--lower", str(lower), "--upper", str(upper), "--", "true"],
+        capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 2, proc
+    assert proc.stderr.startswith("nixfs: cannot map uid 0") and "CAP_SETFCAP" in proc.stderr
+    assert "non-root" in proc.stderr and "user namespaces are off" not in proc.stderr
