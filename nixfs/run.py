@@ -23,8 +23,8 @@ Who does what, all inside the namespace:
   restricted SCC) has no CAP_SYS_CHROOT, and the runtime's default seccomp
   profile (containers-common's, which CRI-O uses too) then refuses chroot,
   while it allows unshare, mount, umount2 and pivot_root to anyone.  chroot
-  is only the fallback where pivot_root is refused (a root that is not a
-  mount point, as inside a chroot, or another seccomp profile).
+  is only the fallback where pivot_root is refused (another seccomp profile,
+  or a root that pivot_root cannot move).
 
 Mounting needs CAP_SYS_ADMIN in the namespace, which only lasts until exec:
 so every mount is made in this process or in forks of it (ctypes, not
@@ -258,8 +258,9 @@ def _pivot_into(root: str) -> None:
     there.  pivot_root's rules hold: *root* is a mount point (its tmpfs) whose parent (the
     runtime folder's tmpfs) is not shared, and after the MS_SLAVE below no mount is; so
     neither the pivot nor the unmount of the old root reaches the runner's namespace.  Where
-    this process's own root is not a mount point (run from inside a chroot), or the root's
-    parent is shared, pivot_root says EINVAL and the caller falls back to chroot."""
+    this process's own root is not a mount point, or the mount beneath it is shared (neither
+    of which we can change from here), pivot_root says EINVAL and the caller falls back to
+    chroot."""
     _step(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _step(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_SLAVE), None),
           "mount(MS_REC|MS_SLAVE)")
@@ -309,7 +310,7 @@ def _cause(step: str, err: int) -> tuple[str, str]:
     is a filter's, not a missing capability's, except for chroot."""
     if step == "chroot" and err == errno.EPERM:
         return ("CAP_SYS_CHROOT was dropped, and the seccomp profile allows chroot only with it",
-                "or grant CAP_SYS_CHROOT (OKD's restricted SCCs do not), so that chroot can "
+                "grant CAP_SYS_CHROOT (OKD's restricted SCCs do not), so that chroot can "
                 "stand in for pivot_root")
     if err in (errno.EPERM, errno.ENOSYS):
         return ("a seccomp filter refuses it (nixfs holds CAP_SYS_ADMIN in its own user "
@@ -319,9 +320,9 @@ def _cause(step: str, err: int) -> tuple[str, str]:
                 "ask for an AppArmor profile (or SELinux type) that allows mount and pivot_root "
                 "in the container's own namespaces (Docker's docker-default refuses mount)")
     if step == "pivot_root" and err == errno.EINVAL:
-        return ("this process's root is not a mount point, or its parent mount is shared",
-                "start nixfs run from a real root (a container's or the host's), not "
-                "inside a chroot")
+        # (Not a chroot: the kernel refuses the runner's user namespace there already.)
+        return ("this process's root is not a mount point, or the mount beneath it is "
+                "shared, which pivot_root does not allow", "")
     return ("unexpected", "")
 
 
@@ -336,9 +337,7 @@ def enter_root_message(e: EnterRootError) -> str:
         lines.append(f"  {step}: {errno.errorcode.get(err, err)} ({os.strerror(err)}): {why}")
         if what and what not in advice:
             advice.append(what)
-    if advice and advice[0].startswith("or "):  # only chroot's advice: the main one first
-        advice.insert(0, SECCOMP_ADVICE)
-    lines += [f"  {what}" for what in advice]
+    lines += [f"  {'or ' if i else ''}{what}" for i, what in enumerate(advice)]
     return "\n".join(lines)
 
 

@@ -108,7 +108,8 @@ def test_the_command_is_pivoted_into_the_new_root(user):
     assert lines[:2] == [str(user.home), "pkg"], out
     for view in (mountinfo("\n".join(lines[2:])), mountinfo(seen)):
         assert view["/"] == "tmpfs" and view["/nix"] == "fuse.nixfs", view
-        # nothing of the runner's namespace: not its root, not the new root's own path there
+        # nothing of the runner's namespace: not its root, not the new root's own path
+        # there (under the runtime folder, /tmp/nixfs-UID without XDG_RUNTIME_DIR)
         assert not any(m.startswith(f"/tmp/nixfs-{user.uid}/root") for m in view), view
     wait_none_left(user, timeout=2.0)
 
