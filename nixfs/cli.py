@@ -12,6 +12,11 @@ FSCK_EPILOG = """exit codes: 0 clean (no damage; redundant leftovers may be list
 tidies them), 1 damage found and all of it repaired, 4 damage left (found without --repair, or
 not repairable), 2 usage errors (e.g. the upper is mounted)."""
 
+RUN_EPILOG = """exit codes: COMMAND's (128 + N if signal N ended it), 127 COMMAND not found,
+126 COMMAND cannot be run, 125 COMMAND could not be started in the new root (pivot_root and
+chroot refused: the message says why), 2 the machine lacks what nixfs run needs (/dev/fuse,
+user namespaces) or bad arguments."""
+
 OPTIONS_EPILOG = """nixfs' own -o options: ttl=SECONDS (1: how long the kernel keeps what may
 change), lower_timeout=SECONDS (30; 0 waits forever), max_nodes=N (100000),
 listings=kernel|fixed|none (which listings the kernel keeps), opens=kernel|nixfs (who
@@ -46,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run COMMAND with nixfs mounted at /nix, as an ordinary "
                                    "user (in a user and mount namespace of its own)",
-                       epilog=OPTIONS_EPILOG)
+                       epilog=RUN_EPILOG + "\n\n" + OPTIONS_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--lower", required=True, help="the read-only lower (a Nix directory, "
                                                   "holding store/ and var/nix/db)")
     r.add_argument("--upper", required=True, help="the writable upper directory")

@@ -4,9 +4,9 @@ Users on clusters, CI runners and pods cannot mount at ``/nix``, and the host
 may have no ``/nix`` at all.  So this process enters a new user and mount
 namespace of its own (no setuid helper), builds a new root there out of bind
 mounts of the host's top-level entries plus an empty ``/nix``, mounts nixfs on
-it and runs the command chrooted into that root with the user's own uid,
-environment and working directory.  Only this namespace ever sees the mounts:
-they go away with its last process, also when something fails.
+it and runs the command in that root with the user's own uid, environment and
+working directory.  Only this namespace ever sees the mounts: they go away with
+its last process, also when something fails.
 
 Who does what, all inside the namespace:
 
@@ -16,12 +16,25 @@ Who does what, all inside the namespace:
 - the daemon, forked by ``mount.mount``, also keeps the host's root, where the
   lower is still the host's (even if that is the host's ``/nix``); it gets
   SIGTERM (and unmounts) if the runner dies;
-- the command, forked and chrooted into the new root; it gets SIGKILL if the
-  runner dies.
+- the command, forked; it gets SIGKILL if the runner dies.  It enters the new
+  root with ``pivot_root(2)`` in a mount namespace of its own, nested in the
+  runner's, so the old root is not just out of sight but gone from its
+  namespace.  Not ``chroot(2)``: a pod with every capability dropped (OKD's
+  restricted SCC) has no CAP_SYS_CHROOT, and the runtime's default seccomp
+  profile (containers-common's, which CRI-O uses too) then refuses chroot,
+  while it allows unshare, mount, umount2 and pivot_root to anyone.  chroot
+  is only the fallback where pivot_root is refused (another seccomp profile,
+  or a root that pivot_root cannot move).
 
 Mounting needs CAP_SYS_ADMIN in the namespace, which only lasts until exec:
 so every mount is made in this process or in forks of it (ctypes, not
 mount(8)), and the command runs with no capabilities, as the user.
+
+Exit codes: the command's (128 + N if signal N ended it); 127 if it is not
+found and 126 if it cannot be run; 125 if nixfs could not start it in the new
+root (every way of entering it was refused: the message names each refusal and
+what to ask the cluster for); 2 if the machine lacks what nixfs run needs
+before it starts (``/dev/fuse``, user namespaces), as for every nixfs command.
 """
 
 import ctypes
@@ -29,6 +42,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import re
 import signal
 import stat
 import sys
@@ -119,6 +133,17 @@ def _userns_error(cfg: RunConfig, reason: str) -> RunError:
         "profile must allow unshare.\n" + fallback_hint(cfg.lower, cfg.upper))
 
 
+def _refused_userns_error(cfg: RunConfig, reason: str) -> RunError:
+    return RunError(
+        f"cannot make a user namespace ({reason}), though the kernel's settings allow them: "
+        "a seccomp profile refuses unshare (Docker's default does without CAP_SYS_ADMIN), or "
+        "this process runs inside a chroot (where the kernel refuses them). In a container, "
+        "ask for the runtime's default seccomp profile of containers-common or CRI-O "
+        "(RuntimeDefault under OKD), which allows unshare, mount, umount2 and pivot_root "
+        "with every capability dropped, or a custom profile adding them.\n"
+        + fallback_hint(cfg.lower, cfg.upper))
+
+
 def check_user_namespaces(cfg: RunConfig) -> None:
     """Fail early, naming the sysctl, where the kernel will refuse a user namespace."""
     if _read("/proc/sys/user/max_user_namespaces") == "0":
@@ -140,10 +165,22 @@ def enter_namespace(cfg: RunConfig) -> None:
     uid, gid = os.geteuid(), os.getegid()
     if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
         e = ctypes.get_errno()
-        raise _userns_error(cfg, f"unshare: {errno.errorcode.get(e, e)}, {os.strerror(e)}")
+        reason = f"unshare: {errno.errorcode.get(e, e)}, {os.strerror(e)}"
+        if e in (errno.EPERM, errno.ENOSYS):  # the sysctls allow them (checked before)
+            raise _refused_userns_error(cfg, reason)
+        raise _userns_error(cfg, reason)
     try:
         _write("/proc/self/setgroups", "deny")  # an unprivileged gid_map needs this first
-        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        try:
+            _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        except PermissionError:
+            if uid == 0:  # mapping uid 0 needs CAP_SETFCAP (Linux >= 5.12)
+                raise RunError(
+                    "cannot map uid 0 into a user namespace: that needs CAP_SETFCAP, which "
+                    "this process lacks (a container's root with its capabilities dropped). "
+                    "Run the container as a non-root user (runAsNonRoot, as OKD does), or "
+                    "keep CAP_SETFCAP.") from None
+            raise
         _write("/proc/self/gid_map", f"{gid} {gid} 1")
         # Nothing mounted here reaches the host; what the host mounts later (autofs,
         # NFS home directories) still shows here.
@@ -191,13 +228,139 @@ def build_root(base: str) -> str:
 
 # ------------------------------------------------------------------ the command
 
-def _start_command(root: str, cwd: str, argv: list[str], mask: set) -> int:
+ENTER_FAILED = 125  # nixfs could not start the command in the new root (as chroot(8), env(1))
+
+
+class EnterRootError(Exception):
+    """Every way into the new root was refused; *refused* holds (step, errno) of each."""
+
+    def __init__(self, refused: list[tuple[str, int]]):
+        super().__init__(refused)
+        self.refused = refused
+
+
+class _Refused(Exception):
+    def __init__(self, step: str, err: int):
+        super().__init__(step, err)
+        self.step, self.err = step, err
+
+
+def _step(result: int, step: str) -> None:
+    if result != 0:
+        raise _Refused(step, ctypes.get_errno())
+
+
+def _pivot_into(root: str) -> None:
+    """Make *root* the root of a mount namespace of this process's own.
+
+    This process is a fork of the runner, so it still holds CAP_SYS_ADMIN in the runner's
+    user namespace: it may unshare a mount namespace (nested in the runner's) and pivot
+    there.  pivot_root's rules hold: *root* is a mount point (its tmpfs) whose parent (the
+    runtime folder's tmpfs) is not shared, and after the MS_SLAVE below no mount is; so
+    neither the pivot nor the unmount of the old root reaches the runner's namespace.  Where
+    this process's own root is not a mount point, or the mount beneath it is shared (neither
+    of which we can change from here), pivot_root says EINVAL and the caller falls back to
+    chroot."""
+    _step(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _step(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_SLAVE), None),
+          "mount(MS_REC|MS_SLAVE)")
+    os.chdir(root)
+    # pivot_root(".", "."): the old root ends up mounted on top of the new one, at the
+    # same place; detaching it there leaves the new root.  No directory to make in the
+    # new root for the old one, none to remove after.
+    _step(_libc.pivot_root(b".", b"."), "pivot_root")
+    try:
+        _step(_libc.umount2(b".", MNT_DETACH), "umount2 of the old root")
+    except _Refused as e:
+        # The old root still covers the new one: nothing to fall back to from here.
+        raise EnterRootError([(e.step, e.err)]) from None
+    os.chdir("/")
+
+
+def enter_root(root: str) -> str:
+    """Make *root* this process's root: pivot_root where it is allowed, else chroot.
+    Returns the way that worked; raises EnterRootError naming each refusal."""
+    refused = []
+    try:
+        _pivot_into(root)
+        return "pivot_root"
+    except _Refused as e:
+        refused.append((e.step, e.err))
+        log.debug("cannot pivot into the new root (%s: %s); trying chroot",
+                  e.step, os.strerror(e.err))
+    try:
+        os.chroot(root)
+        return "chroot"
+    except OSError as e:
+        refused.append(("chroot", e.errno))
+    raise EnterRootError(refused)
+
+
+SECCOMP_ADVICE = (
+    "ask the cluster for a seccomp profile that allows unshare, mount, umount2 and "
+    "pivot_root: the runtime's default profile of containers-common and CRI-O "
+    "(RuntimeDefault, as OKD's restricted-v2 SCC asks for) does, with every capability "
+    "dropped; Docker's default profile refuses them without CAP_SYS_ADMIN, so there use a "
+    "custom profile that adds them")
+
+
+def _cause(step: str, err: int) -> tuple[str, str]:
+    """The likely reason the kernel said *err* to *step*, and what to do about it.  This
+    process holds every capability in its own user namespace (the runner's), so an EPERM
+    is a filter's, not a missing capability's, except for chroot."""
+    if step == "chroot" and err == errno.EPERM:
+        return ("CAP_SYS_CHROOT was dropped, and the seccomp profile allows chroot only with it",
+                "grant CAP_SYS_CHROOT (OKD's restricted SCCs do not), so that chroot can "
+                "stand in for pivot_root")
+    if err in (errno.EPERM, errno.ENOSYS):
+        return ("a seccomp filter refuses it (nixfs holds CAP_SYS_ADMIN in its own user "
+                "namespace)", SECCOMP_ADVICE)
+    if err == errno.EACCES:
+        return ("a security module (AppArmor, SELinux) refuses it",
+                "ask for an AppArmor profile (or SELinux type) that allows mount and pivot_root "
+                "in the container's own namespaces (Docker's docker-default refuses mount)")
+    if step == "pivot_root" and err == errno.EINVAL:
+        # (Not a chroot: the kernel refuses the runner's user namespace there already.)
+        return ("this process's root is not a mount point, or the mount beneath it is "
+                "shared, which pivot_root does not allow", "")
+    return ("unexpected", "")
+
+
+def enter_root_message(e: EnterRootError) -> str:
+    """What went wrong, why it likely did, and what to ask the cluster for."""
+    names = " and ".join(step for step, _ in e.refused)
+    lines = [f"cannot start the command: entering the new root with /nix failed "
+             f"({names} refused)"]
+    advice = []
+    for step, err in e.refused:
+        why, what = _cause(step, err)
+        lines.append(f"  {step}: {errno.errorcode.get(err, err)} ({os.strerror(err)}): {why}")
+        if what and what not in advice:
+            advice.append(what)
+    lines += [f"  {'or ' if i else ''}{what}" for i, what in enumerate(advice)]
+    return "\n".join(lines)
+
+
+def _start_command(root: str, cwd: str, argv: list[str], mask: set, info: dict | None) -> int:
     pid = os.fork()
     if pid != 0:
         return pid
     try:
         _die_with_parent(signal.SIGKILL)
-        os.chroot(root)
+        try:
+            way = enter_root(root)
+        except EnterRootError as e:
+            print(f"nixfs: {enter_root_message(e)}", file=sys.stderr)
+            os._exit(ENTER_FAILED)
+        log.debug("entered the new root with %s", way)
+        if info is not None:
+            # Inside, the mount is /nix: `nixfs status /nix`, `nixfs gc /nix` find it by
+            # that, in this (the command's own) mount namespace.
+            try:
+                runtime.write_alias("/nix", info)
+            except OSError as e:
+                print(f"nixfs: warning: nixfs status /nix will not find the mount: {e}",
+                      file=sys.stderr)
         try:
             os.chdir(cwd)
         except OSError:
@@ -206,6 +369,10 @@ def _start_command(root: str, cwd: str, argv: list[str], mask: set) -> int:
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    except BaseException as e:  # noqa: BLE001 (a fork must never return into the runner)
+        print(f"nixfs: cannot start the command in the new root: {e}", file=sys.stderr)
+        os._exit(ENTER_FAILED)
+    try:
         os.execvp(argv[0], argv)
     except OSError as e:
         print(f"nixfs: cannot run {argv[0]}: {e.strerror}", file=sys.stderr)
@@ -258,24 +425,81 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _unmount(mnt: str) -> None:
-    """Unmount and wait for the daemon; if the command left processes using /nix behind,
-    detach the mount from the namespace instead (the daemon ends when we do)."""
+def _mount_device(mnt: str) -> str | None:
+    """The device number ("0:57") of the mount at *mnt* in this namespace, from mountinfo
+    (not stat: the mountpoint is never touched)."""
+    target = runtime.canonical(mnt)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == target:
+                found = fields[2]  # the last one: the topmost
+    return found
+
+
+def _holders(dev: str) -> list[int]:
+    """Processes in other mount namespaces that still have the mount of device *dev*: the
+    ones the command left behind, in its namespace (or one nested in it) that holds a copy
+    of the mount.  While they live the file system stays mounted there, so unmounting it
+    here would not end the daemon."""
+    own = os.stat("/proc/self/ns/mnt").st_ino
+    has = {own: False}
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
+            if ns not in has:
+                with open(f"/proc/{name}/mountinfo") as f:
+                    has[ns] = any(line.split()[2] == dev for line in f)
+        except (OSError, IndexError):
+            continue  # gone, or not ours to look at
+        if has[ns]:
+            pids.append(int(name))
+    return pids
+
+
+def _describe(pids: list[int]) -> str:
+    out = []
+    for pid in pids[:5]:
+        comm = _read(f"/proc/{pid}/comm")
+        out.append(f"{pid} {comm}" if comm else str(pid))
+    return ", ".join(out) + (", ..." if len(pids) > 5 else "")
+
+
+def _unmount(mnt: str, dev: str | None) -> None:
+    """Unmount and wait for the daemon.  If the command left processes behind that still
+    have /nix, unmount it under them: detach it, and end the daemon ourselves (it writes
+    everything out), so that nothing of the run outlives nixfs run."""
     info = runtime.read_record(mnt)
-    try:
-        umount(mnt)
-        if info is not None:
-            _reap(info["pid"])
-        return
-    except UsageError as e:
-        log.debug("unmounting %s: %s", mnt, e)
+    holders = _holders(dev) if dev else []
+    if not holders:
+        try:
+            umount(mnt)
+            if info is not None:
+                _reap(info["pid"])
+            return
+        except UsageError as e:
+            log.debug("unmounting %s: %s", mnt, e)
     try:
         _umount_lazy(mnt)
-        print("nixfs: processes the command left behind still use /nix; it is detached",
-              file=sys.stderr)
+        detached = True
     except OSError as e:
+        detached = False
         if e.errno != errno.EINVAL:  # EINVAL: not mounted any more
             print(f"nixfs: {e}", file=sys.stderr)
+    if holders or detached:
+        which = f" ({_describe(holders)})" if holders else ""
+        print(f"nixfs: processes the command left behind still use /nix{which}; it is "
+              "unmounted under them", file=sys.stderr)
+    if info is not None:
+        try:
+            os.kill(info["pid"], signal.SIGTERM)
+            os.waitpid(info["pid"], 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 def run(cfg: RunConfig) -> int:
@@ -300,14 +524,12 @@ def run(cfg: RunConfig) -> int:
     if code != 0:
         return code
     info = runtime.read_record(mnt)
-    if info is not None:
-        # Inside, the mount is /nix: `nixfs status /nix`, `nixfs gc /nix` find it by that.
-        runtime.write_alias("/nix", info)
+    dev = _mount_device(mnt)
     blocked = set(FORWARDED) | {signal.SIGCHLD}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
-        pid = _start_command(root, cwd, cfg.command, mask)
+        pid = _start_command(root, cwd, cfg.command, mask, info)
         return _wait_forwarding(pid)
     finally:
-        _unmount(mnt)
+        _unmount(mnt, dev)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
