@@ -285,3 +285,24 @@ def test_a_shape_change_while_mounted_stops_the_sync_whole(tmp_path):
         assert len(status_error().splitlines()) == 1
         assert not store.valid(new)
         assert store.valid(store.paths[0])
+
+
+def test_promote_carries_the_columns_the_lower_has(tmp_path):
+    """A path a Determinate Nix registered through the mount (with its provenance) keeps
+    it when promoted into a lower of that shape."""
+    store = ShapeStore(tmp_path, "determinate")
+    with store.mount():
+        f = tmp_path / "hello.txt"
+        f.write_text("hello")
+        added = nix(store.root, "nix-store", "--add", f).stdout.strip()
+        client = apsw.Connection(f"{store.mnt}/var/nix/db/db.sqlite")
+        client.setbusytimeout(10_000)
+        with client:
+            client.execute("update ValidPaths set provenance = 'from the mount' where path = ?",
+                           (added,))
+        client.close()
+        proc = run_nixfs("promote", "--upper", store.upper, "--into", store.lower, added)
+        assert proc.returncode == 0, proc.stderr
+    with closing(_lower(store)) as lower:
+        assert lower.execute("select provenance from ValidPaths where path = ?",
+                             (added,)).fetchone() == ("from the mount",)
