@@ -134,6 +134,19 @@ def test_live_paths_and_realisations_carry_every_column(store):
             if has_ca(store.shape):
                 _wait(lambda: store.merged_realisations() == store.lower_realisations(),
                       "a later realisation of a lower path through the mount")
+            if has_ca(store.shape):
+                # A realisation deleted on its own (its path stays) leaves the merged one too.
+                table = "BuildTraceV3" if store.shape == "nix-2.35-ca" else "Realisations"
+                with writer:
+                    gone = writer.execute(f"select id, drvPath from {table} order by id "
+                                          "limit 1").fetchone()
+                    if table == "Realisations":
+                        writer.execute("delete from RealisationsRefs where referrer = ? or "
+                                       "realisationReference = ?", (gone[0], gone[0]))
+                    writer.execute(f"delete from {table} where id = ?", (gone[0],))
+                _wait(lambda: gone[1] not in {r[0] for r in store.merged_realisations()},
+                      "a deleted realisation gone through the mount")
+                assert store.merged_realisations() == store.lower_realisations()
             # A lower path deleted takes its realisation along.
             with writer:
                 writer.execute("delete from ValidPaths where path = ?", (new,))
@@ -306,3 +319,26 @@ def test_promote_carries_the_columns_the_lower_has(tmp_path):
     with closing(_lower(store)) as lower:
         assert lower.execute("select provenance from ValidPaths where path = ?",
                              (added,)).fetchone() == ("from the mount",)
+
+
+def test_an_upper_of_an_earlier_nixfs_picks_up_the_lower_realisations(tmp_path):
+    """An upper whose index predates realisations following (no ca_rows) is brought up
+    to date at the next mount, without duplicating what its clone already had."""
+    store = ShapeStore(tmp_path, "nix-2.34-ca")
+    with store.mount():
+        pass
+    index = apsw.Connection(str(store.upper / ".nixfs/lower-index.sqlite"))
+    with index:
+        index.execute("delete from ca_rows")
+        index.execute("delete from meta where key like 'ca_%'")
+    index.close()
+    conn = apsw.Connection(str(store.db))
+    with conn:
+        realise(conn, store.shape, "sha256:" + fake_hash(9, "later"), store.paths[5])
+    conn.close()
+    with store.mount():
+        with closing(store.merged()) as merged:
+            count = merged.execute("select count(*) from Realisations").fetchone()[0]
+        assert store.merged_realisations() == store.lower_realisations()
+        with closing(_lower(store)) as lower:
+            assert count == lower.execute("select count(*) from Realisations").fetchone()[0]
