@@ -425,7 +425,13 @@ class StoreSync:
         def read(conn, snap):
             max_id, count = conn.execute(
                 "select coalesce(max(id), 0), count(*) from ValidPaths").fetchone()
-            changes = LowerChanges(max_id, count, shape=read_shape(conn))
+            try:
+                shape = read_shape(conn)
+            except SchemaError:
+                if not snap.validate():  # a torn read, not the lower's shape: read again
+                    raise apsw.CorruptError("the lower database changed while being read")
+                raise
+            changes = LowerChanges(max_id, count, shape=shape)
             changes.ca = carows.read(conn, changes.shape, index)
             if max_id > last_max:
                 changes.rows = _rows_from(conn, "id > ?", (last_max,))
