@@ -342,3 +342,11 @@ def test_an_upper_of_an_earlier_nixfs_picks_up_the_lower_realisations(tmp_path):
         assert store.merged_realisations() == store.lower_realisations()
         with closing(_lower(store)) as lower:
             assert count == lower.execute("select count(*) from Realisations").fetchone()[0]
+
+
+def test_fsck_finds_an_upper_of_each_shape_clean(store):
+    with store.mount():
+        new = add_path(store.db, store.shape, 6, refs=store.paths[:2], realised=True)
+        _wait(lambda: store.valid(new), "a new lower path valid through the mount")
+    proc = run_nixfs("fsck", "--lower", store.lower, "--upper", store.upper)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
