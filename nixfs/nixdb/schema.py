@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-# Schema 10 (Nix 2.4 to 2.19): the tables and columns whose rows nixfs carries over.
+# Schema 10 (Nix 2.4 and later): the tables and columns whose rows nixfs carries over.
 SUPPORTED_SCHEMAS = {10}
 STORE_DIR = "/nix/store"
 TABLES = {
@@ -140,7 +140,7 @@ def read_schema_version(db_dir: str) -> int:
     if version not in SUPPORTED_SCHEMAS:
         known = ", ".join(map(str, sorted(SUPPORTED_SCHEMAS)))
         raise SchemaError(f"the store database has schema version {version}; nixfs supports "
-                          f"{known} (Nix 2.4 to 2.19)")
+                          f"{known} (Nix 2.4 and later, Lix, Determinate Nix)")
     return version
 
 
