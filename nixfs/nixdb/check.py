@@ -32,8 +32,8 @@ from ..overlay.layers import O_DIR
 from ..overlay.state import remove_tree
 from . import gcroot
 from .lowerindex import BROKEN, SHOWN, LowerIndex
-from .merged import MergedDb, PathRow
-from .schema import STORE_DIR, SchemaError, check_tables
+from .merged import MergedDb, select_rows
+from .schema import STORE_DIR, SchemaError, carry_shape, check_tables, read_shape
 from .snapshot import read_consistent
 from .sync import basename
 
@@ -256,16 +256,17 @@ class DbCheck:
     def _drop_upper_copy(self, name: bytes) -> None:
         path = f"{STORE_DIR}/{os.fsdecode(name)}"
         lower_db = os.path.join(self.lower, "var/nix/db/db.sqlite")
-        row = read_consistent(lower_db, lambda conn, snap: conn.execute(
-            "select path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca "
-            "from ValidPaths where path = ?", (path,)).fetchone())
-        if row is None:
+        found = read_consistent(lower_db, lambda conn, snap: (
+            select_rows(conn, "path = ?", (path,)), read_shape(conn)))
+        if not found[0]:
             raise RuntimeError("the lower no longer holds it")
+        row = found[0][0][1]
         db = self._db()
         with db.begin():
             row_id = db.id_of(path)
-            if row_id is not None and db.hash_of(path) != row[1]:
-                db.replace(row_id, PathRow(*row))
+            if row_id is not None and db.hash_of(path) != row.hash:
+                carry_shape(found[1], self.conn)
+                db.replace(row_id, row)
         sfd = os.open(b"store", O_DIR, dir_fd=self.upper_fd)
         try:
             with changing(sfd):

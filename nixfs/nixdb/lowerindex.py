@@ -8,8 +8,9 @@ only ever touched through the mount once mounted.
 
 ``paths`` holds one row per valid lower path: its name in ``store/``, its id in
 the lower database, and whether the merged view shows it (a path whose closure
-lost a member, hidden by ``rm``, is kept but not shown).  ``meta`` records how
-far the lower database has been followed.
+lost a member, hidden by ``rm``, is kept but not shown).  ``ca_rows`` holds the
+lower's realisations carried into the merged database (``carows``).  ``meta``
+records how far the lower database has been followed.
 """
 
 import os
@@ -17,6 +18,8 @@ import os
 import apsw
 
 from .schema import STORE_DIR
+
+CA_FOLLOWED = ("Realisations", "BuildTraceV3")  # the ca tables nixfs follows (carows)
 
 SHOWN, BROKEN = 0, 1
 
@@ -29,6 +32,14 @@ create table if not exists paths (
     state    integer not null default 0  -- 0 shown, 1 not shown (closure broken or hidden)
 ) without rowid;
 create table if not exists meta (key text primary key, value) without rowid;
+-- Realisations of the lower carried into the merged database, by their lower id.
+create table if not exists ca_rows (
+    tbl      text not null,         -- Realisations or BuildTraceV3
+    lower_id integer not null,      -- its id in the lower database
+    drv      text not null,         -- its key there: drvPath, outputName
+    output   text not null,
+    primary key (tbl, lower_id)
+) without rowid;
 -- The few paths not shown, found without a scan (empty while every path is shown).
 create index if not exists paths_not_shown on paths(state) where state != 0;
 """
@@ -63,6 +74,15 @@ class LowerIndex:
             conn.execute("attach ? as src", (f"file:{store_db}?mode=ro",))
             conn.execute("insert into paths select cast(substr(path, length(?) + 2) as blob), id, 0 "
                          "from src.ValidPaths order by 1", (STORE_DIR,))
+            for table in CA_FOLLOWED:
+                if conn.execute("select 1 from src.sqlite_master where type = 'table' and "
+                                "name = ?", (table,)).fetchone():
+                    conn.execute(f"insert into ca_rows select ?, id, drvPath, outputName "
+                                 f"from src.{table}", (table,))
+                    max_id, count = conn.execute(f"select coalesce(max(id), 0), count(*) "
+                                                 f"from src.{table}").fetchone()
+                    conn.executemany("insert or replace into meta values (?, ?)",
+                                     ((f"ca_max:{table}", max_id), (f"ca_count:{table}", count)))
             conn.execute("detach src")
             conn.execute("pragma journal_mode=wal").fetchall()
         finally:

@@ -15,8 +15,8 @@ import stat
 
 import apsw
 
-from .merged import COLUMNS, PathRow, open_db
-from .schema import STORE_DIR, read_schema_version
+from .merged import COLUMNS, open_db, select_rows, table_columns
+from .schema import STORE_DIR, quote, read_schema_version
 from .sync import UpperStore, basename
 
 log = logging.getLogger(__name__)
@@ -33,15 +33,14 @@ def _upper_rows(merged_db: str, upper_store: UpperStore):
         rows = {}
         refs = {}
         outputs = {}
-        for r in conn.execute(f"select id, {', '.join(COLUMNS)} from ValidPaths"):
-            row = PathRow(*r[1:])
+        for row_id, row in select_rows(conn, "1"):
             if upper_store.has(basename(row.path)) and not row.path.endswith("-nixfs-lower-roots"):
                 rows[row.path] = row
                 refs[row.path] = [p for (p,) in conn.execute(
                     "select v.path from Refs r join ValidPaths v on v.id = r.reference "
-                    "where r.referrer = ?", (r[0],))]
+                    "where r.referrer = ?", (row_id,))]
                 outputs[row.path] = conn.execute(
-                    "select id, path from DerivationOutputs where drv = ?", (r[0],)).fetchall()
+                    "select id, path from DerivationOutputs where drv = ?", (row_id,)).fetchall()
         return rows, refs, outputs
     finally:
         conn.close()
@@ -94,6 +93,7 @@ def promote(upper: str, lower_nix: str, merged_db: str, wanted: list[str] | None
     db = apsw.Connection(os.path.join(lower_db_dir, "db.sqlite"))
     db.setbusytimeout(600_000)
     db.execute("pragma foreign_keys=1").fetchall()
+    lower_columns = set(table_columns(db, "ValidPaths"))
     try:
         have = {p for p, *_ in steps if db.execute("select 1 from ValidPaths where path = ?",
                                                     (p,)).fetchone()}
@@ -111,8 +111,11 @@ def promote(upper: str, lower_nix: str, merged_db: str, wanted: list[str] | None
             for path, row, refs, outputs in steps:
                 if path in have:
                     continue
-                db.execute(f"insert into ValidPaths ({', '.join(COLUMNS)}) values "
-                           f"({', '.join('?' * len(COLUMNS))})", row.values())
+                # Columns a Nix on the mount added travel where the lower has them too.
+                extra = [(c, v) for c, v in row.extra if c in lower_columns]
+                cols = COLUMNS + tuple(c for c, _ in extra)
+                db.execute(f"insert into ValidPaths ({', '.join(map(quote, cols))}) values "
+                           f"({', '.join('?' * len(cols))})", row.values() + tuple(v for _, v in extra))
                 new_id = db.last_insert_rowid()
                 for r in refs:
                     rid = db.execute("select id from ValidPaths where path = ?", (r,)).fetchone()[0]

@@ -180,8 +180,10 @@ class StoreService:
                     self.last_ok = time.time()
                 except (OSError, WorkerError) as e:
                     self.errors += 1
-                    self.last_error = str(e).strip().splitlines()[-1]
-                    log.warning("following the lower store: %s", e)
+                    error = str(e).strip().splitlines()[-1]
+                    if error != self.last_error:  # once, not every round it keeps failing
+                        log.warning("following the lower store: %s", e)
+                    self.last_error = error
                 finally:
                     self._busy = False
         self._stopped.set()

@@ -9,6 +9,9 @@ paths is written last: it is the commit point of the first build.
 Afterwards the lower database is followed by its ids (``ValidPaths.id`` only
 grows): rows above the last seen id are new, and a count that does not add up
 means deletions, found by comparing ids.  Nothing ever rescans the whole lower.
+Rows travel with every column the lower has; before each change the merged
+database is given the lower's shape (``schema.carry_shape``), and the lower's
+realisations follow their paths (``carows``).
 
 Ordering keeps Nix safe: a new lower path is made valid in the merged database
 (with its GC root reference, in one transaction) before the merged view shows
@@ -24,10 +27,10 @@ import time
 import apsw
 from dataclasses import dataclass, field
 
-from . import gcroot
+from . import carows, gcroot
 from .lowerindex import BROKEN, ID_INDEX, SHOWN, LowerIndex
-from .merged import MergedDb, PathRow, open_db
-from .schema import STORE_DIR, SchemaError, read_schema_version
+from .merged import MergedDb, open_db, select_outputs, select_rows
+from .schema import STORE_DIR, SchemaError, Shape, carry_shape, read_schema_version, read_shape
 from .snapshot import Snapshot, SnapshotError, read_consistent
 
 log = logging.getLogger(__name__)
@@ -46,11 +49,13 @@ class LowerChanges:
     count: int
     rows: list = field(default_factory=list)        # (lower_id, PathRow) ascending
     refs: dict = field(default_factory=dict)        # lower_id -> [reference path]
-    outputs: dict = field(default_factory=dict)     # lower_id -> [(output name, path)]
+    outputs: dict = field(default_factory=dict)     # lower_id -> [DerivationOutputs row]
     deleted: dict = field(default_factory=dict)     # lower_id -> name
+    shape: Shape | None = None                      # the lower database's tables and columns
+    ca: dict = field(default_factory=dict)          # ca table -> carows.CaChanges
 
     def __bool__(self):
-        return bool(self.rows or self.deleted)
+        return bool(self.rows or self.deleted or any(self.ca.values()))
 
 
 @dataclass
@@ -60,13 +65,8 @@ class SyncResult:
     duplicates: list = field(default_factory=list)  # upper copies identical to a lower path
 
 
-def _row_query(where: str) -> str:
-    return ("select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca "
-            f"from ValidPaths where {where} order by id")
-
-
 def _rows_from(conn, where: str, args) -> list:
-    return [(r[0], PathRow(*r[1:])) for r in conn.execute(_row_query(where), args)]
+    return select_rows(conn, where, args)
 
 
 def _refs_and_outputs(conn, ids) -> tuple[dict, dict]:
@@ -76,7 +76,7 @@ def _refs_and_outputs(conn, ids) -> tuple[dict, dict]:
         refs[i] = [p for (p,) in conn.execute(
             "select v.path from Refs r join ValidPaths v on v.id = r.reference "
             "where r.referrer = ?", (i,))]
-        out = conn.execute("select id, path from DerivationOutputs where drv = ?", (i,)).fetchall()
+        out = select_outputs(conn, i)
         if out:
             outputs[i] = out
     return refs, outputs
@@ -239,6 +239,11 @@ class StoreSync:
                     break
         else:
             raise SnapshotError(f"{self.lower_db} kept changing while being copied")
+        clone = apsw.Connection(tmp_db, flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            read_shape(clone)  # a shape nixfs could not follow live is refused now
+        finally:
+            clone.close()
         t_clone = time.monotonic()
         LowerIndex.create_from(tmp_index, tmp_db)  # every lower path, shown
         t_index = time.monotonic()
@@ -365,6 +370,7 @@ class StoreSync:
         try:
             old = open_db(self.merged_db)
             try:
+                old_shape = read_shape(old, where="the upper's earlier database", unknown_ok=True)
                 rows = [(i, r) for i, r in _rows_from(old, "1", ())
                         if self.upper_store.has(basename(r.path)) and r.path != gcroot.root_path()
                         and db.id_of(r.path) is None]
@@ -375,6 +381,8 @@ class StoreSync:
             log.error("the upper's earlier database is unreadable (%s): its paths stay "
                       "unregistered; Nix rebuilds or substitutes them when needed", e)
             return 0
+        if rows:
+            carry_shape(old_shape, db.conn)  # columns a Nix on the mount added come along
         self._insert_rows(db, rows, refs, outputs, root_id=None)
         return len(rows)
 
@@ -397,6 +405,10 @@ class StoreSync:
                 os.close(fd)
         return tuple(sig)
 
+    def forget_signature(self) -> None:
+        """Make the next ``changed()`` say yes (a change was seen but not followed)."""
+        self._lower_sig = None
+
     def changed(self) -> bool:
         self.stats["lower_polls"] += 1
         sig = self.lower_signature()
@@ -413,7 +425,14 @@ class StoreSync:
         def read(conn, snap):
             max_id, count = conn.execute(
                 "select coalesce(max(id), 0), count(*) from ValidPaths").fetchone()
-            changes = LowerChanges(max_id, count)
+            try:
+                shape = read_shape(conn)
+            except SchemaError:
+                if not snap.validate():  # a torn read, not the lower's shape: read again
+                    raise apsw.CorruptError("the lower database changed while being read")
+                raise
+            changes = LowerChanges(max_id, count, shape=shape)
+            changes.ca = carows.read(conn, changes.shape, index)
             if max_id > last_max:
                 changes.rows = _rows_from(conn, "id > ?", (last_max,))
                 changes.refs, changes.outputs = _refs_and_outputs(conn, [i for i, _ in changes.rows])
@@ -435,6 +454,8 @@ class StoreSync:
         new_index_rows = []
         lower_broken: list[bytes] = []
         with db.begin():
+            if changes.shape is not None:
+                carry_shape(changes.shape, db.conn)  # before any row: all or nothing
             root_id = db.id_of(gcroot.root_path())
             if changes.deleted:
                 leaving = [f"{STORE_DIR}/{os.fsdecode(n)}" for n in changes.deleted.values()
@@ -459,7 +480,9 @@ class StoreSync:
                 if state == SHOWN:
                     result.shown.append(name)
             result.duplicates.extend(dups)
+            ca_done = carows.apply(db, changes.ca)
         with index.conn:
+            carows.record(index, ca_done)
             if changes.deleted:
                 index.remove(changes.deleted.values())
                 index.set_state(lower_broken, BROKEN)
@@ -586,11 +609,12 @@ class StoreSync:
                         todo.append(r)
             rows = [x for i in sorted(seen) for x in _rows_from(conn, "id = ?", (i,))]
             refs, outputs = _refs_and_outputs(conn, [i for i, _ in rows])
-            return rows, refs, outputs
+            return rows, refs, outputs, read_shape(conn)
 
-        rows, refs, outputs = read_consistent(self.lower_db, read)
+        rows, refs, outputs, shape = read_consistent(self.lower_db, read)
         rows = [(i, r) for i, r in rows if not self.upper_store.hidden(basename(r.path))]
         with db.begin():
+            carry_shape(shape, db.conn)
             added, _ = self._insert_rows(db, rows, refs, outputs, db.id_of(gcroot.root_path()))
         shown = [basename(r.path) for i, r in rows if i in added]
         with index.conn:

@@ -121,14 +121,18 @@ class _Handler:
         """Follow the lower: returns (shown, hidden, duplicates) names, or None."""
         if not (self.sync.changed() or force):
             return None
-        changes = self.sync.read_changes()
-        if not changes and changes.max_id == self.sync.index.get("lower_max_id", 0):
-            return None
-        db = self._db()
         try:
-            r = self.sync.apply(db, changes)
-        finally:
-            db.close()
+            changes = self.sync.read_changes()
+            if not changes and changes.max_id == self.sync.index.get("lower_max_id", 0):
+                return None
+            db = self._db()
+            try:
+                r = self.sync.apply(db, changes)
+            finally:
+                db.close()
+        except BaseException:
+            self.sync.forget_signature()  # not followed: the next round tries again
+            raise
         return r.shown, r.hidden, r.duplicates
 
     def hold_gc_lock(self):
@@ -167,6 +171,7 @@ class _Handler:
 
 
 def _serve(send, recv, lower, upper, state_dir, mountpoint, log_file, debug) -> None:
+    from .schema import SchemaError
     # Log where the daemon logs; never to the terminal the mount was started from.
     if log_file:
         out = logging.FileHandler(log_file)
@@ -186,6 +191,9 @@ def _serve(send, recv, lower, upper, state_dir, mountpoint, log_file, debug) -> 
             return
         try:
             send.send(("ok", getattr(handler, op)(*args)))
+        except SchemaError as e:
+            # A shape nixfs refuses to carry: the one line that names it is the whole story.
+            send.send(("err", str(e)))
         except Exception:
             send.send(("err", traceback.format_exc()))
 
