@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import runtime
+from . import pin, runtime
 
 log = logging.getLogger("nixfs")
 
@@ -173,16 +173,12 @@ def check(cfg: MountConfig) -> None:
     if _is_within(lower, upper):
         raise UsageError(f"the lower {lower} is inside the upper {upper}")
     mnt = runtime.canonical(cfg.mountpoint)
-    if runtime.find_mount(mnt) is not None:
-        raise UsageError(f"mountpoint {cfg.mountpoint} is busy: something is mounted there already")
+    _check_no_nixfs_at(mnt, cfg.mountpoint)
     if not os.path.lexists(mnt):
         raise UsageError(f"mountpoint {cfg.mountpoint} does not exist")
     if os.path.islink(mnt) or not os.path.isdir(mnt):
         raise UsageError(f"mountpoint {cfg.mountpoint} is not a directory")
-    real_mnt = os.path.realpath(mnt)
-    for layer, what in ((lower, "lower"), (upper, "upper")):
-        if real_mnt != layer and _is_within(real_mnt, layer):
-            raise UsageError(f"mountpoint {cfg.mountpoint} is inside the {what} {layer}")
+    _check_layers_against(os.path.realpath(mnt), cfg.mountpoint, lower, upper)
     check_fuse_device()
     if not may_mount():
         if shutil.which("fusermount3") is None:
@@ -226,6 +222,47 @@ def check(cfg: MountConfig) -> None:
     if cfg.readonly and is_nix_store(cfg):
         raise UsageError("a Nix store mount cannot be read-only: Nix takes its GC lock and "
                          "writes its database through it (--no-nix mounts the files read-only)")
+
+
+def _check_no_nixfs_at(mnt: str, given: str) -> None:
+    """Any mount may be covered (a partition, a bind mount, NFS), as the kernel allows, but
+    not a nixfs: its daemon would go on serving a mount nobody can reach by its path, and
+    ``nixfs status/umount`` would find only the new one."""
+    entry = runtime.find_mount(mnt)
+    if entry is None or entry.fstype != runtime.FSTYPE:
+        return
+    info = runtime.read_record(mnt)
+    who = (f"its daemon is pid {info['pid']}, lower {info['lower']}" if info else
+           "its daemon is gone or another user's")
+    raise UsageError(f"mountpoint {given} is a nixfs mount already ({who}): unmount it first")
+
+
+def _check_layers_against(real_mnt: str, given: str, lower: str, upper: str) -> None:
+    """The mount may cover its lower (opened before it covers it), never its upper,
+    which nixfs goes on writing by name, nor sit inside either layer."""
+    for layer, what in ((lower, "lower"), (upper, "upper")):
+        if real_mnt != layer and _is_within(real_mnt, layer):
+            raise UsageError(f"mountpoint {given} is inside the {what} {layer}")
+    if _is_within(upper, real_mnt):
+        where = "is the mountpoint" if upper == real_mnt else f"is inside the mountpoint {given}"
+        raise UsageError(f"the upper {upper} {where}: the mount would hide it from nixfs")
+    if _is_within(lower, real_mnt) and not pin.proc_available():
+        raise UsageError(f"the mount would cover the lower {lower}: nixfs then reaches it "
+                         "through /proc/self/fd, and /proc is not mounted here")
+
+
+def _fuse_options(cfg: MountConfig, *, root_daemon: bool) -> set[str]:
+    """What libfuse gets: the kernel always checks permissions against the shown owners."""
+    options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
+    options.discard("rw")
+    if root_daemon:
+        # libfuse defaults to nosuid,nodev; a root mount behaves like kernel overlayfs
+        # (and any root-mounted file system) unless asked. fusermount3 forces both for users.
+        options |= {"suid"} if "nosuid" not in options else set()
+        options |= {"dev"} if "nodev" not in options else set()
+    if cfg.debug:
+        options.add("debug")
+    return options
 
 
 def _main_args(cfg: MountConfig) -> dict:
@@ -384,55 +421,59 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
 
     owner = None if privileged() else (os.geteuid(), os.getegid())
     try:
+        # Before the mount, which may cover the lower: the database code reaches it by this.
+        lower = pin.PinnedDir(cfg.lower)
+    except OSError as e:
+        return report(f"cannot open the lower {cfg.lower}: {e.strerror}", 1)
+    try:
         overlay = Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
                           readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
                           lower_timeout=cfg.lower_timeout or None)
         overlay.state.lock()
     except (UpperInUse, StateError) as e:
+        lower.close()
         return report(str(e), 2)
     except OSError as e:
+        lower.close()
         return report(f"cannot open the layers: {e}", 1)
     log_path = cfg.log_file or (None if cfg.foreground else
                                 os.path.join(cfg.upper, ".nixfs", "nixfs.log"))
     _setup_logging(cfg, log_path)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lower.log_filter)
     recovered = overlay.state.recover()
     if recovered:
         log.warning("removed %d leftovers of an interrupted daemon from the work folder",
                     len(recovered))
     service = None
     if is_nix_store(cfg):
-        sync = StoreSync(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"))
+        sync = StoreSync(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"))
         try:
             sync.prepare()  # on the upper directly: nothing can use it before the mount
         except SchemaError as e:
             overlay.close()
-            return report(str(e), 2)
+            lower.close()
+            return report(lower.shown(str(e)), 2)
         except (SnapshotError, OSError, apsw.Error) as e:
             overlay.close()
+            lower.close()
             log.exception("preparing the merged store database failed")
-            return report(f"cannot prepare the merged store database: {e}", 1)
+            return report(lower.shown(f"cannot prepare the merged store database: {e}"), 1)
         overlay.policy = NixStorePolicy(sync.index)
         overlay.dircache.store = ListingStore(os.path.join(cfg.upper, ".nixfs", ListingStore.FILE))
-        worker = SyncWorker(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
-                            cfg.mountpoint, log_path, cfg.debug)
+        worker = SyncWorker(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
+                            cfg.mountpoint, log_path, cfg.debug, keep_fds=(lower.fd,))
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())
     # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
     # which FUSE mounts get from the mount, not the file system): a Nix store has none to show.
     xattrs = cfg.xattr == "on" or (cfg.xattr == "auto" and service is None)
     ops = FuseOps(overlay, listings=cfg.listings, opens=cfg.opens, xattrs=xattrs)
-    options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
-    options.discard("rw")
-    if owner is None:
-        # libfuse defaults to nosuid,nodev; a root mount behaves like kernel overlayfs
-        # (and any root-mounted file system) unless asked. fusermount3 forces both for users.
-        options |= {"suid"} if "nosuid" not in options else set()
-        options |= {"dev"} if "nodev" not in options else set()
-    if cfg.debug:
-        options.add("debug")
+    options = _fuse_options(cfg, root_daemon=owner is None)
     try:
         pyfuse3.init(ops, cfg.mountpoint, options)
     except RuntimeError as e:
         overlay.close()
+        lower.close()
         return report(f"mounting at {cfg.mountpoint} failed ({e}); see the messages above", 1)
     from . import control, status
     started = time.time()
@@ -524,6 +565,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             service.worker.stop()
         pyfuse3.close(unmount=unmount)
         overlay.close()
+        lower.close()
         runtime.remove_record(cfg.mountpoint)
         log.info("unmounted %s", cfg.mountpoint)
     return 0
