@@ -584,7 +584,9 @@ def _umount2(path: str, flags: int) -> int:
 
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
-    """Unmount a nixfs mount and wait until its daemon has written everything out."""
+    """Unmount a nixfs mount and wait until its daemon has written everything out;
+    refuse at once, naming them, while processes hold it (unless *lazy*)."""
+    from . import holders
     mnt = runtime.canonical(mountpoint)
     entry = runtime.find_mount(mnt)
     if entry is None:
@@ -592,34 +594,65 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
     if entry.fstype != runtime.FSTYPE:
         raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
     info = runtime.read_record(mnt)
+    daemon = {info["pid"]} if info else set()
+    held = holders.find(entry, spare=daemon) if lazy else holders.lasting(entry, spare=daemon)
+    if held and not lazy:
+        raise UsageError(f"{mountpoint} is busy: {holders.describe(held)} (stop them, or "
+                         "detach it now with --lazy)")
+    _pause(mnt, info)
+    code = _detach(mountpoint, mnt) if lazy else _unmount(mountpoint, mnt, entry, daemon)
+    if code or info is None:
+        return code
+    if held:
+        print(f"nixfs: {mountpoint} is detached; its daemon (pid {info['pid']}) finishes once "
+              f"{holders.describe(held)} let go", file=sys.stderr)
+        return 0
+    _wait_for_exit(info["pid"], timeout)
+    return 0
+
+
+def _pause(mnt: str, info: dict | None) -> None:
+    """Make the daemon's own database work and stats (stale_attrs) let go of the mount."""
+    from . import control
     if info is not None:
-        from . import control
         try:
-            # Its database work and its own stats (stale_attrs) let go of the mount.
             control.request(mnt, "pause")
         except control.ControlError:
             pass
+
+
+def _unmount(mountpoint: str, mnt: str, entry, daemon: set[int]) -> int:
+    """A plain unmount; the daemon itself may hold a file there for a moment."""
+    from . import holders
     err = errno.EPERM
     if may_mount():
-        for _ in range(20):  # the daemon itself may hold a file there for a moment
-            err = _umount2(mnt, _MNT_DETACH if lazy else 0)
+        for _ in range(20):
+            err = _umount2(mnt, 0)
             if err != errno.EBUSY:
                 break
             time.sleep(0.1)
     if err == errno.EBUSY:
-        raise UsageError(f"{mountpoint} is busy: files on it are open or it is someone's "
-                         "working directory (close them, or use --lazy)")
-    if err:
-        cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            message = proc.stderr.strip() or f"fusermount3 exited with {proc.returncode}"
-            if "busy" in message.lower():
-                raise UsageError(f"{mountpoint} is busy: {message} (or use --lazy)")
-            print(f"nixfs: {message}", file=sys.stderr)
-            return 1
-    if info is not None:
-        _wait_for_exit(info["pid"], timeout)
+        held = holders.find(entry, spare=daemon)
+        who = holders.describe(held) if held else "processes this user cannot inspect"
+        raise UsageError(f"{mountpoint} is busy: {who} (stop them, or detach it now with --lazy)")
+    return _fusermount(mountpoint, mnt, lazy=False) if err else 0
+
+
+def _detach(mountpoint: str, mnt: str) -> int:
+    err = _umount2(mnt, _MNT_DETACH) if may_mount() else errno.EPERM
+    return _fusermount(mountpoint, mnt, lazy=True) if err else 0
+
+
+def _fusermount(mountpoint: str, mnt: str, *, lazy: bool) -> int:
+    """An ordinary user unmounts through the setuid helper."""
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        message = proc.stderr.strip() or f"fusermount3 exited with {proc.returncode}"
+        if "busy" in message.lower():
+            raise UsageError(f"{mountpoint} is busy: {message} (or use --lazy)")
+        print(f"nixfs: {message}", file=sys.stderr)
+        return 1
     return 0
 
 
