@@ -585,7 +585,7 @@ def _umount2(path: str, flags: int) -> int:
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
     """Unmount a nixfs mount and wait until its daemon has written everything out;
-    refuse at once, naming them, while processes hold it (unless *lazy*)."""
+    refuse at once, naming them, while processes use it (unless *lazy*)."""
     from . import holders
     mnt = runtime.canonical(mountpoint)
     entry = runtime.find_mount(mnt)
@@ -595,17 +595,20 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
         raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
     info = runtime.read_record(mnt)
     daemon = {info["pid"]} if info else set()
-    held = holders.find(entry, spare=daemon) if lazy else holders.lasting(entry, spare=daemon)
-    if held and not lazy:
-        raise UsageError(f"{mountpoint} is busy: {holders.describe(held)} (stop them, or "
+    users = [h for h in holders.find(entry, spare=daemon) if not h.only_a_copy]
+    if users and not lazy:
+        raise UsageError(f"{mountpoint} is busy: {holders.describe(users)} (stop them, or "
                          "detach it now with --lazy)")
     _pause(mnt, info)
     code = _detach(mountpoint, mnt) if lazy else _unmount(mountpoint, mnt, entry, daemon)
     if code or info is None:
         return code
-    if held:
-        print(f"nixfs: {mountpoint} is detached; its daemon (pid {info['pid']}) finishes once "
-              f"{holders.describe(held)} let go", file=sys.stderr)
+    # Gone here; copies of it in other mount namespaces keep its daemon serving them.
+    left = holders.lasting(entry, spare=daemon)
+    if left:
+        done = "detached" if lazy else "unmounted here"
+        print(f"nixfs: {mountpoint} is {done}; its daemon (pid {info['pid']}) writes "
+              f"everything out and exits once {holders.describe(left)} let go", file=sys.stderr)
         return 0
     _wait_for_exit(info["pid"], timeout)
     return 0
