@@ -32,6 +32,8 @@ FUSE_OPTIONS = {
     "exec", "noexec", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
     "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync", "async", "dirsync",
 }
+# nixfs' own flags: owner_only keeps a root mount to root (a root mount is for everyone).
+OWN_FLAGS = {"owner_only"}
 # How long the daemon polls for the next request after answering one (-o poll_us=): a
 # cold tree walk's caller often takes more than 100 µs between requests (the kernel
 # builds a listing's dentries, its worker threads want the CPU too).
@@ -91,7 +93,7 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
         key, _, value = opt.partition("=")
         if key in ("lowerdir", "upperdir", "nix", *VALUE_FIELDS):
             cfg_values[key] = value
-        elif opt in FUSE_OPTIONS:
+        elif opt in FUSE_OPTIONS or opt in OWN_FLAGS:
             out.add(opt)
         elif opt in IGNORED_OPTIONS or key in ("comment", "fsname", "subtype") or key.startswith("x-"):
             continue
@@ -180,6 +182,9 @@ def check(cfg: MountConfig) -> None:
         raise UsageError(f"mountpoint {cfg.mountpoint} is not a directory")
     _check_layers_against(os.path.realpath(mnt), cfg.mountpoint, lower, upper)
     check_fuse_device()
+    shared = cfg.options & {"allow_other", "allow_root"}
+    if "owner_only" in cfg.options and shared:
+        raise UsageError(f"owner_only and {' and '.join(sorted(shared))} contradict each other")
     if not may_mount():
         if shutil.which("fusermount3") is None:
             raise UsageError("fusermount3 not found: install the fuse3 package "
@@ -254,10 +259,14 @@ def _check_layers_against(real_mnt: str, given: str, lower: str, upper: str) -> 
 def _fuse_options(cfg: MountConfig, *, root_daemon: bool) -> set[str]:
     """What libfuse gets: the kernel always checks permissions against the shown owners."""
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
-    options.discard("rw")
+    options -= {"rw"} | OWN_FLAGS
     if root_daemon:
-        # libfuse defaults to nosuid,nodev; a root mount behaves like kernel overlayfs
-        # (and any root-mounted file system) unless asked. fusermount3 forces both for users.
+        # A root mount behaves like kernel overlayfs (and any root-mounted file system)
+        # unless asked: every user may use it (as fuse-overlayfs does as root), and suid and
+        # device files work (libfuse defaults to nosuid,nodev; fusermount3 forces both for
+        # users, whose mounts stay theirs alone unless they ask).
+        if not options & {"allow_root"} and "owner_only" not in cfg.options:
+            options.add("allow_other")
         options |= {"suid"} if "nosuid" not in options else set()
         options |= {"dev"} if "nodev" not in options else set()
     if cfg.debug:
