@@ -122,8 +122,9 @@ class _Namespaces:
             return False
         for m in self.copies(pid):
             linked = {t.split(":")[1] for t in m.tags if t.startswith(("shared:", "master:"))}
+            # (Our own mount id: this namespace after all, where it cannot be named.)
             if m.mount_id != self.ours and not linked & self.groups:
-                return True  # (our own mount, seen where the namespace cannot be named)
+                return True
         return False
 
 
