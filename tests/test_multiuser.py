@@ -52,6 +52,18 @@ in {{
 LOWER_ATTRS = ("liba", "libb")
 
 
+def recipe_options(lower: Path, upper: Path) -> str:
+    """recipes/systemd/nix.mount's Options= with this test's layers in place of its paths."""
+    text = (REPO / "recipes/systemd/nix.mount").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("Options="))
+    options = []
+    for opt in line[len("Options="):].split(","):
+        key = opt.split("=", 1)[0]
+        options.append({"lowerdir": f"lowerdir={lower}",
+                        "upperdir": f"upperdir={upper}"}.get(key, opt))
+    return ",".join(options)
+
+
 def expression(base: Path, extra: dict[str, str]) -> Path:
     """A world-readable expression with the lower's derivations and *extra* (name: deps)."""
     lines = "\n".join(f'  {name} = mk "{name}" [ {deps} ];' for name, deps in extra.items())
@@ -309,9 +321,8 @@ class Node:
         """Root's mount of /nix with allow_other (the root default on branch mount-over;
         given anyway so the test holds either way)."""
         lower = lower or self.lower
-        if helper_form:  # as mount(8) runs it for nix.mount or an fstab line
-            proc = self.ns.nixfs("nixfs", "/nix", "-o",
-                                 f"lowerdir={lower},upperdir={self.upper},allow_other")
+        if helper_form:  # as mount(8) runs it for recipes/systemd/nix.mount
+            proc = self.ns.nixfs("nixfs", "/nix", "-o", recipe_options(lower, self.upper))
         else:
             proc = self.ns.nixfs("mount", "--lower", lower, "--upper", self.upper,
                                  "-o", "allow_other", "/nix")
@@ -451,8 +462,19 @@ def test_a_node_nix_for_every_user(node):
     """Root's nixfs at /nix, nix-daemon with build users (sandbox off, then on), two users
     sharing builds, root's GC, the lower growing while mounted, a clean stop and a remount."""
     a, b = node.accounts.users
-    node.mount()
+    node.mount(helper_form=True)
+    assert "allow_other" in recipe_options(node.lower, node.upper)
     assert node.ns.run("nix-store", "--check-validity", *node.lower_paths.values()).returncode == 0
+
+    # A fresh upper has no socket directory: Debian's units' condition fails until the
+    # recipes' tmpfiles.d rule has made it through the mount.
+    condition = ("systemd-analyze", "condition", "ConditionPathIsReadWrite=/nix/var/nix/daemon-socket")
+    assert node.ns.run(*condition).returncode != 0
+    tmpfiles = node.ns.run("systemd-tmpfiles", "--create", "--prefix=/nix/var/nix",
+                           REPO / "recipes/systemd/nixfs-nix.conf")
+    assert tmpfiles.returncode == 0, tmpfiles.stderr
+    assert node.ns.run(*condition).returncode == 0
+    assert (node.upper / "var/nix/daemon-socket").is_dir()
     outs = {}
     for sandbox in (False, True):
         node.start_daemon(sandbox=sandbox)
