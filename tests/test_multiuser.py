@@ -500,6 +500,15 @@ def test_a_node_nix_for_every_user(node):
     for user_outs in outs.values():
         for out in user_outs.values():
             assert node.valid(out, user=b), out
+    # nixfs' own collector at /nix, beside the running daemon, does the same.
+    junk2, _ = node.build(b, expression(node.base, {"junk2": "liba"}), "junk2")
+    proc = node.ns.nixfs("gc", "/nix")
+    assert proc.returncode == 0, proc.stderr
+    freed = proc.stdout.split()
+    assert junk2 in freed and all(p.endswith(("-junk2", "-junk2.drv")) for p in freed), freed
+    assert not node.valid(junk2)
+    for user_outs in outs.values():
+        assert all(node.valid(out) for out in user_outs.values())
 
     # A path the lower gains while mounted is valid through the daemon within seconds.
     late_expr = expression(node.base, {"late": "libb"})
