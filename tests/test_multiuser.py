@@ -431,9 +431,7 @@ def _users_build_and_share(node: Node, *, sandbox: bool) -> dict[str, str]:
     mode = "sandbox" if sandbox else "nosandbox"
     a, b = node.accounts.users
     names = {a: f"a-{mode}", b: f"b-{mode}"}
-    expr = node.base / f"users-{mode}.nix"
-    expr.write_text(expression(node.base, {names[a]: "liba", names[b]: "libb"}).read_text())
-    expr.chmod(0o644)
+    expr = expression(node.base, {names[a]: "liba", names[b]: "libb"})
     outs = {}
     for user, name in names.items():
         out, built = node.build(user, expr, name, link=f"result-{name}")
