@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import runtime
+from . import pin, runtime
 
 log = logging.getLogger("nixfs")
 
@@ -173,16 +173,12 @@ def check(cfg: MountConfig) -> None:
     if _is_within(lower, upper):
         raise UsageError(f"the lower {lower} is inside the upper {upper}")
     mnt = runtime.canonical(cfg.mountpoint)
-    if runtime.find_mount(mnt) is not None:
-        raise UsageError(f"mountpoint {cfg.mountpoint} is busy: something is mounted there already")
+    _check_no_nixfs_at(mnt, cfg.mountpoint)
     if not os.path.lexists(mnt):
         raise UsageError(f"mountpoint {cfg.mountpoint} does not exist")
     if os.path.islink(mnt) or not os.path.isdir(mnt):
         raise UsageError(f"mountpoint {cfg.mountpoint} is not a directory")
-    real_mnt = os.path.realpath(mnt)
-    for layer, what in ((lower, "lower"), (upper, "upper")):
-        if real_mnt != layer and _is_within(real_mnt, layer):
-            raise UsageError(f"mountpoint {cfg.mountpoint} is inside the {what} {layer}")
+    _check_layers_against(os.path.realpath(mnt), cfg.mountpoint, lower, upper)
     check_fuse_device()
     if not may_mount():
         if shutil.which("fusermount3") is None:
@@ -226,6 +222,47 @@ def check(cfg: MountConfig) -> None:
     if cfg.readonly and is_nix_store(cfg):
         raise UsageError("a Nix store mount cannot be read-only: Nix takes its GC lock and "
                          "writes its database through it (--no-nix mounts the files read-only)")
+
+
+def _check_no_nixfs_at(mnt: str, given: str) -> None:
+    """Any mount may be covered (a partition, a bind mount, NFS), as the kernel allows, but
+    not a nixfs: its daemon would go on serving a mount nobody can reach by its path, and
+    ``nixfs status/umount`` would find only the new one."""
+    entry = runtime.find_mount(mnt)
+    if entry is None or entry.fstype != runtime.FSTYPE:
+        return
+    info = runtime.read_record(mnt)
+    who = (f"its daemon is pid {info['pid']}, lower {info['lower']}" if info else
+           "its daemon is gone or another user's")
+    raise UsageError(f"mountpoint {given} is a nixfs mount already ({who}): unmount it first")
+
+
+def _check_layers_against(real_mnt: str, given: str, lower: str, upper: str) -> None:
+    """The mount may cover its lower (opened before it covers it), never its upper,
+    which nixfs goes on writing by name, nor sit inside either layer."""
+    for layer, what in ((lower, "lower"), (upper, "upper")):
+        if real_mnt != layer and _is_within(real_mnt, layer):
+            raise UsageError(f"mountpoint {given} is inside the {what} {layer}")
+    if _is_within(upper, real_mnt):
+        where = "is the mountpoint" if upper == real_mnt else f"is inside the mountpoint {given}"
+        raise UsageError(f"the upper {upper} {where}: the mount would hide it from nixfs")
+    if _is_within(lower, real_mnt) and not pin.proc_available():
+        raise UsageError(f"the mount would cover the lower {lower}: nixfs then reaches it "
+                         "through /proc/self/fd, and /proc is not mounted here")
+
+
+def _fuse_options(cfg: MountConfig, *, root_daemon: bool) -> set[str]:
+    """What libfuse gets: the kernel always checks permissions against the shown owners."""
+    options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
+    options.discard("rw")
+    if root_daemon:
+        # libfuse defaults to nosuid,nodev; a root mount behaves like kernel overlayfs
+        # (and any root-mounted file system) unless asked. fusermount3 forces both for users.
+        options |= {"suid"} if "nosuid" not in options else set()
+        options |= {"dev"} if "nodev" not in options else set()
+    if cfg.debug:
+        options.add("debug")
+    return options
 
 
 def _main_args(cfg: MountConfig) -> dict:
@@ -384,55 +421,59 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
 
     owner = None if privileged() else (os.geteuid(), os.getegid())
     try:
+        # Before the mount, which may cover the lower: the database code reaches it by this.
+        lower = pin.PinnedDir(cfg.lower)
+    except OSError as e:
+        return report(f"cannot open the lower {cfg.lower}: {e.strerror}", 1)
+    try:
         overlay = Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
                           readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
                           lower_timeout=cfg.lower_timeout or None)
         overlay.state.lock()
     except (UpperInUse, StateError) as e:
+        lower.close()
         return report(str(e), 2)
     except OSError as e:
+        lower.close()
         return report(f"cannot open the layers: {e}", 1)
     log_path = cfg.log_file or (None if cfg.foreground else
                                 os.path.join(cfg.upper, ".nixfs", "nixfs.log"))
     _setup_logging(cfg, log_path)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lower.log_filter)
     recovered = overlay.state.recover()
     if recovered:
         log.warning("removed %d leftovers of an interrupted daemon from the work folder",
                     len(recovered))
     service = None
     if is_nix_store(cfg):
-        sync = StoreSync(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"))
+        sync = StoreSync(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"))
         try:
             sync.prepare()  # on the upper directly: nothing can use it before the mount
         except SchemaError as e:
             overlay.close()
-            return report(str(e), 2)
+            lower.close()
+            return report(lower.shown(str(e)), 2)
         except (SnapshotError, OSError, apsw.Error) as e:
             overlay.close()
+            lower.close()
             log.exception("preparing the merged store database failed")
-            return report(f"cannot prepare the merged store database: {e}", 1)
+            return report(lower.shown(f"cannot prepare the merged store database: {e}"), 1)
         overlay.policy = NixStorePolicy(sync.index)
         overlay.dircache.store = ListingStore(os.path.join(cfg.upper, ".nixfs", ListingStore.FILE))
-        worker = SyncWorker(cfg.lower, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
-                            cfg.mountpoint, log_path, cfg.debug)
+        worker = SyncWorker(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
+                            cfg.mountpoint, log_path, cfg.debug, keep_fds=(lower.fd,))
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())
     # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
     # which FUSE mounts get from the mount, not the file system): a Nix store has none to show.
     xattrs = cfg.xattr == "on" or (cfg.xattr == "auto" and service is None)
     ops = FuseOps(overlay, listings=cfg.listings, opens=cfg.opens, xattrs=xattrs)
-    options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
-    options.discard("rw")
-    if owner is None:
-        # libfuse defaults to nosuid,nodev; a root mount behaves like kernel overlayfs
-        # (and any root-mounted file system) unless asked. fusermount3 forces both for users.
-        options |= {"suid"} if "nosuid" not in options else set()
-        options |= {"dev"} if "nodev" not in options else set()
-    if cfg.debug:
-        options.add("debug")
+    options = _fuse_options(cfg, root_daemon=owner is None)
     try:
         pyfuse3.init(ops, cfg.mountpoint, options)
     except RuntimeError as e:
         overlay.close()
+        lower.close()
         return report(f"mounting at {cfg.mountpoint} failed ({e}); see the messages above", 1)
     from . import control, status
     started = time.time()
@@ -524,6 +565,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             service.worker.stop()
         pyfuse3.close(unmount=unmount)
         overlay.close()
+        lower.close()
         runtime.remove_record(cfg.mountpoint)
         log.info("unmounted %s", cfg.mountpoint)
     return 0
@@ -542,7 +584,9 @@ def _umount2(path: str, flags: int) -> int:
 
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
-    """Unmount a nixfs mount and wait until its daemon has written everything out."""
+    """Unmount a nixfs mount and wait until its daemon has written everything out;
+    refuse at once, naming them, while processes hold it (unless *lazy*)."""
+    from . import holders
     mnt = runtime.canonical(mountpoint)
     entry = runtime.find_mount(mnt)
     if entry is None:
@@ -550,34 +594,65 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
     if entry.fstype != runtime.FSTYPE:
         raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
     info = runtime.read_record(mnt)
+    daemon = {info["pid"]} if info else set()
+    held = holders.find(entry, spare=daemon) if lazy else holders.lasting(entry, spare=daemon)
+    if held and not lazy:
+        raise UsageError(f"{mountpoint} is busy: {holders.describe(held)} (stop them, or "
+                         "detach it now with --lazy)")
+    _pause(mnt, info)
+    code = _detach(mountpoint, mnt) if lazy else _unmount(mountpoint, mnt, entry, daemon)
+    if code or info is None:
+        return code
+    if held:
+        print(f"nixfs: {mountpoint} is detached; its daemon (pid {info['pid']}) finishes once "
+              f"{holders.describe(held)} let go", file=sys.stderr)
+        return 0
+    _wait_for_exit(info["pid"], timeout)
+    return 0
+
+
+def _pause(mnt: str, info: dict | None) -> None:
+    """Make the daemon's own database work and stats (stale_attrs) let go of the mount."""
+    from . import control
     if info is not None:
-        from . import control
         try:
-            # Its database work and its own stats (stale_attrs) let go of the mount.
             control.request(mnt, "pause")
         except control.ControlError:
             pass
+
+
+def _unmount(mountpoint: str, mnt: str, entry, daemon: set[int]) -> int:
+    """A plain unmount; the daemon itself may hold a file there for a moment."""
+    from . import holders
     err = errno.EPERM
     if may_mount():
-        for _ in range(20):  # the daemon itself may hold a file there for a moment
-            err = _umount2(mnt, _MNT_DETACH if lazy else 0)
+        for _ in range(20):
+            err = _umount2(mnt, 0)
             if err != errno.EBUSY:
                 break
             time.sleep(0.1)
     if err == errno.EBUSY:
-        raise UsageError(f"{mountpoint} is busy: files on it are open or it is someone's "
-                         "working directory (close them, or use --lazy)")
-    if err:
-        cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            message = proc.stderr.strip() or f"fusermount3 exited with {proc.returncode}"
-            if "busy" in message.lower():
-                raise UsageError(f"{mountpoint} is busy: {message} (or use --lazy)")
-            print(f"nixfs: {message}", file=sys.stderr)
-            return 1
-    if info is not None:
-        _wait_for_exit(info["pid"], timeout)
+        held = holders.find(entry, spare=daemon)
+        who = holders.describe(held) if held else "processes this user cannot inspect"
+        raise UsageError(f"{mountpoint} is busy: {who} (stop them, or detach it now with --lazy)")
+    return _fusermount(mountpoint, mnt, lazy=False) if err else 0
+
+
+def _detach(mountpoint: str, mnt: str) -> int:
+    err = _umount2(mnt, _MNT_DETACH) if may_mount() else errno.EPERM
+    return _fusermount(mountpoint, mnt, lazy=True) if err else 0
+
+
+def _fusermount(mountpoint: str, mnt: str, *, lazy: bool) -> int:
+    """An ordinary user unmounts through the setuid helper."""
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mnt]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        message = proc.stderr.strip() or f"fusermount3 exited with {proc.returncode}"
+        if "busy" in message.lower():
+            raise UsageError(f"{mountpoint} is busy: {message} (or use --lazy)")
+        print(f"nixfs: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

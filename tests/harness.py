@@ -25,11 +25,25 @@ def run_nixfs(*args, check=False, env=None, user=None, **kw) -> subprocess.Compl
     return subprocess.run(cmd, capture_output=True, text=True, check=check, env=full_env, **kw)
 
 
-def _mounted(path) -> bool:
+def _top_mount(path) -> str | None:
+    """The file system type of what is mounted last at *path*, or None."""
     target = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     target = os.path.join(target, os.path.basename(os.path.abspath(path)))
+    found = None
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+        for line in f:
+            if line.split()[4] == target:
+                found = line.split(" - ")[1].split()[0]
+    return found
+
+
+def _mounted(path) -> bool:
+    return _top_mount(path) is not None
+
+
+def _nixfs_mounted(path) -> bool:
+    """A nixfs is on top at *path* (a test may mount one over another file system)."""
+    return _top_mount(path) == "fuse.nixfs"
 
 
 def force_unmount(path) -> None:
@@ -60,11 +74,11 @@ class NixfsMount:
         return self
 
     def stop(self) -> None:
-        if not _mounted(self.mnt):
+        if not _nixfs_mounted(self.mnt):
             return
         proc = run_nixfs("umount", self.mnt, timeout=120)
-        if proc.returncode != 0 or _mounted(self.mnt):
-            force_unmount(self.mnt)
+        if proc.returncode != 0 or _nixfs_mounted(self.mnt):
+            self.force_unmount()
             raise RuntimeError(f"nixfs umount failed: {proc.stderr}")
 
     def log_text(self) -> str:
@@ -76,11 +90,17 @@ class NixfsMount:
     def __enter__(self):
         return self.start()
 
+    def force_unmount(self) -> None:
+        """Lazily unmount the nixfs on top at the mountpoint, never what is below it."""
+        for cmd in (["fusermount3", "-u", "-z", str(self.mnt)], ["umount", "-l", str(self.mnt)]):
+            if _nixfs_mounted(self.mnt):
+                subprocess.run(cmd, capture_output=True)
+
     def __exit__(self, exc_type, exc, tb):
         try:
             self.stop()
         finally:
-            force_unmount(self.mnt)
+            self.force_unmount()
         errors = [line for line in self.log_text().splitlines() if " ERROR " in line]
         if exc_type is None and errors:
             raise AssertionError("the daemon logged errors:\n" + "\n".join(errors))

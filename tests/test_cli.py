@@ -49,7 +49,11 @@ def test_bad_mountpoint(dirs):
     expect_usage_error(mount(dirs, mnt="lower/m"), "inside the lower")
     with NixfsMount(dirs / "lower", dirs / "upper", dirs / "mnt"):
         (dirs / "upper2").mkdir()
-        expect_usage_error(mount(dirs, upper="upper2"), "busy")
+        expect_usage_error(mount(dirs, upper="upper2"), "a nixfs mount already", "pid ",
+                           f"lower {dirs / 'lower'}")
+    (dirs / "mnt/up").mkdir()
+    expect_usage_error(mount(dirs, upper="mnt/up"), "upper", "inside the mountpoint", "hide")
+    expect_usage_error(mount(dirs, upper="mnt", mnt="mnt"), "upper", "is the mountpoint")
 
 
 def test_bad_options(dirs):

@@ -32,8 +32,9 @@ class SyncWorker:
     """Daemon side: starts the worker and sends it requests, one at a time."""
 
     def __init__(self, lower: str, upper: str, state_dir: str, mountpoint: str,
-                 log_file: str | None = None, debug: bool = False):
+                 log_file: str | None = None, debug: bool = False, keep_fds: tuple = ()):
         self.args = (lower, upper, state_dir, mountpoint, log_file, debug)
+        self.keep_fds = keep_fds  # the worker's at the same numbers (a lower under the mount)
         self.proc = None
         self.conn = None
         self.limiter = trio.CapacityLimiter(1)
@@ -49,7 +50,7 @@ class SyncWorker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nixfs.nixdb.worker", str(to_worker_r), str(from_worker_w),
              json.dumps(self.args)],
-            pass_fds=(to_worker_r, from_worker_w), stdin=subprocess.DEVNULL,
+            pass_fds=(to_worker_r, from_worker_w, *self.keep_fds), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=None if self.args[4] is None else subprocess.DEVNULL,
             env=env)
         os.close(to_worker_r)
