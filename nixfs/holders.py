@@ -12,8 +12,10 @@ kernel's own answer is not enough for that:
 So the scan looks for the mount's device (its superblock: the same in every
 copy) in every process it may inspect: working directory, root and program
 (opened O_PATH, which sends the file system no request: a hung daemon cannot
-hang the scan), open files, mappings, unix sockets bound on it, and mount
-namespaces holding a copy that our unmount would not take along.
+hang the scan), open files, mappings and unix sockets bound on it.  Mount
+namespaces that merely hold a copy our unmount does not take along are found
+too: they do not make the unmount fail (umount(8) would not), but the daemon
+serves them until they are gone, so the user is told rather than kept waiting.
 """
 
 import os
@@ -27,7 +29,8 @@ from . import runtime
 SHOWN = 5  # holders named in a message; the rest are counted
 COPY = "its own mount namespace has it mounted"
 # How long holders that only have a copy may take to go: every Nix command run as root
-# has one for its lifetime (and leaves nothing behind when it ends).
+# has one for its lifetime.  A copy nobody uses does not make an unmount fail (umount(8)
+# would not either), but the daemon serves it until it is gone.
 COPY_GRACE_S = 1.0
 
 
@@ -119,8 +122,9 @@ class _Namespaces:
             return False
         for m in self.copies(pid):
             linked = {t.split(":")[1] for t in m.tags if t.startswith(("shared:", "master:"))}
+            # (Our own mount id: this namespace after all, where it cannot be named.)
             if m.mount_id != self.ours and not linked & self.groups:
-                return True  # (our own mount, seen where the namespace cannot be named)
+                return True
         return False
 
 

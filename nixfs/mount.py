@@ -32,6 +32,8 @@ FUSE_OPTIONS = {
     "exec", "noexec", "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime",
     "strictatime", "nostrictatime", "lazytime", "nolazytime", "sync", "async", "dirsync",
 }
+# nixfs' own flags: owner_only keeps a root mount to root (a root mount is for everyone).
+OWN_FLAGS = {"owner_only"}
 # How long the daemon polls for the next request after answering one (-o poll_us=): a
 # cold tree walk's caller often takes more than 100 µs between requests (the kernel
 # builds a listing's dentries, its worker threads want the CPU too).
@@ -91,7 +93,7 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
         key, _, value = opt.partition("=")
         if key in ("lowerdir", "upperdir", "nix", *VALUE_FIELDS):
             cfg_values[key] = value
-        elif opt in FUSE_OPTIONS:
+        elif opt in FUSE_OPTIONS or opt in OWN_FLAGS:
             out.add(opt)
         elif opt in IGNORED_OPTIONS or key in ("comment", "fsname", "subtype") or key.startswith("x-"):
             continue
@@ -180,6 +182,9 @@ def check(cfg: MountConfig) -> None:
         raise UsageError(f"mountpoint {cfg.mountpoint} is not a directory")
     _check_layers_against(os.path.realpath(mnt), cfg.mountpoint, lower, upper)
     check_fuse_device()
+    shared = cfg.options & {"allow_other", "allow_root"}
+    if "owner_only" in cfg.options and shared:
+        raise UsageError(f"owner_only and {' and '.join(sorted(shared))} contradict each other")
     if not may_mount():
         if shutil.which("fusermount3") is None:
             raise UsageError("fusermount3 not found: install the fuse3 package "
@@ -254,10 +259,14 @@ def _check_layers_against(real_mnt: str, given: str, lower: str, upper: str) -> 
 def _fuse_options(cfg: MountConfig, *, root_daemon: bool) -> set[str]:
     """What libfuse gets: the kernel always checks permissions against the shown owners."""
     options = {"fsname=nixfs", "subtype=nixfs", "default_permissions"} | cfg.options
-    options.discard("rw")
+    options -= {"rw"} | OWN_FLAGS
     if root_daemon:
-        # libfuse defaults to nosuid,nodev; a root mount behaves like kernel overlayfs
-        # (and any root-mounted file system) unless asked. fusermount3 forces both for users.
+        # A root mount behaves like kernel overlayfs (and any root-mounted file system)
+        # unless asked: every user may use it (as fuse-overlayfs does as root), and suid and
+        # device files work (libfuse defaults to nosuid,nodev; fusermount3 forces both for
+        # users, whose mounts stay theirs alone unless they ask).
+        if not options & {"allow_root"} and "owner_only" not in cfg.options:
+            options.add("allow_other")
         options |= {"suid"} if "nosuid" not in options else set()
         options |= {"dev"} if "nodev" not in options else set()
     if cfg.debug:
@@ -585,7 +594,7 @@ def _umount2(path: str, flags: int) -> int:
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
     """Unmount a nixfs mount and wait until its daemon has written everything out;
-    refuse at once, naming them, while processes hold it (unless *lazy*)."""
+    refuse at once, naming them, while processes use it (unless *lazy*)."""
     from . import holders
     mnt = runtime.canonical(mountpoint)
     entry = runtime.find_mount(mnt)
@@ -595,17 +604,20 @@ def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> in
         raise UsageError(f"{mountpoint} is not a nixfs mount (it is {entry.fstype})")
     info = runtime.read_record(mnt)
     daemon = {info["pid"]} if info else set()
-    held = holders.find(entry, spare=daemon) if lazy else holders.lasting(entry, spare=daemon)
-    if held and not lazy:
-        raise UsageError(f"{mountpoint} is busy: {holders.describe(held)} (stop them, or "
+    users = [h for h in holders.find(entry, spare=daemon) if not h.only_a_copy]
+    if users and not lazy:
+        raise UsageError(f"{mountpoint} is busy: {holders.describe(users)} (stop them, or "
                          "detach it now with --lazy)")
     _pause(mnt, info)
     code = _detach(mountpoint, mnt) if lazy else _unmount(mountpoint, mnt, entry, daemon)
     if code or info is None:
         return code
-    if held:
-        print(f"nixfs: {mountpoint} is detached; its daemon (pid {info['pid']}) finishes once "
-              f"{holders.describe(held)} let go", file=sys.stderr)
+    # Gone here; copies of it in other mount namespaces keep its daemon serving them.
+    left = holders.lasting(entry, spare=daemon)
+    if left:
+        done = "detached" if lazy else "unmounted here"
+        print(f"nixfs: {mountpoint} is {done}; its daemon (pid {info['pid']}) writes "
+              f"everything out and exits once {holders.describe(left)} let go", file=sys.stderr)
         return 0
     _wait_for_exit(info["pid"], timeout)
     return 0

@@ -60,7 +60,8 @@ def test_bad_options(dirs):
     expect_usage_error(mount(dirs, "lower", "upper", "mnt", "-o", "frobnicate"), "unknown mount option")
     for opt, message in (("poll_us=fast", "poll_us must be"), ("poll_us=20000", "poll_us must be"),
                          ("xattr=maybe", "xattr must be on or off"),
-                         ("lower_timeout=-1", "lower_timeout must be")):
+                         ("lower_timeout=-1", "lower_timeout must be"),
+                         ("owner_only,allow_other", "contradict")):
         expect_usage_error(mount(dirs, "lower", "upper", "mnt", "-o", opt), message)
     expect_usage_error(run_nixfs("mount", "--lower", dirs / "lower", dirs / "mnt"), "--upper")
     expect_usage_error(run_nixfs("umount", dirs / "mnt"), "not mounted")

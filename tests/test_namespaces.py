@@ -123,7 +123,10 @@ def test_a_record_of_an_earlier_version_counts_for_its_namespace(two_layers):
                                f"umount -l {mnt} && exec {' '.join(NIXFS)} status {mnt}"],
                               capture_output=True, text=True, env=ENV, cwd=str(REPO))
         assert gone.returncode == 1 and "no nixfs daemon serves" in gone.stderr, gone.stderr
-        assert run_nixfs("umount", mnt).returncode == 0
-        assert _exited(pid)  # nixfs umount waited for it
+        done = run_nixfs("umount", mnt)
+        assert done.returncode == 0, done.stderr
+        # nixfs umount waited for it (unless another namespace made while it was mounted,
+        # say another test's, still holds a copy: then it says so)
+        assert _exited(pid) or "exits once" in done.stderr, done.stderr
     finally:
         run_nixfs("umount", "--lazy", mnt)

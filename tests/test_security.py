@@ -1,4 +1,5 @@
-"""Who may use a mount: nobody but its owner unless ``allow_other``; with it, the
+"""Who may use a mount: a root mount is for everyone, like a kernel mount (unless
+``owner_only``), an ordinary user's only for that user (unless ``allow_other``); the
 kernel checks permissions (``default_permissions``) against the shown owners."""
 
 import os
@@ -28,9 +29,32 @@ def _layers(user):
     return lower, up, mnt
 
 
-def test_root_mount_is_closed_to_other_users(user):
+def test_root_mount_is_for_everyone_by_default(user):
     lower, up, mnt = _layers(user)
     with NixfsMount(lower, up, mnt, extra_args=["--no-nix"]):
+        opts = _mount_options(mnt)
+        assert "allow_other" in opts and "default_permissions" in opts
+        assert user.run("cat", mnt / "top-file").stdout == "top\n"
+        assert user.run("cat", mnt / "theirs").stdout == "the user's\n"
+        denied = user.run("cat", mnt / "dir/file")  # root's 0600: the kernel says no
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+
+
+def test_user_mount_stays_private_unless_asked(user):
+    lower, up, mnt = _layers(user)
+    for path in (up, mnt):
+        os.chown(path, user.uid, user.gid)
+    proc = user.nixfs("mount", "--no-nix", "--lower", lower, "--upper", up, mnt)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert "allow_other" not in _mount_options(mnt)
+    finally:
+        user.nixfs("umount", mnt)
+
+
+def test_owner_only_keeps_a_root_mount_to_root(user):
+    lower, up, mnt = _layers(user)
+    with NixfsMount(lower, up, mnt, "owner_only", extra_args=["--no-nix"]):
         opts = _mount_options(mnt)
         assert "allow_other" not in opts and "default_permissions" in opts
         for cmd in (["stat", mnt], ["cat", mnt / "top-file"], ["ls", mnt]):
