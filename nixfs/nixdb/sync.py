@@ -315,24 +315,25 @@ class StoreSync:
 
     def finish(self, db_through_mount, batch: int = 20_000, batches: int | None = None) -> bool:
         """The rest of a first build, after the mount went live (the caller holds Nix's
-        GC lock, so no collector runs before every lower path is referenced).
+        GC lock, so no collector runs before every lower path is referenced): the fsyncs
+        that make the clone durable, then the GC root's references.
 
         Does at most *batches* batches of root references; True once all is done."""
+        if self.index.get("durable", 1) == 0:
+            self._make_durable()
+        return self._reference_lower(db_through_mount, batch, batches)
+
+    def _reference_lower(self, db_through_mount, batch: int, batches: int | None) -> bool:
+        """Up to *batches* batches of the root's references, through the mount (the
+        database is live); True once every lower path is referenced.  Through the mount
+        SQLite's page reads and WAL writes are FUSE round trips: several times the cost
+        of the same statements on the file (docs/performance.md)."""
         index = self.index
-        if index.get("durable", 1) == 0:
-            index.conn.execute(ID_INDEX)
-            for path in (self.merged_db, self.index_path):
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)  # the file, whoever wrote it: our clone and Nix's writes
-                finally:
-                    os.close(fd)
-            with index.conn:
-                index.put("durable", 1)
         upto = index.get("root_refs_upto", 0)
         target = index.get("root_refs_target", 0)
         if upto >= target:
             return True
+        t0 = time.monotonic()
         db = db_through_mount()
         try:
             root_id = db.id_of(gcroot.root_path())
@@ -348,9 +349,23 @@ class StoreSync:
                 upto = end
         finally:
             db.close()
+        self.stats["root_refs_s"] = self.stats.get("root_refs_s", 0.0) + time.monotonic() - t0
         if upto >= target:
-            log.info("the GC root references every lower path")
+            log.info("the GC root references every lower path (%.1f s)", self.stats["root_refs_s"])
         return upto >= target
+
+    def _make_durable(self) -> None:
+        t0 = time.monotonic()
+        self.index.conn.execute(ID_INDEX)
+        for path in (self.merged_db, self.index_path):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)  # the file, whoever wrote it: our clone and Nix's writes
+            finally:
+                os.close(fd)
+        with self.index.conn:
+            self.index.put("durable", 1)
+        log.info("the first build is on disk (%.1f s)", time.monotonic() - t0)
 
     def _intact(self) -> bool:
         try:
