@@ -191,12 +191,16 @@ def apply(root: str, op: tuple):
 
     def write_renamed():
         # A descriptor follows its file through a rename.
+        # The write is made also when the rename fails: a hard-linked lower file opened
+        # for writing and never written differs in its link count (docs/design.md).
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | nofollow)
         try:
             renameat2(-100, os.fsencode(path), -100, os.fsencode(os.path.join(root, op[2])), 0)
-            os.write(fd, b"+renamed")
         finally:
-            os.close(fd)
+            try:
+                os.write(fd, b"+renamed")
+            finally:
+                os.close(fd)
         with open(os.path.join(root, op[2]), "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()[:12]
 
