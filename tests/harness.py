@@ -183,3 +183,39 @@ def kill_daemon(mnt) -> None:
         os.kill(info["pid"], signal.SIGKILL)
         while os.path.exists(f"/proc/{info['pid']}"):
             time.sleep(0.01)
+
+
+def as_caller(cwd, uid: int, gid: int, fn, *, umask: int = 0):
+    """``fn()`` in a child process with working directory *cwd* and effective ids
+    *uid*/*gid* (supplementary groups: *gid* alone), as pjdfstest calls: only the
+    effective ids are switched, after ``chdir`` (so paths relative to *cwd* need no
+    search permission above it).  Returns ``("ok", value)`` or ``("err", ERRNO)``;
+    *value* must be picklable.  The caller's *umask* is 0 unless said otherwise."""
+    import pickle
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the test
+        code = 0
+        try:
+            os.close(rfd)
+            os.chdir(cwd)
+            os.setgroups([gid])
+            os.setegid(gid)
+            os.seteuid(uid)
+            os.umask(umask)
+            try:
+                result = ("ok", fn())
+            except OSError as e:
+                result = ("err", errno.errorcode.get(e.errno, e.errno))
+            os.write(wfd, pickle.dumps(result))
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        raise RuntimeError(f"the call as uid {uid} failed in its child (status {status})")
+    return pickle.loads(data)

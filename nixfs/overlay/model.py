@@ -1056,7 +1056,7 @@ class Overlay:
                             fmt.make_opaque(cfd)
                         finally:
                             os.close(cfd)
-                    st = self.upper.lstat(pfd, name)
+                    st = self._give_mode(pfd, name, mode, self.upper.lstat(pfd, name))
                 except BaseException:
                     if isinstance(result, int):
                         os.close(result)
@@ -1097,8 +1097,25 @@ class Overlay:
         parent_st = os.fstat(pfd)
         gid = -1 if parent_st.st_mode & stat.S_ISGID else caller.gid
         os.chown(name, caller.uid, gid, dir_fd=pfd, follow_symlinks=False)
-        if mode & (stat.S_ISUID | stat.S_ISGID) and not stat.S_ISLNK(mode):
-            os.chmod(name, stat.S_IMODE(mode), dir_fd=pfd)  # chown cleared them
+
+    def _give_mode(self, pfd: int, name: bytes, mode: int, st: os.stat_result) -> os.stat_result:
+        """Make the new upper object's permissions exactly those the kernel asked for; its
+        stat after.
+
+        The kernel has applied the caller's umask to *mode* already; the daemon's own
+        umask (applied again by mkdir/open/mknod) must not take more bits away, nor may
+        the chown to the caller (which clears set-id bits).  A directory keeps the
+        set-group-ID bit it inherited from its parent.  Costs a call only where the
+        mode came out different."""
+        if stat.S_ISLNK(st.st_mode):
+            return st
+        wanted = stat.S_IMODE(mode)
+        if stat.S_ISDIR(st.st_mode):
+            wanted |= st.st_mode & stat.S_ISGID
+        if stat.S_IMODE(st.st_mode) == wanted:
+            return st
+        os.chmod(name, wanted, dir_fd=pfd)
+        return self.upper.lstat(pfd, name)
 
     async def mkdir(self, parent: Node, name: bytes, mode: int, caller: Caller):
         def make(pfd, name):
