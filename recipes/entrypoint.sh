@@ -8,6 +8,12 @@
 #   NIXFS_UPPER  a writable directory for what is built here (an emptyDir or a volume);
 #                default /nix-upper
 #   NIXFS        how to call nixfs (default: nixfs)
+#   NIXFS_SUBSTITUTERS         binary caches Nix may fetch from, space-separated (default:
+#                none: a pod is often offline, and there Nix would spend seconds per
+#                nix-build retrying cache.nixos.org); e.g. https://cache.nixos.org
+#   NIXFS_TRUSTED_PUBLIC_KEYS  the keys those caches sign with (default: Nix's own,
+#                cache.nixos.org-1's)
+#   NIX_CONFIG   your own Nix settings: they come after these, so they win
 # With no arguments it starts a shell.
 set -eu
 lower=${NIXFS_LOWER:-/nix-lower}
@@ -25,8 +31,18 @@ if [ ! -w "$upper" ]; then
 fi
 [ "$#" -gt 0 ] || set -- /bin/sh
 # A single-user Nix inside: no build users, no sandbox (it needs more namespaces than a pod
-# gives), no binary caches unless the image's NIX_CONFIG says otherwise.
-export NIX_CONFIG="${NIX_CONFIG:-sandbox = false
-build-users-group =}"
+# gives), and only the binary caches named above.
+config="sandbox = false
+build-users-group =
+substituters = ${NIXFS_SUBSTITUTERS:-}"
+if [ -n "${NIXFS_TRUSTED_PUBLIC_KEYS:-}" ]; then
+    config="$config
+trusted-public-keys = $NIXFS_TRUSTED_PUBLIC_KEYS"
+fi
+if [ -n "${NIX_CONFIG:-}" ]; then
+    config="$config
+$NIX_CONFIG"
+fi
+export NIX_CONFIG="$config"
 # shellcheck disable=SC2086 # NIXFS may be a command with arguments
 exec $nixfs run --lower "$lower" --upper "$upper" -- "$@"

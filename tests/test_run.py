@@ -256,6 +256,17 @@ def test_run_without_user_namespaces(user):
     assert "--store \"local?root=$HOME/nixroot\"" in proc.stderr
 
 
+def nix_setting(user, entry, env, name: str) -> str:
+    """A Nix setting as Nix sees it under the entrypoint."""
+    proc = user.run(entry, "nix", "--extra-experimental-features", "nix-command", "show-config",
+                    env=env)
+    assert proc.returncode == 0, proc.stderr
+    values = [line.partition(" = ")[2] for line in proc.stdout.splitlines()
+              if line.startswith(f"{name} = ")]
+    assert len(values) == 1, proc.stdout
+    return values[0]
+
+
 def test_entrypoint_recipe(user):
     """recipes/entrypoint.sh as a pod would run it (the image's nixfs replaced by ours)."""
     lower, upper = plain_layers(user)
@@ -264,10 +275,23 @@ def test_entrypoint_recipe(user):
     os.chmod(entry, 0o755)
     env = {"NIXFS_LOWER": str(lower), "NIXFS_UPPER": str(upper / "u"), "NIXFS": NIXFS}
     proc = user.run(entry, "sh", "-c", "cat /nix/store/aaa-pkg/bin/pkg; "
-                    "echo built > /nix/store/new; echo \"$NIX_CONFIG\" | head -1", env=env)
+                    "echo built > /nix/store/new; echo \"$NIX_CONFIG\"", env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "#!/bin/sh\necho pkg\nsandbox = false\n"
+    assert proc.stdout == ("#!/bin/sh\necho pkg\nsandbox = false\nbuild-users-group =\n"
+                           "substituters = \n")
     assert (upper / "u/store/new").read_text() == "built\n"
+    assert nix_setting(user, entry, env, "substituters") == ""  # offline pods: no retries
+    cache = {"NIXFS_SUBSTITUTERS": "https://cache.example.org",
+             "NIXFS_TRUSTED_PUBLIC_KEYS": "cache.example.org-1:AAAA"}
+    assert nix_setting(user, entry, dict(env, **cache), "substituters") == cache[
+        "NIXFS_SUBSTITUTERS"]
+    assert nix_setting(user, entry, dict(env, **cache), "trusted-public-keys") == cache[
+        "NIXFS_TRUSTED_PUBLIC_KEYS"]
+    # A user's own NIX_CONFIG comes last (it wins) and keeps the image's other settings.
+    own = dict(env, NIX_CONFIG="substituters = https://mine.example.org\ncores = 3")
+    assert nix_setting(user, entry, own, "substituters") == "https://mine.example.org"
+    assert nix_setting(user, entry, own, "cores") == "3"
+    assert nix_setting(user, entry, own, "build-users-group") == ""
     proc = user.run(entry, "true", env=dict(env, NIXFS_LOWER=str(user.home)))
     assert proc.returncode == 2 and "holds no store/" in proc.stderr
     # `kubectl exec` into the pod: nsenter joins the command's namespaces and root.
