@@ -42,13 +42,12 @@ import ctypes.util
 import errno
 import logging
 import os
-import re
 import signal
 import stat
 import sys
 from dataclasses import dataclass, field
 
-from . import runtime
+from . import holders, runtime
 from .mount import MountConfig, UsageError, check_fuse_device, mount, umount
 
 log = logging.getLogger(__name__)
@@ -425,57 +424,17 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _mount_device(mnt: str) -> str | None:
-    """The device number ("0:57") of the mount at *mnt* in this namespace, from mountinfo
-    (not stat: the mountpoint is never touched)."""
-    target = runtime.canonical(mnt)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == target:
-                found = fields[2]  # the last one: the topmost
-    return found
-
-
-def _holders(dev: str) -> list[int]:
-    """Processes in other mount namespaces that still have the mount of device *dev*: the
-    ones the command left behind, in its namespace (or one nested in it) that holds a copy
-    of the mount.  While they live the file system stays mounted there, so unmounting it
-    here would not end the daemon."""
-    own = os.stat("/proc/self/ns/mnt").st_ino
-    has = {own: False}
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            ns = os.stat(f"/proc/{name}/ns/mnt").st_ino
-            if ns not in has:
-                with open(f"/proc/{name}/mountinfo") as f:
-                    has[ns] = any(line.split()[2] == dev for line in f)
-        except (OSError, IndexError):
-            continue  # gone, or not ours to look at
-        if has[ns]:
-            pids.append(int(name))
-    return pids
-
-
-def _describe(pids: list[int]) -> str:
-    out = []
-    for pid in pids[:5]:
-        comm = _read(f"/proc/{pid}/comm")
-        out.append(f"{pid} {comm}" if comm else str(pid))
-    return ", ".join(out) + (", ..." if len(pids) > 5 else "")
-
-
-def _unmount(mnt: str, dev: str | None) -> None:
+def _unmount(mnt: str) -> None:
     """Unmount and wait for the daemon.  If the command left processes behind that still
-    have /nix, unmount it under them: detach it, and end the daemon ourselves (it writes
+    have /nix (in its own mount namespace, which holds a copy of the mount: while they
+    live the file system stays mounted there, so unmounting it here would not end the
+    daemon), unmount it under them: detach it, and end the daemon ourselves (it writes
     everything out), so that nothing of the run outlives nixfs run."""
     info = runtime.read_record(mnt)
-    holders = _holders(dev) if dev else []
-    if not holders:
+    entry = runtime.find_mount(mnt)
+    # The daemon and its database worker use the mount themselves: they are not left behind.
+    left = holders.find(entry, spare={info["pid"]} if info else set()) if entry else []
+    if not left:
         try:
             umount(mnt)
             if info is not None:
@@ -490,8 +449,8 @@ def _unmount(mnt: str, dev: str | None) -> None:
         detached = False
         if e.errno != errno.EINVAL:  # EINVAL: not mounted any more
             print(f"nixfs: {e}", file=sys.stderr)
-    if holders or detached:
-        which = f" ({_describe(holders)})" if holders else ""
+    if left or detached:
+        which = f" ({holders.describe(left)})" if left else ""
         print(f"nixfs: processes the command left behind still use /nix{which}; it is "
               "unmounted under them", file=sys.stderr)
     if info is not None:
@@ -524,12 +483,11 @@ def run(cfg: RunConfig) -> int:
     if code != 0:
         return code
     info = runtime.read_record(mnt)
-    dev = _mount_device(mnt)
     blocked = set(FORWARDED) | {signal.SIGCHLD}
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         pid = _start_command(root, cwd, cfg.command, mask, info)
         return _wait_forwarding(pid)
     finally:
-        _unmount(mnt, dev)
+        _unmount(mnt)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
