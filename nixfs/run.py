@@ -450,7 +450,7 @@ def _unmount(mnt: str) -> None:
         if e.errno != errno.EINVAL:  # EINVAL: not mounted any more
             print(f"nixfs: {e}", file=sys.stderr)
     if left or detached:
-        which = f" ({holders.describe(left)})" if left else ""
+        which = f": {holders.describe(left)}" if left else ""
         print(f"nixfs: processes the command left behind still use /nix{which}; it is "
               "unmounted under them", file=sys.stderr)
     if info is not None:

@@ -182,8 +182,8 @@ def test_processes_left_behind_do_not_hold_up_the_end(user):
     bg = int(pidfile.read_text())
     try:
         assert proc.returncode == 5, proc.stderr
-        # (named by pid and name: sh, if it had not exec'ed sleep yet)
-        assert "left behind" in proc.stderr and f"({bg} " in proc.stderr, proc.stderr
+        # (named by name and pid: sh, if it had not exec'ed sleep yet)
+        assert "left behind" in proc.stderr and f"(pid {bg}: " in proc.stderr, proc.stderr
         # Only the process left behind runs on: the daemon has written out and exited.
         assert [p.split(":")[0] for p in left_behind(user)] == [str(bg)], left_behind(user)
     finally:
