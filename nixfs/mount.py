@@ -12,7 +12,6 @@ import ctypes.util
 import errno
 import gc
 import logging
-import logging.handlers
 import os
 import shutil
 import signal
@@ -22,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import pin, runtime
+from . import logs, pin, runtime
 
 log = logging.getLogger("nixfs")
 
@@ -359,28 +358,6 @@ def _exit_with(parent: int) -> None:
         raise SystemExit(1)
 
 
-class _NoFollowFileHandler(logging.handlers.RotatingFileHandler):
-    """The log is in the upper, which its owner controls: a symlink planted at its name
-    must not make a root daemon append to whatever it points at."""
-
-    def _open(self):
-        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
-                    opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o644))
-
-
-def _setup_logging(cfg: MountConfig, log_path: str | None) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    handler: logging.Handler
-    if log_path is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = _NoFollowFileHandler(log_path, maxBytes=8 << 20, backupCount=2)
-    handler.setFormatter(fmt)
-    root.handlers[:] = [handler]
-
-
 def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -447,7 +424,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         return report(f"cannot open the layers: {e}", 1)
     log_path = cfg.log_file or (None if cfg.foreground else
                                 os.path.join(cfg.upper, ".nixfs", "nixfs.log"))
-    _setup_logging(cfg, log_path)
+    try:
+        log_file = logs.setup_daemon(log_path, cfg.debug)
+    except OSError as e:
+        overlay.close()
+        lower.close()
+        return report(logs.refusal(log_path, e), 2)
     for handler in logging.getLogger().handlers:
         handler.addFilter(lower.log_filter)
     recovered = overlay.state.recover()
@@ -471,7 +453,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
         overlay.policy = NixStorePolicy(sync.index)
         overlay.dircache.store = ListingStore(os.path.join(cfg.upper, ".nixfs", ListingStore.FILE))
         worker = SyncWorker(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
-                            cfg.mountpoint, log_path, cfg.debug, keep_fds=(lower.fd,))
+                            cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())
     # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
     # which FUSE mounts get from the mount, not the file system): a Nix store has none to show.
