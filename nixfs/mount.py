@@ -7,8 +7,6 @@ signal handler.  On SIGTERM/SIGINT or an unmount it closes every file, syncs
 the upper and exits, so ``nixfs umount`` can wait for that.
 """
 
-import ctypes
-import ctypes.util
 import errno
 import gc
 import logging
@@ -21,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import logs, pin, runtime
+from . import libc, logs, pin, runtime
 
 log = logging.getLogger("nixfs")
 
@@ -352,8 +350,7 @@ def mount(cfg: MountConfig) -> int:
 def _exit_with(parent: int) -> None:
     """Get SIGTERM (and so unmount) when *parent* dies: nothing else would end a mount in
     a namespace whose other processes are gone."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc.set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:
         raise SystemExit(1)
 
@@ -564,14 +561,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
 
 # ------------------------------------------------------------------ unmounting
 
-_MNT_DETACH = 2
-
-
 def _umount2(path: str, flags: int) -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.umount2(path.encode(), flags) == 0:
-        return 0
-    return ctypes.get_errno()
+    try:
+        libc.umount2(path.encode(), flags)
+    except OSError as e:
+        return e.errno
+    return 0
 
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
@@ -633,7 +628,7 @@ def _unmount(mountpoint: str, mnt: str, entry, daemon: set[int]) -> int:
 
 
 def _detach(mountpoint: str, mnt: str) -> int:
-    err = _umount2(mnt, _MNT_DETACH) if may_mount() else errno.EPERM
+    err = _umount2(mnt, libc.MNT_DETACH) if may_mount() else errno.EPERM
     return _fusermount(mountpoint, mnt, lazy=True) if err else 0
 
 

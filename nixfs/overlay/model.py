@@ -28,7 +28,7 @@ from .inodes import DERIVED, InodeTable, Node
 from .layers import Layer, LowerLayer
 from .policy import LowerPolicy
 from .state import UpperState
-from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from ..libc import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -1850,5 +1850,5 @@ class Overlay:
 
     async def sync(self) -> None:
         """Flush everything written to the upper to disk."""
-        from .syscalls import syncfs
+        from ..libc import syncfs
         await trio.to_thread.run_sync(syncfs, self.upper.root_fd)
