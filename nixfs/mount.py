@@ -388,6 +388,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .nixdb.worker import SyncWorker
     from .overlay import Overlay
     from .overlay.dircache import ListingStore
+    from .overlay import upperformat
     from .overlay.state import StateError, UpperInUse
     from .stale_attrs import StaleAttributes
 
@@ -419,8 +420,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     except OSError as e:
         lower.close()
         return report(f"cannot open the layers: {e}", 1)
-    log_path = cfg.log_file or (None if cfg.foreground else
-                                os.path.join(cfg.upper, ".nixfs", "nixfs.log"))
+    state_dir = upperformat.state_dir(cfg.upper)
+    log_path = cfg.log_file or (None if cfg.foreground else os.path.join(state_dir, "nixfs.log"))
     try:
         log_file = logs.setup_daemon(log_path, cfg.debug)
     except OSError as e:
@@ -435,7 +436,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                     len(recovered))
     service = None
     if is_nix_store(cfg):
-        sync = StoreSync(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"))
+        sync = StoreSync(lower.via, cfg.upper, state_dir)
         try:
             sync.prepare()  # on the upper directly: nothing can use it before the mount
         except SchemaError as e:
@@ -448,8 +449,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             log.exception("preparing the merged store database failed")
             return report(lower.shown(f"cannot prepare the merged store database: {e}"), 1)
         overlay.policy = NixStorePolicy(sync.index)
-        overlay.dircache.store = ListingStore(os.path.join(cfg.upper, ".nixfs", ListingStore.FILE))
-        worker = SyncWorker(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
+        overlay.dircache.store = ListingStore(os.path.join(state_dir, ListingStore.FILE))
+        worker = SyncWorker(lower.via, cfg.upper, state_dir,
                             cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())
     # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
