@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import libc, logs, pin, runtime
+from .usage import UsageError, check_dir, is_within
 
 log = logging.getLogger("nixfs")
 
@@ -40,10 +41,6 @@ VALUE_FIELDS = ("ttl", "max_nodes", "listings", "opens", "lower_timeout", "poll_
 # What mount(8) and fstab add that is not for the file system.
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                    "nofail", "_netdev", "default_permissions"}
-
-
-class UsageError(Exception):
-    """Bad input: reported in one line with exit code 2."""
 
 
 @dataclass
@@ -101,22 +98,6 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
 
 # ------------------------------------------------------------------ checks
 
-def _is_within(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
-def _check_dir(path: str, what: str, *, writable: bool) -> str:
-    if not os.path.lexists(path):
-        raise UsageError(f"{what} {path} does not exist")
-    if not os.path.isdir(path):
-        raise UsageError(f"{what} {path} is not a directory")
-    need = os.R_OK | os.X_OK | (os.W_OK if writable else 0)
-    if not os.access(path, need):
-        mode = "read and write" if writable else "read"
-        raise UsageError(f"{what} {path}: permission denied (nixfs must {mode} it)")
-    return os.path.realpath(path)
-
-
 def privileged() -> bool:
     """Real root: may keep and show every owner.  Root in a user namespace that
     maps only one user is treated like that user."""
@@ -163,13 +144,13 @@ def check_fuse_device(path: str = "/dev/fuse") -> None:
 
 def check(cfg: MountConfig) -> None:
     """Raise UsageError for anything that would stop the mount."""
-    lower = _check_dir(cfg.lower, "lower", writable=False)
-    upper = _check_dir(cfg.upper, "upper", writable=True)
+    lower = check_dir(cfg.lower, "lower", writable=False)
+    upper = check_dir(cfg.upper, "upper", writable=True)
     if lower == upper:
         raise UsageError("lower and upper are the same directory")
-    if _is_within(upper, lower):
+    if is_within(upper, lower):
         raise UsageError(f"the upper {upper} is inside the lower {lower}")
-    if _is_within(lower, upper):
+    if is_within(lower, upper):
         raise UsageError(f"the lower {lower} is inside the upper {upper}")
     mnt = runtime.canonical(cfg.mountpoint)
     _check_no_nixfs_at(mnt, cfg.mountpoint)
@@ -243,12 +224,12 @@ def _check_layers_against(real_mnt: str, given: str, lower: str, upper: str) -> 
     """The mount may cover its lower (opened before it covers it), never its upper,
     which nixfs goes on writing by name, nor sit inside either layer."""
     for layer, what in ((lower, "lower"), (upper, "upper")):
-        if real_mnt != layer and _is_within(real_mnt, layer):
+        if real_mnt != layer and is_within(real_mnt, layer):
             raise UsageError(f"mountpoint {given} is inside the {what} {layer}")
-    if _is_within(upper, real_mnt):
+    if is_within(upper, real_mnt):
         where = "is the mountpoint" if upper == real_mnt else f"is inside the mountpoint {given}"
         raise UsageError(f"the upper {upper} {where}: the mount would hide it from nixfs")
-    if _is_within(lower, real_mnt) and not pin.proc_available():
+    if is_within(lower, real_mnt) and not pin.proc_available():
         raise UsageError(f"the mount would cover the lower {lower}: nixfs then reaches it "
                          "through /proc/self/fd, and /proc is not mounted here")
 

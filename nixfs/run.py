@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 
 from . import holders, libc, runtime
 from .libc import CLONE_NEWNS, CLONE_NEWUSER, MNT_DETACH
-from .mount import MountConfig, UsageError, check_fuse_device, mount, umount
+from .mount import MountConfig, check_fuse_device, mount, umount
+from .usage import UsageError
 
 log = logging.getLogger(__name__)
 
