@@ -14,6 +14,7 @@ the name holds a new file: the worker moves on to it, opened again without
 following a symlink, and keeps its current file whenever that is refused.
 """
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -32,7 +33,7 @@ def open_log(path: str, *, create: bool = True):
     fd = os.open(path, flags | (os.O_CREAT if create else 0), 0o644)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
+            raise OSError(errno.EINVAL, "not a regular file")
     except BaseException:
         os.close(fd)
         raise
