@@ -4,7 +4,8 @@ import argparse
 import sys
 
 from . import __version__
-from .mount import MountConfig, UsageError, parse_options
+from .mount import MountConfig, parse_options
+from .usage import UsageError
 
 COMMANDS = ("mount", "umount", "run", "status", "sync", "unhide", "gc", "promote", "fsck")
 

@@ -10,7 +10,6 @@ A progress bar (rich) shows on stderr when it is a terminal and the run takes
 more than a moment; elsewhere a line every ten seconds says how far it got.
 """
 
-import fcntl
 import logging
 import os
 import stat
@@ -18,10 +17,11 @@ import sys
 import time
 
 from .fsckreport import Report
-from .mount import UsageError, _check_dir, _is_within
 from .overlay import upperformat as fmt
 from .overlay.check import check_state, check_tree
 from .overlay.layers import O_DIR
+from .overlay.state import UpperInUse, take_lock
+from .usage import UsageError, check_dir, is_within
 
 log = logging.getLogger(__name__)
 
@@ -76,28 +76,22 @@ def _lock(upper_fd: int) -> int | None:
         return None  # reported by the state check; no daemon can use this upper
     sfd = os.open(fmt.STATE_DIR, O_DIR, dir_fd=upper_fd)
     try:
-        fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=sfd)
+        return take_lock(sfd)
+    except UpperInUse as e:
+        raise UsageError(f"the upper is in use by a nixfs mount (pid {e.holder}): unmount it "
+                         "first; fsck checks unmounted uppers only") from None
     except OSError:
         return None  # not a regular file: reported by the state check
     finally:
         os.close(sfd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise UsageError(f"the upper is in use by a nixfs mount (pid {holder}): unmount it "
-                         "first; fsck checks unmounted uppers only") from None
-    return fd
 
 
 def fsck(lower: str, upper: str, *, repair: bool = False, nix: bool = True,
          progress: Progress | None = None) -> Report:
     """Check the upper *upper* of the lower *lower*; repair what can be with *repair*."""
-    lower = _check_dir(lower, "lower", writable=False)
-    upper = _check_dir(upper, "upper", writable=repair)
-    if lower == upper or _is_within(upper, lower) or _is_within(lower, upper):
+    lower = check_dir(lower, "lower", writable=False)
+    upper = check_dir(upper, "upper", writable=repair)
+    if lower == upper or is_within(upper, lower) or is_within(lower, upper):
         raise UsageError("the lower and the upper overlap")
     from .nixdb.sync import StoreSync
     nix = nix and StoreSync.is_nix_store(lower)

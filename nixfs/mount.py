@@ -7,12 +7,9 @@ signal handler.  On SIGTERM/SIGINT or an unmount it closes every file, syncs
 the upper and exits, so ``nixfs umount`` can wait for that.
 """
 
-import ctypes
-import ctypes.util
 import errno
 import gc
 import logging
-import logging.handlers
 import os
 import shutil
 import signal
@@ -22,7 +19,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import pin, runtime
+from . import libc, logs, pin, runtime
+from .usage import UsageError, check_dir, is_within
 
 log = logging.getLogger("nixfs")
 
@@ -43,10 +41,6 @@ VALUE_FIELDS = ("ttl", "max_nodes", "listings", "opens", "lower_timeout", "poll_
 # What mount(8) and fstab add that is not for the file system.
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                    "nofail", "_netdev", "default_permissions"}
-
-
-class UsageError(Exception):
-    """Bad input: reported in one line with exit code 2."""
 
 
 @dataclass
@@ -104,22 +98,6 @@ def parse_options(text: str, cfg_values: dict) -> set[str]:
 
 # ------------------------------------------------------------------ checks
 
-def _is_within(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
-def _check_dir(path: str, what: str, *, writable: bool) -> str:
-    if not os.path.lexists(path):
-        raise UsageError(f"{what} {path} does not exist")
-    if not os.path.isdir(path):
-        raise UsageError(f"{what} {path} is not a directory")
-    need = os.R_OK | os.X_OK | (os.W_OK if writable else 0)
-    if not os.access(path, need):
-        mode = "read and write" if writable else "read"
-        raise UsageError(f"{what} {path}: permission denied (nixfs must {mode} it)")
-    return os.path.realpath(path)
-
-
 def privileged() -> bool:
     """Real root: may keep and show every owner.  Root in a user namespace that
     maps only one user is treated like that user."""
@@ -166,13 +144,13 @@ def check_fuse_device(path: str = "/dev/fuse") -> None:
 
 def check(cfg: MountConfig) -> None:
     """Raise UsageError for anything that would stop the mount."""
-    lower = _check_dir(cfg.lower, "lower", writable=False)
-    upper = _check_dir(cfg.upper, "upper", writable=True)
+    lower = check_dir(cfg.lower, "lower", writable=False)
+    upper = check_dir(cfg.upper, "upper", writable=True)
     if lower == upper:
         raise UsageError("lower and upper are the same directory")
-    if _is_within(upper, lower):
+    if is_within(upper, lower):
         raise UsageError(f"the upper {upper} is inside the lower {lower}")
-    if _is_within(lower, upper):
+    if is_within(lower, upper):
         raise UsageError(f"the lower {lower} is inside the upper {upper}")
     mnt = runtime.canonical(cfg.mountpoint)
     _check_no_nixfs_at(mnt, cfg.mountpoint)
@@ -246,12 +224,12 @@ def _check_layers_against(real_mnt: str, given: str, lower: str, upper: str) -> 
     """The mount may cover its lower (opened before it covers it), never its upper,
     which nixfs goes on writing by name, nor sit inside either layer."""
     for layer, what in ((lower, "lower"), (upper, "upper")):
-        if real_mnt != layer and _is_within(real_mnt, layer):
+        if real_mnt != layer and is_within(real_mnt, layer):
             raise UsageError(f"mountpoint {given} is inside the {what} {layer}")
-    if _is_within(upper, real_mnt):
+    if is_within(upper, real_mnt):
         where = "is the mountpoint" if upper == real_mnt else f"is inside the mountpoint {given}"
         raise UsageError(f"the upper {upper} {where}: the mount would hide it from nixfs")
-    if _is_within(lower, real_mnt) and not pin.proc_available():
+    if is_within(lower, real_mnt) and not pin.proc_available():
         raise UsageError(f"the mount would cover the lower {lower}: nixfs then reaches it "
                          "through /proc/self/fd, and /proc is not mounted here")
 
@@ -353,32 +331,9 @@ def mount(cfg: MountConfig) -> int:
 def _exit_with(parent: int) -> None:
     """Get SIGTERM (and so unmount) when *parent* dies: nothing else would end a mount in
     a namespace whose other processes are gone."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc.set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:
         raise SystemExit(1)
-
-
-class _NoFollowFileHandler(logging.handlers.RotatingFileHandler):
-    """The log is in the upper, which its owner controls: a symlink planted at its name
-    must not make a root daemon append to whatever it points at."""
-
-    def _open(self):
-        return open(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors,
-                    opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, 0o644))
-
-
-def _setup_logging(cfg: MountConfig, log_path: str | None) -> None:
-    root = logging.getLogger()
-    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    handler: logging.Handler
-    if log_path is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        handler = _NoFollowFileHandler(log_path, maxBytes=8 << 20, backupCount=2)
-    handler.setFormatter(fmt)
-    root.handlers[:] = [handler]
 
 
 def _detach_stdio() -> None:
@@ -414,6 +369,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .nixdb.worker import SyncWorker
     from .overlay import Overlay
     from .overlay.dircache import ListingStore
+    from .overlay import upperformat
     from .overlay.state import StateError, UpperInUse
     from .stale_attrs import StaleAttributes
 
@@ -445,9 +401,14 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     except OSError as e:
         lower.close()
         return report(f"cannot open the layers: {e}", 1)
-    log_path = cfg.log_file or (None if cfg.foreground else
-                                os.path.join(cfg.upper, ".nixfs", "nixfs.log"))
-    _setup_logging(cfg, log_path)
+    state_dir = upperformat.state_dir(cfg.upper)
+    log_path = cfg.log_file or (None if cfg.foreground else os.path.join(state_dir, "nixfs.log"))
+    try:
+        log_file = logs.setup_daemon(log_path, cfg.debug)
+    except OSError as e:
+        overlay.close()
+        lower.close()
+        return report(logs.refusal(log_path, e), 2)
     for handler in logging.getLogger().handlers:
         handler.addFilter(lower.log_filter)
     recovered = overlay.state.recover()
@@ -456,7 +417,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                     len(recovered))
     service = None
     if is_nix_store(cfg):
-        sync = StoreSync(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"))
+        sync = StoreSync(lower.via, cfg.upper, state_dir)
         try:
             sync.prepare()  # on the upper directly: nothing can use it before the mount
         except SchemaError as e:
@@ -469,9 +430,9 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             log.exception("preparing the merged store database failed")
             return report(lower.shown(f"cannot prepare the merged store database: {e}"), 1)
         overlay.policy = NixStorePolicy(sync.index)
-        overlay.dircache.store = ListingStore(os.path.join(cfg.upper, ".nixfs", ListingStore.FILE))
-        worker = SyncWorker(lower.via, cfg.upper, os.path.join(cfg.upper, ".nixfs"),
-                            cfg.mountpoint, log_path, cfg.debug, keep_fds=(lower.fd,))
+        overlay.dircache.store = ListingStore(os.path.join(state_dir, ListingStore.FILE))
+        worker = SyncWorker(lower.via, cfg.upper, state_dir,
+                            cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
         service = StoreService(worker, overlay, finish_pending=sync.unfinished())
     # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
     # which FUSE mounts get from the mount, not the file system): a Nix store has none to show.
@@ -582,14 +543,12 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
 
 # ------------------------------------------------------------------ unmounting
 
-_MNT_DETACH = 2
-
-
 def _umount2(path: str, flags: int) -> int:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.umount2(path.encode(), flags) == 0:
-        return 0
-    return ctypes.get_errno()
+    try:
+        libc.umount2(path.encode(), flags)
+    except OSError as e:
+        return e.errno
+    return 0
 
 
 def umount(mountpoint: str, *, lazy: bool = False, timeout: float = 600.0) -> int:
@@ -651,7 +610,7 @@ def _unmount(mountpoint: str, mnt: str, entry, daemon: set[int]) -> int:
 
 
 def _detach(mountpoint: str, mnt: str) -> int:
-    err = _umount2(mnt, _MNT_DETACH) if may_mount() else errno.EPERM
+    err = _umount2(mnt, libc.MNT_DETACH) if may_mount() else errno.EPERM
     return _fusermount(mountpoint, mnt, lazy=True) if err else 0
 
 

@@ -37,8 +37,6 @@ what to ask the cluster for); 2 if the machine lacks what nixfs run needs
 before it starts (``/dev/fuse``, user namespaces), as for every nixfs command.
 """
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -47,24 +45,19 @@ import stat
 import sys
 from dataclasses import dataclass, field
 
-from . import holders, runtime
-from .mount import MountConfig, UsageError, check_fuse_device, mount, umount
+from . import holders, libc, runtime
+from .libc import CLONE_NEWNS, CLONE_NEWUSER, MNT_DETACH
+from .mount import MountConfig, check_fuse_device, mount, umount
+from .usage import UsageError
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_SLAVE = 0x2, 0x4, 0x1000, 0x4000, 0x80000
-MNT_DETACH = 2
-PR_SET_PDEATHSIG = 1
 SI_KERNEL = 0x80  # si_code of signals the kernel sends, e.g. the terminal's ^C to its group
 
 # Signals the runner passes on to the command (the rest keep their defaults).
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
              signal.SIGUSR1, signal.SIGUSR2)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
 
 class RunError(UsageError):
     """The environment cannot give us a private /nix: exit code 2, with what to enable."""
@@ -82,25 +75,26 @@ class RunConfig:
     log_file: str | None = None
 
 
-def _call(result: int, what: str) -> None:
-    if result != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
+def _call(what: str, call, *args) -> None:
+    """*call*, its OSError naming *what* it was doing."""
+    try:
+        call(*args)
+    except OSError as e:
+        raise OSError(e.errno, f"{what}: {e.strerror}") from None
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int,
            data: str | None = None) -> None:
     enc = (lambda s: s.encode() if s is not None else None)
-    _call(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-          f"mount {target}")
+    _call(f"mount {target}", libc.mount, enc(source), enc(target), enc(fstype), flags, enc(data))
 
 
 def _umount_lazy(target: str) -> None:
-    _call(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+    _call(f"umount {target}", libc.umount2, target.encode(), MNT_DETACH)
 
 
 def _die_with_parent(sig: int) -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    libc.set_parent_death_signal(sig)
 
 
 # ------------------------------------------------------------------ checks
@@ -162,12 +156,14 @@ def enter_namespace(cfg: RunConfig) -> None:
     """Unshare a user and mount namespace in which this process keeps the user's own uid
     and gid (mapped to themselves, not to root) and may mount."""
     uid, gid = os.geteuid(), os.getegid()
-    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
-        e = ctypes.get_errno()
+    try:
+        libc.unshare(CLONE_NEWUSER | CLONE_NEWNS)
+    except OSError as err:
+        e = err.errno
         reason = f"unshare: {errno.errorcode.get(e, e)}, {os.strerror(e)}"
         if e in (errno.EPERM, errno.ENOSYS):  # the sysctls allow them (checked before)
-            raise _refused_userns_error(cfg, reason)
-        raise _userns_error(cfg, reason)
+            raise _refused_userns_error(cfg, reason) from None
+        raise _userns_error(cfg, reason) from None
     try:
         _write("/proc/self/setgroups", "deny")  # an unprivileged gid_map needs this first
         try:
@@ -244,9 +240,11 @@ class _Refused(Exception):
         self.step, self.err = step, err
 
 
-def _step(result: int, step: str) -> None:
-    if result != 0:
-        raise _Refused(step, ctypes.get_errno())
+def _step(step: str, call, *args) -> None:
+    try:
+        call(*args)
+    except OSError as e:
+        raise _Refused(step, e.errno) from None
 
 
 def _pivot_into(root: str) -> None:
@@ -260,16 +258,15 @@ def _pivot_into(root: str) -> None:
     this process's own root is not a mount point, or the mount beneath it is shared (neither
     of which we can change from here), pivot_root says EINVAL and the caller falls back to
     chroot."""
-    _step(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    _step(_libc.mount(None, b"/", None, ctypes.c_ulong(MS_REC | MS_SLAVE), None),
-          "mount(MS_REC|MS_SLAVE)")
+    _step("unshare(CLONE_NEWNS)", libc.unshare, CLONE_NEWNS)
+    _step("mount(MS_REC|MS_SLAVE)", libc.mount, None, b"/", None, MS_REC | MS_SLAVE)
     os.chdir(root)
     # pivot_root(".", "."): the old root ends up mounted on top of the new one, at the
     # same place; detaching it there leaves the new root.  No directory to make in the
     # new root for the old one, none to remove after.
-    _step(_libc.pivot_root(b".", b"."), "pivot_root")
+    _step("pivot_root", libc.pivot_root, b".", b".")
     try:
-        _step(_libc.umount2(b".", MNT_DETACH), "umount2 of the old root")
+        _step("umount2 of the old root", libc.umount2, b".", MNT_DETACH)
     except _Refused as e:
         # The old root still covers the new one: nothing to fall back to from here.
         raise EnterRootError([(e.step, e.err)]) from None

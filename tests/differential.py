@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import as_caller  # noqa: E402
-from nixfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2  # noqa: E402
+from nixfs.libc import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2  # noqa: E402
 
 NAMES = ["a", "b", "c", "d", "new", "file", "sub", "x", "ro-dir", "empty", "deep"]
 # Names at NAME_MAX and just past where ".wh." + the name fits (251 bytes): their

@@ -9,7 +9,7 @@ import pytest
 from nixfs.overlay import Caller, Overlay, SetAttr
 from nixfs.overlay.model import Notifier
 from nixfs.overlay.policy import LowerPolicy
-from nixfs.overlay.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+from nixfs.libc import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 ME = Caller(os.getuid(), os.getgid())
 

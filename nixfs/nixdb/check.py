@@ -46,7 +46,7 @@ class DbCheck:
         self.lower, self.upper, self.report = lower, upper, report
         self.upper_fd, self.state_fd = upper_fd, state_fd
         self.db_path = os.path.join(upper, "var/nix/db/db.sqlite")
-        self.index_path = os.path.join(upper, ".nixfs", LowerIndex.FILE)
+        self.index_path = os.path.join(fmt.state_dir(upper), LowerIndex.FILE)
         self.index: LowerIndex | None = None
         self.conn: apsw.Connection | None = None
         self.upper_names: set[bytes] = set()   # store entries, markers left out
@@ -282,7 +282,7 @@ class DbCheck:
         names = []
         for name in sorted(self.upper_names):
             path = f"{STORE_DIR}/{os.fsdecode(name)}"
-            if name.startswith(fmt.WHITEOUT_PREFIX) or name.endswith(b".nixfs-tmp"):
+            if name.startswith(fmt.WHITEOUT_PREFIX) or name.endswith(fmt.TMP_SUFFIX):
                 continue
             if not self.conn.execute("select 1 from ValidPaths where path = ?", (path,)).fetchone():
                 names.append(path)

@@ -13,6 +13,7 @@ import hashlib
 import os
 import struct
 
+from ..overlay import upperformat as fmt
 from .merged import PathRow
 from .schema import STORE_DIR
 
@@ -69,7 +70,7 @@ def install_files(upper: str) -> None:
     os.makedirs(store, exist_ok=True)
     target = os.path.join(store, root_basename())
     if not os.path.exists(target):
-        tmp = target + ".nixfs-tmp"
+        tmp = target + os.fsdecode(fmt.TMP_SUFFIX)
         with open(tmp, "wb") as f:
             f.write(CONTENT)
             f.flush()

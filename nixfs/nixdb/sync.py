@@ -21,12 +21,12 @@ refers to it, then the view.
 
 import logging
 import os
-import stat
 import time
 
 import apsw
 from dataclasses import dataclass, field
 
+from ..overlay import upperformat as fmt
 from . import carows, gcroot
 from .lowerindex import BROKEN, ID_INDEX, SHOWN, LowerIndex
 from .merged import MergedDb, open_db, select_outputs, select_rows
@@ -35,7 +35,6 @@ from .snapshot import Snapshot, SnapshotError, read_consistent
 
 log = logging.getLogger(__name__)
 
-WHITEOUT = b".wh."
 
 
 def basename(path: str) -> bytes:
@@ -102,7 +101,7 @@ class UpperStore:
 
     def hidden(self, name: bytes) -> bool:
         try:
-            os.lstat(os.path.join(self.path, os.fsdecode(WHITEOUT + name)))
+            os.lstat(os.path.join(self.path, os.fsdecode(fmt.whiteout_name(name))))
             return True
         except (FileNotFoundError, OSError):
             pass
@@ -110,14 +109,14 @@ class UpperStore:
             st = os.lstat(os.path.join(self.path, os.fsdecode(name)))
         except OSError:
             return False
-        return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        return fmt.is_kernel_whiteout(st)
 
     def has(self, name: bytes) -> bool:
         try:
             st = os.lstat(os.path.join(self.path, os.fsdecode(name)))
         except OSError:
             return False
-        return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0)
+        return not fmt.is_kernel_whiteout(st)
 
     def hidden_names(self) -> set[bytes]:
         out = set()
@@ -128,8 +127,8 @@ class UpperStore:
         with entries:
             for e in entries:
                 name = os.fsencode(e.name)
-                if name.startswith(WHITEOUT):
-                    out.add(name[len(WHITEOUT):])
+                if name.startswith(fmt.WHITEOUT_PREFIX):
+                    out.add(name[len(fmt.WHITEOUT_PREFIX):])
                 elif not e.is_dir(follow_symlinks=False) and self.hidden(name):
                     out.add(name)
         return out

@@ -32,8 +32,9 @@ class SyncWorker:
     """Daemon side: starts the worker and sends it requests, one at a time."""
 
     def __init__(self, lower: str, upper: str, state_dir: str, mountpoint: str,
-                 log_file: str | None = None, debug: bool = False, keep_fds: tuple = ()):
-        self.args = (lower, upper, state_dir, mountpoint, log_file, debug)
+                 log_file=None, debug: bool = False, keep_fds: tuple = ()):
+        self.args = (lower, upper, state_dir, mountpoint, debug)
+        self.log_file = log_file  # the daemon's logs.DaemonLog; None: it logs to stderr
         self.keep_fds = keep_fds  # the worker's at the same numbers (a lower under the mount)
         self.proc = None
         self.conn = None
@@ -47,14 +48,22 @@ class SyncWorker:
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
         env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(nixfs.__file__)))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nixfs.nixdb.worker", str(to_worker_r), str(from_worker_w),
-             json.dumps(self.args)],
-            pass_fds=(to_worker_r, from_worker_w, *self.keep_fds), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=None if self.args[4] is None else subprocess.DEVNULL,
-            env=env)
-        os.close(to_worker_r)
-        os.close(from_worker_w)
+        # The log the daemon has open, never its name (see nixfs/logs.py); also the
+        # worker's stderr, so even a worker that dies starting leaves its reason there.
+        log_fd = None if self.log_file is None else self.log_file.shared_fd()
+        log_args = (None, None) if log_fd is None else (log_fd, self.log_file.baseFilename)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "nixfs.nixdb.worker", str(to_worker_r), str(from_worker_w),
+                 json.dumps([*self.args, *log_args])],
+                pass_fds=(to_worker_r, from_worker_w, *self.keep_fds,
+                          *(() if log_fd is None else (log_fd,))),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_fd, env=env)
+        finally:
+            os.close(to_worker_r)
+            os.close(from_worker_w)
+            if log_fd is not None:
+                os.close(log_fd)
         self._send = Connection(to_worker_w, readable=False)
         self._recv = Connection(from_worker_r, writable=False)
 
@@ -171,17 +180,11 @@ class _Handler:
         return dict(self.sync.stats)
 
 
-def _serve(send, recv, lower, upper, state_dir, mountpoint, log_file, debug) -> None:
+def _serve(send, recv, lower, upper, state_dir, mountpoint, debug, log_fd, log_path) -> None:
+    from .. import logs
     from .schema import SchemaError
-    # Log where the daemon logs; never to the terminal the mount was started from.
-    if log_file:
-        out = logging.FileHandler(log_file)
-    else:
-        out = logging.StreamHandler()
-    out.setFormatter(logging.Formatter(
-        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().handlers[:] = [out]
-    logging.getLogger().setLevel(logging.DEBUG if debug else logging.INFO)
+    # Where the daemon logs; never to the terminal the mount was started from.
+    logs.setup_worker(log_fd, log_path, debug)
     handler = _Handler(lower, upper, state_dir, mountpoint)
     while True:
         try:

@@ -21,11 +21,10 @@ import apsw
 
 from ..fsckreport import HARMLESS, NOTE, Report
 from . import upperformat as fmt
-from .layers import O_DIR, O_DIR_PATH
+from .layers import O_DIR, O_DIR_PATH, made_writable, open_dir_path, times_kept
 from .state import FORMAT_VERSION, remove_tree
 
 REDIRECT_TMP = fmt.REDIRECT_MARKER + b".tmp"
-GCROOT_TMP = b".nixfs-tmp"  # nixdb/gcroot.py writes the root's store file under this suffix
 CACHES = (b"listings.sqlite",)  # pure caches: a damaged one is deleted and refetched
 
 
@@ -33,16 +32,8 @@ CACHES = (b"listings.sqlite",)  # pure caches: a damaged one is deleted and refe
 def changing(dirfd: int):
     """Let a repair change entries of *dirfd*: writable for the moment, times kept
     (store paths are read-only with fixed times)."""
-    st = os.fstat(dirfd)
-    path = f"/proc/self/fd/{dirfd}"
-    if st.st_mode & 0o300 != 0o300:
-        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o300)
-    try:
+    with times_kept(dirfd), made_writable(dirfd):
         yield
-    finally:
-        if st.st_mode & 0o300 != 0o300:
-            os.chmod(path, stat.S_IMODE(st.st_mode))
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _remove(dirfd: int, name: bytes):
@@ -91,18 +82,14 @@ def _open_lower(dirfd: int | None, name: bytes) -> int | None:
 
 
 def _open_lower_path(root_fd: int, path: bytes) -> int | None:
-    fd = os.dup(root_fd)
-    for part in filter(None, path.split(b"/")):
-        nxt = _open_lower(fd, part)
-        os.close(fd)
-        if nxt is None:
-            return None
-        fd = nxt
-    return fd
+    try:
+        return open_dir_path(root_fd, path)
+    except OSError:  # missing, not a directory, a symlink (ELOOP)
+        return None
 
 
 def _xattr_opaque(dirfd: int) -> bool:
-    for key in ("trusted.overlay.opaque", "user.overlay.opaque"):
+    for key in fmt.OPAQUE_XATTRS:
         try:
             if os.getxattr(f"/proc/self/fd/{dirfd}", key) == b"y":
                 return True
@@ -188,7 +175,7 @@ class TreeCheck:
             if name in (fmt.OPAQUE_MARKER, fmt.REDIRECT_MARKER):
                 continue  # the opaque marker is checked above, a redirect by its parent
             in_store = self.nix and rel == b"/store"
-            if name == REDIRECT_TMP or (in_store and name.endswith(GCROOT_TMP)):
+            if name == REDIRECT_TMP or (in_store and name.endswith(fmt.TMP_SUFFIX)):
                 report.add("stray-temporary", path, "a temporary file of an interrupted write",
                            fix=_remove(ufd, name))
                 continue

@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import threading
+from contextlib import contextmanager
 
 import trio
 
@@ -23,6 +24,60 @@ log = logging.getLogger(__name__)
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir(dirfd: int, name: bytes) -> int:
+    """Open a subdirectory; ELOOP/ENOTDIR if it is a symlink or no directory."""
+    try:
+        return os.open(name, O_DIR, dir_fd=dirfd)
+    except PermissionError:
+        # An unreadable directory can still be walked through (mode 0311).
+        return os.open(name, O_DIR_PATH, dir_fd=dirfd)
+
+
+def open_dir_path(root_fd: int, path: bytes, open_one=open_dir) -> int:
+    """Open a directory by a path below *root_fd*, one component at a time (each
+    opened by *open_one*, so never through a symlink)."""
+    fd = os.dup(root_fd)
+    try:
+        for part in path.split(b"/"):
+            if not part or part == b".":
+                continue
+            if part == b"..":
+                raise OSError(errno.EINVAL, "'..' in a layer path")
+            child = open_one(fd, part)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def made_writable(dirfd: int):
+    """Let this process change entries of an upper directory it (or Nix) made
+    read-only, for the moment: its mode is put back after."""
+    st = os.fstat(dirfd)
+    if st.st_mode & 0o300 == 0o300:
+        yield
+        return
+    path = f"/proc/self/fd/{dirfd}"
+    os.chmod(path, stat.S_IMODE(st.st_mode) | 0o300)
+    try:
+        yield
+    finally:
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+
+
+@contextmanager
+def times_kept(dirfd: int):
+    """Change entries of a directory without it showing as changed: its times are put back."""
+    st = os.fstat(dirfd)
+    try:
+        yield
+    finally:
+        os.utime(f"/proc/self/fd/{dirfd}", ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 class Layer:
@@ -48,28 +103,11 @@ class Layer:
     def open_dir(self, dirfd: int, name: bytes) -> int:
         """Open a subdirectory; ELOOP/ENOTDIR if it is a symlink or no directory."""
         self.calls["open_dir"] += 1
-        try:
-            return os.open(name, O_DIR, dir_fd=dirfd)
-        except PermissionError:
-            # An unreadable directory can still be walked through (mode 0311).
-            return os.open(name, O_DIR_PATH, dir_fd=dirfd)
+        return open_dir(dirfd, name)
 
     def open_dir_path(self, path: bytes) -> int:
         """Open a directory by a path below the root, one component at a time."""
-        fd = os.dup(self.root_fd)
-        try:
-            for part in path.split(b"/"):
-                if not part or part == b".":
-                    continue
-                if part == b"..":
-                    raise OSError(errno.EINVAL, "'..' in a layer path")
-                child = self.open_dir(fd, part)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return open_dir_path(self.root_fd, path, self.open_dir)
 
     def scandir(self, fd: int) -> list[tuple[bytes, int]]:
         """List a directory as ``(name, d_type-ish S_IFMT or 0)`` pairs.

@@ -25,10 +25,10 @@ from . import copyup, upperformat as fmt
 from .dircache import DirCache, Listing, ListingStore
 from .fdcache import FdCache, FdEntry
 from .inodes import DERIVED, InodeTable, Node
-from .layers import Layer, LowerLayer
+from .layers import Layer, LowerLayer, made_writable, times_kept
 from .policy import LowerPolicy
 from .state import UpperState
-from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from ..libc import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -385,16 +385,8 @@ class Overlay:
         if self.privileged:
             yield
             return
-        st = os.fstat(dirfd)
-        if st.st_mode & 0o300 == 0o300:
+        with made_writable(dirfd):
             yield
-            return
-        path = f"/proc/self/fd/{dirfd}"
-        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o300)
-        try:
-            yield
-        finally:
-            os.chmod(path, stat.S_IMODE(st.st_mode))
 
     def _work_name(self, kind: str = "tmp") -> bytes:
         return f"{kind}.{os.getpid()}.{next(self._tmp)}".encode()
@@ -1017,11 +1009,8 @@ class Overlay:
     @contextmanager
     def _keep_times(self, dirfd: int):
         """A copy-up into a directory is not a change of that directory: keep its times."""
-        st = os.fstat(dirfd)
-        try:
+        with times_kept(dirfd):
             yield
-        finally:
-            os.utime(f"/proc/self/fd/{dirfd}", ns=(st.st_atime_ns, st.st_mtime_ns))
 
     # ------------------------------------------------------------------ creating
 
@@ -1850,5 +1839,5 @@ class Overlay:
 
     async def sync(self) -> None:
         """Flush everything written to the upper to disk."""
-        from .syscalls import syncfs
+        from ..libc import syncfs
         await trio.to_thread.run_sync(syncfs, self.upper.root_fd)

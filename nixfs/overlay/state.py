@@ -20,6 +20,10 @@ FORMAT_VERSION = b"1\n"
 class UpperInUse(Exception):
     """Another nixfs daemon has this upper mounted."""
 
+    def __init__(self, holder: str):
+        super().__init__(f"the upper is in use by another nixfs (pid {holder})")
+        self.holder = holder
+
 
 class StateError(Exception):
     """``UPPER/.nixfs`` is damaged or foreign: the mount is refused with this message
@@ -77,14 +81,7 @@ class UpperState:
 
     def lock(self) -> None:
         """Take the upper for this process; UpperInUse if another daemon has it."""
-        fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=self.fd)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise UpperInUse(f"the upper is in use by another nixfs (pid {holder})") from None
+        fd = take_lock(self.fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
@@ -104,6 +101,21 @@ class UpperState:
     def discard(self, name: bytes) -> None:
         """Remove ``work/name`` and everything below it."""
         remove_tree(self.work_fd, name)
+
+
+def take_lock(state_fd: int) -> int:
+    """The state folder's ``lock``, held (the descriptor) until closed; UpperInUse
+    naming the holder's pid if another process has it, OSError if it cannot be opened
+    (a symlink there is never followed)."""
+    fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=state_fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UpperInUse(holder) from None
+    return fd
 
 
 def remove_tree(dirfd: int, name: bytes) -> None:

@@ -26,12 +26,15 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 REDIRECT_MARKER = b".wh..wh..nixfs-redirect"
 STATE_DIR = b".nixfs"
+# A file being written beside its final name, renamed there once complete (the GC root's
+# store file, nixdb/gcroot.py): a crash can leave one behind.
+TMP_SUFFIX = b".nixfs-tmp"
 NAME_MAX = 255
 
 # Kernel overlayfs keeps its metadata in these xattr namespaces; the merged view
 # neither shows nor accepts them.
 OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-_OPAQUE_XATTRS = tuple(p + "opaque" for p in OVERLAY_XATTR_PREFIXES)
+OPAQUE_XATTRS = tuple(p + "opaque" for p in OVERLAY_XATTR_PREFIXES)
 _REDIRECT_XATTRS = tuple(p + "redirect" for p in OVERLAY_XATTR_PREFIXES)
 
 
@@ -47,6 +50,11 @@ def whiteout_name(name: bytes) -> bytes:
 def whiteout_fits(name: bytes) -> bool:
     """Whether ``.wh.NAME`` is a legal name; longer names get a kernel whiteout."""
     return len(name) + len(WHITEOUT_PREFIX) <= NAME_MAX
+
+
+def state_dir(upper: str) -> str:
+    """The path of nixfs' own folder in the upper at *upper*."""
+    return os.path.join(upper, os.fsdecode(STATE_DIR))
 
 
 def is_kernel_whiteout(st: os.stat_result) -> bool:
@@ -85,7 +93,7 @@ def read_dir_flags(dirfd: int) -> tuple[bool, bytes | None]:
     except OSError:
         names = []
     for name in names:
-        if name in _OPAQUE_XATTRS:
+        if name in OPAQUE_XATTRS:
             opaque = opaque or _getxattr(dirfd, name) == b"y"
         elif name in _REDIRECT_XATTRS and redirect is None:
             value = _getxattr(dirfd, name)
