@@ -258,8 +258,8 @@ def _main_args(cfg: MountConfig) -> dict:
     Polling only pays where the process sending requests runs beside the daemon: with
     one CPU the daemon's polling would take the time that process needs.
     """
-    import pyfuse3
-    if not getattr(pyfuse3, "POLL_BEFORE_SLEEP", False):
+    from . import fuse_features
+    if not fuse_features.FEATURES.poll_before_sleep:
         return {}
     poll_us = cfg.poll_us
     if poll_us < 0:

@@ -28,6 +28,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from . import fuse_features
 from .overlay.inodes import Node
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,6 @@ DELAY = 0.05
 INTERVAL = 0.1
 BATCH = 512
 PENDING_MAX = 20_000  # beyond this, objects are left to the caller's own GETATTR
-# nixfs' pyfuse3 patch stats a batch without the interpreter lock; os.lstat in a thread
-# waits for the lock after every call while the daemon is busy, and falls behind.
-REFRESH_IN_C = getattr(pyfuse3, "REFRESH_ATTRIBUTES", False)
 
 
 class StaleAttributes:
@@ -139,8 +137,12 @@ class StaleAttributes:
                 return
 
     def _stat_all(self, paths: list[bytes]) -> tuple[int, int]:
-        """(stats that succeeded, stats tried)"""
-        if REFRESH_IN_C:
+        """(stats that succeeded, stats tried)
+
+        nixfs' pyfuse3 patch stats a batch without the interpreter lock; os.lstat in a
+        thread waits for the lock after every call while the daemon is busy, and falls behind.
+        """
+        if fuse_features.FEATURES.refresh_attributes:
             return pyfuse3.refresh_attributes(paths), len(paths)
         done = tried = 0
         for path in paths:

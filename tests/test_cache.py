@@ -9,6 +9,7 @@ import time
 
 import pytest
 from harness import run_nixfs
+from nixfs import fuse_features
 from nixstore import nix, nix_build
 from test_nixstore import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)
 
@@ -218,8 +219,8 @@ def refreshed_settles(store, at_least: int) -> dict:
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(not getattr(__import__("pyfuse3"), "REFRESH_ATTRIBUTES", False),
-                    reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
+@pytest.mark.skipif(not fuse_features.FEATURES.refresh_attributes,
+                    reason="needs pyfuse3 built with scripts/pyfuse3/ (08-refresh-attributes)")
 def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     """Listings, attributes and symlink targets of a store path stay in the kernel,
     so walking it again sends nixfs no request at all.  (After reading a listing or
@@ -242,8 +243,8 @@ def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     assert after["kept_attributes"] == before["kept_attributes"]  # not a GETATTR
 
 
-@pytest.mark.skipif(not getattr(__import__("pyfuse3"), "READDIR_END", False),
-                    reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
+@pytest.mark.skipif(not fuse_features.FEATURES.readdir_end,
+                    reason="needs pyfuse3 built with scripts/pyfuse3/ (07-readdir-end)")
 def test_a_listing_costs_nixfs_one_readdir(store):
     """The kernel reads a listing until a reply comes back empty; nixfs says when its
     reply held the last entry and pyfuse3 answers that closing request itself, so a
@@ -301,8 +302,8 @@ def test_a_store_directory_longer_than_one_reply_lists_every_entry_once(store):
 
 
 needs_kept_attributes = pytest.mark.skipif(
-    not getattr(__import__("pyfuse3"), "KEEP_ATTRIBUTES", False),
-    reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
+    not fuse_features.FEATURES.keep_attributes,
+    reason="needs pyfuse3 built with scripts/pyfuse3/ (05-keep-attributes)")
 
 
 @needs_kept_attributes

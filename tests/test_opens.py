@@ -9,12 +9,13 @@ import subprocess
 import time
 
 import pytest
-import pyfuse3
 from harness import NixfsMount
 from relharness import daemon_pid, status
 
-needs_patch = pytest.mark.skipif(not getattr(pyfuse3, "FILES_BY_INODE", False),
-                                 reason="needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
+from nixfs import fuse_features
+
+needs_patch = pytest.mark.skipif(not fuse_features.FEATURES.files_by_inode,
+                                 reason="needs pyfuse3 built with scripts/pyfuse3/ (06-files-by-inode)")
 OPENS = [pytest.param("kernel", marks=needs_patch), "nixfs"]
 
 

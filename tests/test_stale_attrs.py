@@ -1,10 +1,12 @@
 """The refresher of stale attributes, on a plain directory (the mount's own use of it is
 tested in test_cache.py: a second walk of a store path makes no request)."""
 
+import dataclasses
+
 import pytest
 import trio
 
-from nixfs import stale_attrs
+from nixfs import fuse_features, stale_attrs
 from nixfs.stale_attrs import StaleAttributes
 
 
@@ -20,9 +22,10 @@ class Obj:
 
 @pytest.fixture(params=["in C", "os.lstat"])
 def refresh_in(request, monkeypatch):
-    if request.param == "in C" and not stale_attrs.REFRESH_IN_C:
-        pytest.skip("needs pyfuse3 with scripts/pyfuse3-kernel-caches.patch")
-    monkeypatch.setattr(stale_attrs, "REFRESH_IN_C", request.param == "in C")
+    if request.param == "in C" and not fuse_features.FEATURES.refresh_attributes:
+        pytest.skip("needs pyfuse3 built with scripts/pyfuse3/ (08-refresh-attributes)")
+    monkeypatch.setattr(fuse_features, "FEATURES", dataclasses.replace(
+        fuse_features.FEATURES, refresh_attributes=request.param == "in C"))
 
 
 async def test_objects_are_statted_once_after_a_delay_and_failures_counted(tmp_path, refresh_in):
