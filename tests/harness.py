@@ -219,3 +219,14 @@ def as_caller(cwd, uid: int, gid: int, fn, *, umask: int = 0):
     if status != 0 or not data:
         raise RuntimeError(f"the call as uid {uid} failed in its child (status {status})")
     return pickle.loads(data)
+
+
+def wait_until(cond, what: str, timeout: float = 2.0) -> float:
+    """Poll *cond* for up to *timeout* seconds (an issue's bound), failing if it is not met;
+    returns how long it took."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.05)
+    return time.monotonic() - start

@@ -15,7 +15,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from harness import NixfsMount, run_nixfs
+from harness import NixfsMount, run_nixfs, wait_until
 from nixstore import NIX_CONFIG, busybox_dir, derivations_nix, nix, nix_env
 
 pytestmark = [pytest.mark.slow,
@@ -113,14 +113,6 @@ class Setup:
                 if not n.startswith(".") and not n.endswith("nixfs-lower-roots")}
 
 
-def _wait(cond, what, timeout=2.0):
-    import time
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
-
 
 def _host_build(s, expr, *attrs):
     cmd = ["nix-build", "--store", f"local?root={s.root}", str(expr), "--no-out-link"]
@@ -165,7 +157,7 @@ def test_a_path_the_newer_nix_adds_to_the_lower_is_valid_through_the_mount(setup
     s = setup
     with s.mount():
         (new,), _ = s.newnix.build(s.lower_root, s.expr({"live": ["libb"]}), "live")
-        _wait(lambda: s.host_valid(new), "a new lower path valid through the mount")
+        wait_until(lambda: s.host_valid(new), "a new lower path valid through the mount")
         assert s.new_valid(new)
         assert (s.mnt / new[len("/nix/"):] / "bin/live").read_text().startswith("live")
 
@@ -185,7 +177,7 @@ def test_the_client_nix_migrates_through_the_mount_and_the_sync_goes_on(setup):
             assert (ca_out,) in db.execute("select v.path from Realisations r join ValidPaths v "
                                            "on v.id = r.outputPath").fetchall()
         (new,), _ = s.newnix.build(s.lower_root, s.expr({"after": ["app"]}), "after")
-        _wait(lambda: s.host_valid(new), "a new lower path valid after the client's migration")
+        wait_until(lambda: s.host_valid(new), "a new lower path valid after the client's migration")
         assert run_nixfs("sync", s.mnt).returncode == 0
         assert s.new_valid(new) and s.new_valid(ca_out)
         s.newnix.run("nix-store", "--verify", "--check-contents", ca=True, store=s.root)
@@ -209,7 +201,7 @@ def test_a_realisation_added_to_the_lower_is_used_through_the_mount(setup):
                 return "Realisations" in tables and db.execute(
                     "select 1 from Realisations r join ValidPaths v on v.id = r.outputPath "
                     "where v.path = ?", (out,)).fetchone() is not None
-        _wait(realised, "the lower's realisation through the mount")
+        wait_until(realised, "the lower's realisation through the mount")
         again, built = s.newnix.build(s.root, expr, "cal", ca=True)
         assert again == [out] and built == []
         assert os.path.basename(out) not in os.listdir(s.upper / "store")

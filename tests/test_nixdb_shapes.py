@@ -12,7 +12,7 @@ from contextlib import closing
 import apsw
 import pytest
 from dbshapes import SHAPES, add_path, has_ca, make_store, migrate, provenance, realise
-from harness import NixfsMount, run_nixfs
+from harness import NixfsMount, run_nixfs, wait_until
 from nixstore import fake_hash, nix
 
 
@@ -69,14 +69,6 @@ def _lower(store):
     return sqlite3.connect(f"file:{store.db}?mode=ro", uri=True)
 
 
-def _wait(cond, what, timeout=2.0):
-    import time
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.05)
-
 
 @pytest.fixture(params=SHAPES)
 def store(request, tmp_path):
@@ -116,7 +108,7 @@ def test_live_paths_and_realisations_carry_every_column(store):
         with store.mount():
             new = add_path(store.db, store.shape, 1, refs=store.paths[:2], realised=True,
                            writer=writer)
-            _wait(lambda: store.valid(new), "a new lower path valid through the mount")
+            wait_until(lambda: store.valid(new), "a new lower path valid through the mount")
             with closing(store.merged()) as merged, closing(_lower(store)) as lower:
                 assert [r for r in _rows(merged, "ValidPaths")[1] if r[0] == new] == [
                     r for r in _rows(lower, "ValidPaths")[1] if r[0] == new]
@@ -125,14 +117,14 @@ def test_live_paths_and_realisations_carry_every_column(store):
                                           (new,)).fetchone() == (provenance(new),)
             if has_ca(store.shape):
                 # The realisation came with its path: the same facts, the merged ids.
-                _wait(lambda: store.merged_realisations() == store.lower_realisations(),
+                wait_until(lambda: store.merged_realisations() == store.lower_realisations(),
                       "the realisation of a new lower path through the mount")
                 assert any(r[2] == new for r in store.merged_realisations())
             # A realisation registered later for a path already there follows too.
             with writer:
                 realise(writer, store.shape, "sha256:" + fake_hash(7, "late"), store.paths[2])
             if has_ca(store.shape):
-                _wait(lambda: store.merged_realisations() == store.lower_realisations(),
+                wait_until(lambda: store.merged_realisations() == store.lower_realisations(),
                       "a later realisation of a lower path through the mount")
             if has_ca(store.shape):
                 # A realisation deleted on its own (its path stays) leaves the merged one too.
@@ -144,13 +136,13 @@ def test_live_paths_and_realisations_carry_every_column(store):
                         writer.execute("delete from RealisationsRefs where referrer = ? or "
                                        "realisationReference = ?", (gone[0], gone[0]))
                     writer.execute(f"delete from {table} where id = ?", (gone[0],))
-                _wait(lambda: gone[1] not in {r[0] for r in store.merged_realisations()},
+                wait_until(lambda: gone[1] not in {r[0] for r in store.merged_realisations()},
                       "a deleted realisation gone through the mount")
                 assert store.merged_realisations() == store.lower_realisations()
             # A lower path deleted takes its realisation along.
             with writer:
                 writer.execute("delete from ValidPaths where path = ?", (new,))
-            _wait(lambda: not store.valid(new), "a deleted lower path invalid")
+            wait_until(lambda: not store.valid(new), "a deleted lower path invalid")
             assert store.merged_realisations() == store.lower_realisations()
     finally:
         writer.close()
@@ -168,7 +160,7 @@ def test_lower_migrated_while_mounted_is_followed(tmp_path):
             migrate(conn, "nix-2.35-ca")
         new = add_path(store.db, "nix-2.35-ca", 2, refs=store.paths[:1], realised=True)
         conn.close()
-        _wait(lambda: store.valid(new), "a path in the new shape valid through the mount")
+        wait_until(lambda: store.valid(new), "a path in the new shape valid through the mount")
         with closing(store.merged()) as merged:
             assert merged.execute("select provenance from ValidPaths where path = ?",
                                   (new,)).fetchone() == (provenance(new),)
@@ -195,7 +187,7 @@ def test_client_migrations_through_the_mount_then_sync(tmp_path):
                            (store.paths[0],))
         client.close()
         new = add_path(store.db, "nix-2.26", 3, refs=store.paths[:3])
-        _wait(lambda: store.valid(new), "a new lower path valid after the client's migrations")
+        wait_until(lambda: store.valid(new), "a new lower path valid after the client's migrations")
         with closing(store.merged()) as merged:
             assert merged.execute("select provenance from ValidPaths where path = ?",
                                   (new,)).fetchone() == (None,)
@@ -294,7 +286,7 @@ def test_a_shape_change_while_mounted_stops_the_sync_whole(tmp_path):
         def status_error():
             status = json.loads(run_nixfs("status", m.mnt, "--json").stdout)
             return status["nix"]["last_sync_error"]
-        _wait(lambda: "FutureThings" in status_error(), "the sync's error in nixfs status")
+        wait_until(lambda: "FutureThings" in status_error(), "the sync's error in nixfs status")
         assert len(status_error().splitlines()) == 1
         assert not store.valid(new)
         assert store.valid(store.paths[0])
@@ -347,6 +339,6 @@ def test_an_upper_of_an_earlier_nixfs_picks_up_the_lower_realisations(tmp_path):
 def test_fsck_finds_an_upper_of_each_shape_clean(store):
     with store.mount():
         new = add_path(store.db, store.shape, 6, refs=store.paths[:2], realised=True)
-        _wait(lambda: store.valid(new), "a new lower path valid through the mount")
+        wait_until(lambda: store.valid(new), "a new lower path valid through the mount")
     proc = run_nixfs("fsck", "--lower", store.lower, "--upper", store.upper)
     assert proc.returncode == 0, proc.stdout + proc.stderr

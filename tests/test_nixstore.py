@@ -5,10 +5,9 @@ import shutil
 import sqlite3
 import subprocess
 import threading
-import time
 
 import pytest
-from harness import NixfsMount, run_nixfs
+from harness import NixfsMount, run_nixfs, wait_until
 from nixstore import busybox_dir, derivations_nix, nix, nix_build
 
 LOWER_DRVS = {"liba": [], "libb": ["liba"], "app": ["liba", "libb"]}
@@ -61,12 +60,7 @@ class Store:
 
     def wait(self, cond, what, timeout=2.0):
         """Poll *cond* for up to *timeout* seconds (the issue's bound), failing if not met."""
-        start = time.monotonic()
-        while not cond():
-            if time.monotonic() - start > timeout:
-                raise AssertionError(f"{what}: not within {timeout} s")
-            time.sleep(0.05)
-        return time.monotonic() - start
+        return wait_until(cond, what, timeout)
 
 
 @pytest.fixture
