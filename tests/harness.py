@@ -230,3 +230,12 @@ def wait_until(cond, what: str, timeout: float = 2.0) -> float:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie nobody reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

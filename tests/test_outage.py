@@ -7,21 +7,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import needs_root
-from harness import NixfsMount, run_nixfs
+from harness import NixfsMount, exited, run_nixfs
 from relharness import SlowFs, daemon_pid, fd_count, status, synthetic_store, timed
 
 TIMEOUT = 1.5  # the mount's lower_timeout in these tests
 FAST = 0.5  # what an operation that needs no lower may take, even on a busy machine
 STALLED = 10  # lookups stuck at once: more than the lower's 8 threads
-
-
-def _exited(pid: int) -> bool:
-    """Gone, or a zombie nobody reaped yet."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def _read(path):
@@ -183,7 +174,7 @@ def test_unmount_while_the_lower_stalls(tmp_path):
             proc = run_nixfs("umount", mnt, timeout=120)
             took = time.monotonic() - start
             assert proc.returncode == 0, proc.stderr
-            assert not os.path.ismount(mnt) and _exited(pid)
+            assert not os.path.ismount(mnt) and exited(pid)
             print(f"umount while the lower stalls: {took:.1f} s")
             assert took < 45, took  # pausing the worker, asking it to quit, killing it
         finally:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import needs_root
-from harness import NixfsMount, run_nixfs
+from harness import NixfsMount, exited, run_nixfs
 from nixstore import nix_env
 from test_cli import expect_usage_error
 from test_nixstore import built_lower  # noqa: F401 (a fixture)
@@ -30,14 +30,6 @@ def _stop(*procs):
     for p in procs:
         p.kill()
         p.wait()
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_umount_names_every_holder_and_detaches_nothing(lower, upper, mnt):
@@ -74,11 +66,11 @@ def test_lazy_umount_detaches_and_the_daemon_ends_with_the_last_holder(lower, up
         proc = run_nixfs("umount", "--lazy", mnt, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "detached" in proc.stderr and f"pid {holder.pid}" in proc.stderr
-        assert not os.path.ismount(mnt) and not _gone(daemon)
+        assert not os.path.ismount(mnt) and not exited(daemon)
         _stop(holder)
         from nixfs import holders
         deadline = time.monotonic() + 60
-        while not _gone(daemon) and time.monotonic() < deadline:
+        while not exited(daemon) and time.monotonic() < deadline:
             # (A namespace made meanwhile, say by another test, may hold a copy: it counts
             # as a holder only while it is there.)
             found = holders.find(entry, spare={daemon})
@@ -86,7 +78,7 @@ def test_lazy_umount_detaches_and_the_daemon_ends_with_the_last_holder(lower, up
                 break
             time.sleep(0.05)
         left = [h for h in holders.find(entry, spare={daemon}) if not h.only_a_copy]
-        assert _gone(daemon) or not left, left
+        assert exited(daemon) or not left, left
         assert (upper / "dir/file").read_text() == "content\nlate\n"
     finally:
         m.force_unmount()
