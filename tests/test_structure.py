@@ -1,0 +1,141 @@
+"""The shape of the code, checked: parts a reader can hold in their head.
+
+Modules of at most 400 lines, classes of at most 400, functions of at most 60; only the
+FUSE adapter imports pyfuse3; no import cycle inside the package.  A part that must be
+longer says why in its docstring and is named in ALLOWED below, with its current size,
+so it can only shrink (the redesign of issue 19 empties the list).
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "nixfs"
+
+MAX_MODULE, MAX_CLASS, MAX_FUNCTION = 400, 400, 60
+
+# (kind, file relative to the package, name) -> the size allowed for now.
+ALLOWED = {
+    ("function", "cli.py", "_parser"): 75,
+    ("module", "fuse_ops.py", ""): 446,
+    ("module", "mount.py", ""): 649,
+    ("function", "mount.py", "check"): 63,
+    ("function", "mount.py", "serve"): 184,
+    ("module", "nixdb/snapshot.py", ""): 401,
+    ("module", "nixdb/sync.py", ""): 637,
+    ("class", "nixdb/sync.py", "StoreSync"): 500,
+    ("function", "nixdb/sync.py", "build"): 67,
+    ("function", "overlay/check.py", "_entries"): 82,
+    ("module", "overlay/model.py", ""): 1843,
+    ("class", "overlay/model.py", "Overlay"): 1618,
+    ("function", "overlay/model.py", "__init__"): 63,
+    ("function", "overlay/model.py", "_list"): 65,
+    ("module", "run.py", ""): 490,
+}
+
+# Where pyfuse3 may be imported (the adapter side of the house).
+PYFUSE3_IMPORTERS = {"fuse_ops.py", "mount.py", "fuse_features.py", "status.py",
+                     "stale_attrs.py"}
+
+
+def _sources(with_lines=False):
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text()
+        tree = ast.parse(text, str(path))
+        rel = path.relative_to(PACKAGE).as_posix()
+        yield (rel, tree, text.count("\n")) if with_lines else (rel, tree)
+
+
+def _sizes():
+    """(kind, file, name) -> lines, for every module, class and function."""
+    for rel, tree, lines in _sources(with_lines=True):
+        yield ("module", rel, ""), lines
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                yield ("class", rel, node.name), node.end_lineno - node.lineno + 1
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield ("function", rel, node.name), node.end_lineno - node.lineno + 1
+
+
+LIMITS = {"module": MAX_MODULE, "class": MAX_CLASS, "function": MAX_FUNCTION}
+
+
+def test_no_part_is_too_long():
+    too_long = []
+    for key, lines in _sizes():
+        allowed = max(LIMITS[key[0]], ALLOWED.get(key, 0))
+        if lines > allowed:
+            too_long.append(f"{key[0]} {key[1]} {key[2]}: {lines} lines (at most {allowed})")
+    assert not too_long, "\n".join(too_long)
+
+
+def test_allowances_still_needed():
+    """An allowance the code no longer needs is taken off the list (it only shrinks)."""
+    sizes = dict(_sizes())
+    stale = [k for k, allowed in ALLOWED.items()
+             if sizes.get(k, 0) <= LIMITS[k[0]] or sizes.get(k, 0) < allowed]
+    assert not stale, f"lower or remove these allowances: {stale}"
+
+
+def _imports(tree) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_only_the_adapter_imports_pyfuse3():
+    importers = {rel for rel, tree in _sources()
+                 if any(m.split(".")[0] == "pyfuse3" for m in _imports(tree))}
+    assert importers <= PYFUSE3_IMPORTERS, importers - PYFUSE3_IMPORTERS
+
+
+def _module_name(rel: str) -> str:
+    name = "nixfs." + rel[:-3].replace("/", ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def _package_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (relative imports resolved)."""
+    graph = {}
+    modules = {_module_name(rel) for rel, _ in _sources()}
+    for rel, tree in _sources():
+        me = _module_name(rel)
+        package = me if rel.endswith("__init__.py") else me.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(max(node.level - 1, 0)):
+                    base = base.rsplit(".", 1)[0]
+                module = (f"{base}.{node.module}" if node.module else base) if node.level \
+                    else (node.module or "")
+                # "from . import layers" needs the module layers, not the package.
+                names = {f"{module}.{a.name}" for a in node.names}
+                deps.update(names if names <= modules else names | {module})
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+        graph[me] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_import_cycle():
+    graph = _package_graph()
+    state: dict[str, int] = {}
+
+    def visit(module, trail):
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            if state.get(dep) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, trail + [dep])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
