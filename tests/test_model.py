@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from nixfs.overlay import Caller, Overlay, SetAttr
-from nixfs.overlay.model import Notifier
+from nixfs.overlay.types import Notifier
 from nixfs.overlay.policy import LowerPolicy
 from nixfs.libc import RENAME_EXCHANGE, RENAME_NOREPLACE
 

@@ -27,10 +27,8 @@ ALLOWED = {
     ("class", "nixdb/sync.py", "StoreSync"): 500,
     ("function", "nixdb/sync.py", "build"): 67,
     ("function", "overlay/check.py", "_entries"): 82,
-    ("module", "overlay/model.py", ""): 1843,
-    ("class", "overlay/model.py", "Overlay"): 1618,
-    ("function", "overlay/model.py", "__init__"): 63,
-    ("function", "overlay/model.py", "_list"): 65,
+    # Overlay._list as it was, moved: the lead's performance fix changes it, then splits it.
+    ("function", "overlay/readdir.py", "merged_entries"): 64,
     ("module", "run.py", ""): 490,
 }
 

@@ -73,6 +73,24 @@ def _copy_to_work(lower: Layer, dirfd: int, name: bytes, work_fd: int, tmp: byte
     return st
 
 
+def copy_open_file(lower: Layer, fd: int, work_fd: int, *, privileged: bool) -> int:
+    """A private copy of the open lower file *fd* (one unlinked while open): a nameless
+    file in the work folder with its data, mode, owner (when privileged) and times;
+    its descriptor, open read-write."""
+    st = os.fstat(fd)
+    new = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=work_fd)
+    try:
+        copy_data(fd, new, st.st_size, lower)
+        os.fchmod(new, stat.S_IMODE(st.st_mode))
+        if privileged:
+            os.fchown(new, st.st_uid, st.st_gid)
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except BaseException:
+        os.close(new)
+        raise
+    return new
+
+
 def apply_metadata(dirfd: int, name: bytes, st: os.stat_result, xattrs: dict[str, bytes], *,
                    privileged: bool) -> None:
     """Give ``dirfd/name`` the owner (when privileged), xattrs, mode and times of *st*."""

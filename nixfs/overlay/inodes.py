@@ -61,14 +61,14 @@ class Node:
 
 
 class InodeTable:
-    def __init__(self, root_kind: int = stat.S_IFDIR):
+    def __init__(self, root_kind: int = stat.S_IFDIR, on_drop=None):
         self.root = Node(ROOT_INO, None, b"", root_kind, True, b"")
         self.root.lookups = 1
         self._nodes: dict[int, Node] = {ROOT_INO: self.root}
         self._next = ROOT_INO + 1
         # Upper inode number -> node, for upper objects with several hard links.
         self._by_upper_ino: dict[int, Node] = {}
-        self.on_drop = None  # callback(node) when a node leaves the table
+        self.on_drop = on_drop  # callback(node) when a node leaves the table
 
     def __len__(self) -> int:
         return len(self._nodes)

@@ -5,22 +5,17 @@ name and ``O_NOFOLLOW``/``AT_SYMLINK_NOFOLLOW``, so a symlink inside a layer is
 never followed.  Each call is counted by kind: the counts are what tests and
 ``nixfs status`` use to show how often a (possibly slow) lower is touched.
 
-The upper is local and answered inline.  The lower may be NFS: its calls run in
-worker threads behind a limit and a timeout, so a slow or hung lower never stalls
-the event loop and fails with EIO instead of hanging.
+The upper is local and answered inline; only it is written (``upperlayer``).
+The lower may be NFS: its calls run in worker threads behind a limit and a
+timeout (``lowerlayer``), so a slow or hung lower never stalls the event loop
+and fails with EIO instead of hanging.
 """
 
 import collections
 import errno
-import logging
 import os
 import stat
-import threading
 from contextlib import contextmanager
-
-import trio
-
-log = logging.getLogger(__name__)
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -210,6 +205,17 @@ class Layer:
             fd = -1
         return out, fd
 
+    def read_listings(self, dirfd: int, names: list[bytes],
+                      depth_budget: int = 0) -> list[dict | None]:
+        """``read_listing`` of each of *names* (listings only); None where one is gone."""
+        out = []
+        for name in names:
+            try:
+                out.append(self.read_listing(dirfd, name, False, depth_budget)[0])
+            except (FileNotFoundError, NotADirectoryError):
+                out.append(None)
+        return out
+
     def readlink(self, dirfd: int, name: bytes) -> bytes:
         self.calls["readlink"] += 1
         return os.readlink(name, dir_fd=dirfd)
@@ -283,106 +289,3 @@ class Layer:
             if attrs:
                 out[name] = attrs
         return out
-
-
-class LowerLayer:
-    """The lower layer's primitives as awaitables that run in worker threads.
-
-    A call that takes longer than *timeout* seconds (None or 0: no limit) fails with
-    EIO; its thread is abandoned (it finishes or hangs on its own, never holding the
-    event loop).  What an abandoned call returns when it finishes late is handed to
-    its *late* callback in that thread (descriptors are closed there), so an outage
-    leaks nothing.  The lower has its own thread limit: stalled lower calls never
-    take threads from upper work.
-    """
-
-    def __init__(self, layer: Layer, *, threads: int = 8, timeout: float | None = None):
-        self.layer = layer
-        self.root_fd = layer.root_fd
-        self.calls = layer.calls
-        self.limiter = trio.CapacityLimiter(threads)
-        self.timeout = timeout
-        # Set when a call was given up on, cleared when any call returns (also one given
-        # up on, finishing late): meanwhile answers known from before may be used.
-        self.out = False
-
-    async def run(self, fn, *args, late=None):
-        """``fn(*args)`` in a worker thread; EIO after the timeout.  *late* gets the
-        result of a call that finishes after it was given up."""
-        box = _Late(late, self)
-        with trio.move_on_after(self.timeout if self.timeout else float("inf")) as scope:
-            return await trio.to_thread.run_sync(box.call, fn, *args, limiter=self.limiter,
-                                                 abandon_on_cancel=True)
-        assert scope.cancelled_caught
-        box.abandon()
-        self.calls["timeout"] += 1
-        self.out = True
-        raise OSError(errno.EIO, "the lower layer did not answer in time")
-
-    async def lstat(self, dirfd, name):
-        return await self.run(self.layer.lstat, dirfd, name)
-
-    async def fstat(self, fd):
-        return await self.run(self.layer.fstat, fd)
-
-    async def open_dir(self, dirfd, name):
-        return await self.run(self.layer.open_dir, dirfd, name, late=os.close)
-
-    async def open_dir_path(self, path):
-        return await self.run(self.layer.open_dir_path, path, late=os.close)
-
-    async def scandir(self, fd):
-        return await self.run(self.layer.scandir, fd)
-
-    async def readlink(self, dirfd, name):
-        return await self.run(self.layer.readlink, dirfd, name)
-
-    async def open(self, dirfd, name, flags):
-        return await self.run(self.layer.open, dirfd, name, flags, late=os.close)
-
-    async def listxattr(self, dirfd, name):
-        return await self.run(self.layer.listxattr, dirfd, name)
-
-    async def getxattr(self, dirfd, name, attr):
-        return await self.run(self.layer.getxattr, dirfd, name, attr)
-
-
-class _Late:
-    """Hands the result of an abandoned call to its *late* callback, exactly once:
-    whether the thread finishes before or after the caller gives up."""
-
-    __slots__ = ("late", "lower", "lock", "abandoned", "done", "result")
-
-    def __init__(self, late, lower: LowerLayer):
-        self.late = late
-        self.lower = lower
-        self.lock = threading.Lock()
-        self.abandoned = self.done = False
-        self.result = None
-
-    def call(self, fn, *args):
-        try:
-            result = fn(*args)
-        finally:
-            self.lower.out = False  # it answered (a plain store: safe from a thread)
-        if self.late is not None:
-            with self.lock:
-                if self.abandoned:
-                    self._dispose(result)
-                else:
-                    self.done, self.result = True, result
-        return result
-
-    def abandon(self) -> None:
-        """The caller gave up: a result already there (delivered too late) is disposed of."""
-        with self.lock:
-            self.abandoned = True
-            if self.done:
-                self.done, result, self.result = False, self.result, None
-                self._dispose(result)
-
-    def _dispose(self, result) -> None:
-        try:
-            self.late(result)
-        except Exception:
-            log.exception("disposing of a late lower result")

@@ -12,7 +12,7 @@ import os
 import stat
 
 from .layers import O_DIR
-from .upperformat import STATE_DIR
+from .upperformat import STATE_DIR, WORK_DIR
 
 FORMAT_VERSION = b"1\n"
 
@@ -39,7 +39,7 @@ class UpperState:
     def __init__(self, upper_fd: int):
         self.fd = _ensure_dir(upper_fd, STATE_DIR, 0o700)
         try:
-            self.work_fd = _ensure_dir(self.fd, b"work", 0o700, STATE_DIR + b"/work")
+            self.work_fd = _ensure_dir(self.fd, WORK_DIR, 0o700, STATE_DIR + b"/" + WORK_DIR)
             self._lock_fd: int | None = None
             self._check_files()
             self._check_format()

@@ -19,6 +19,7 @@ and cannot be created through it.  nixfs keeps its own state in ``.nixfs`` at
 the upper's root, which the merged view does not show either.
 """
 
+import itertools
 import os
 import stat
 
@@ -30,6 +31,8 @@ STATE_DIR = b".nixfs"
 # store file, nixdb/gcroot.py): a crash can leave one behind.
 TMP_SUFFIX = b".nixfs-tmp"
 NAME_MAX = 255
+# In the state folder: where copy-ups are built and removed trees emptied.
+WORK_DIR = b"work"
 
 # Kernel overlayfs keeps its metadata in these xattr namespaces; the merged view
 # neither shows nor accepts them.
@@ -55,6 +58,17 @@ def whiteout_fits(name: bytes) -> bool:
 def state_dir(upper: str) -> str:
     """The path of nixfs' own folder in the upper at *upper*."""
     return os.path.join(upper, os.fsdecode(STATE_DIR))
+
+
+class WorkNames:
+    """Names for the work folder: ``KIND.PID.N`` (``tmp`` a copy being built, ``wh`` a
+    whiteout, ``trash`` a tree being removed), never the same twice in a process."""
+
+    def __init__(self):
+        self._numbers = itertools.count(1)
+
+    def next(self, kind: str = "tmp") -> bytes:
+        return f"{kind}.{os.getpid()}.{next(self._numbers)}".encode()
 
 
 def is_kernel_whiteout(st: os.stat_result) -> bool:
