@@ -282,3 +282,15 @@ async def test_recover_removes_leftovers(fs, upper):
     (upper / ".nixfs/work/trash.1.2/.wh.x").write_text("")
     assert sorted(fs.state.recover()) == [b"tmp.1.1", b"trash.1.2"]
     assert os.listdir(upper / ".nixfs/work") == []
+
+
+async def test_upper_changes_are_counted(fs):
+    """Every change of the upper goes through its layer object, counted as its reads are."""
+    await fs.mkdir(fs.root, b"d", 0o755, ME)
+    await fs.rename(fs.root, b"d", fs.root, b"e")
+    await fs.rmdir(fs.root, b"e")  # moved into the work folder, emptied there
+    node = await walk(fs, "dir/file")
+    await fs.setattr(node, SetAttr(mode=0o600))  # a copy-up of dir and file, then chmod
+    calls = fs.upper.calls
+    assert (calls["mkdir"], calls["rename"]) == (1, 4)
+    assert calls["setattr"] >= 1

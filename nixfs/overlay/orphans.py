@@ -90,7 +90,9 @@ class Orphans:
         return fd  # (an O_PATH one, where no better could be had, answers EBADF)
 
     def stat(self, node: Node) -> os.stat_result:
-        return os.fstat(self.fd(node))
+        fd = self.fd(node)
+        # (A lower file's descriptor is open already: its fstat names nothing in the lower.)
+        return os.fstat(fd) if node.ino in self._lower else self.upper.fstat(fd)
 
     async def writable(self, node: Node) -> int:
         """The descriptor an unlinked file is written through.  A lower file's is

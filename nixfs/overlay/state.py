@@ -12,7 +12,7 @@ import os
 import stat
 
 from .layers import O_DIR
-from .upperformat import STATE_DIR, WORK_DIR
+from .upperformat import FORMAT_FILE, LOCK_FILE, LOG_FILE, STATE_DIR, WORK_DIR
 
 FORMAT_VERSION = b"1\n"
 
@@ -32,7 +32,7 @@ class StateError(Exception):
 
 # Files of the state folder nixfs opens by name: a symlink there (planted in a user's
 # upper for a root daemon) would make nixfs write wherever it points.
-_OWN_FILES = (b"lock", b"format", b"nixfs.log")
+_OWN_FILES = (LOCK_FILE, FORMAT_FILE, LOG_FILE)
 
 
 class UpperState:
@@ -61,14 +61,15 @@ class UpperState:
 
     def _check_format(self) -> None:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(b"format", flags, 0o644, dir_fd=self.fd)
+        fd = os.open(FORMAT_FILE, flags, 0o644, dir_fd=self.fd)
         try:
             version = os.pread(fd, 64, 0)
             if not version.strip():  # new, or a crash right after creating it
                 os.pwrite(fd, FORMAT_VERSION, 0)
             elif version != FORMAT_VERSION:
                 shown = version[:20].decode(errors="replace").strip()
-                raise StateError(f"the upper's format is {shown!r} ({STATE_DIR.decode()}/format), "
+                where = (STATE_DIR + b"/" + FORMAT_FILE).decode()
+                raise StateError(f"the upper's format is {shown!r} ({where}), "
                                  f"this nixfs knows {FORMAT_VERSION.decode().strip()!r}: a newer "
                                  "nixfs made it, or the file is damaged")
         finally:
@@ -107,7 +108,7 @@ def take_lock(state_fd: int) -> int:
     """The state folder's ``lock``, held (the descriptor) until closed; UpperInUse
     naming the holder's pid if another process has it, OSError if it cannot be opened
     (a symlink there is never followed)."""
-    fd = os.open(b"lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                  dir_fd=state_fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

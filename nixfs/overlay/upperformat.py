@@ -31,8 +31,12 @@ STATE_DIR = b".nixfs"
 # store file, nixdb/gcroot.py): a crash can leave one behind.
 TMP_SUFFIX = b".nixfs-tmp"
 NAME_MAX = 255
-# In the state folder: where copy-ups are built and removed trees emptied.
+# In the state folder: where copy-ups are built and removed trees emptied; the lock the
+# mounted daemon holds (with its pid); the format version; the daemon's log.
 WORK_DIR = b"work"
+LOCK_FILE = b"lock"
+FORMAT_FILE = b"format"
+LOG_FILE = b"nixfs.log"
 
 # Kernel overlayfs keeps its metadata in these xattr namespaces; the merged view
 # neither shows nor accepts them.
