@@ -294,3 +294,13 @@ async def test_upper_changes_are_counted(fs):
     calls = fs.upper.calls
     assert (calls["mkdir"], calls["rename"]) == (1, 4)
     assert calls["setattr"] >= 1
+
+
+async def test_stats_name_what_status_shows(fs):
+    node = await walk(fs, "dir/file")
+    await fs.setattr(node, SetAttr(mode=0o600))
+    stats = fs.stats()
+    assert stats["copy_ups"] == 2 and stats["nodes"] == 3  # the root, dir, dir/file
+    assert stats["upper_calls"]["setattr"] >= 1 and stats["lower_calls"]["lstat"] >= 2
+    assert stats["cache"] == {"hits": 0, "misses": 0, "loaded_from_disk": 0, "listings": 0,
+                              "bytes_on_disk": 0, "hit_ratio": None}

@@ -124,15 +124,6 @@ def set_xattrs(dirfd: int, name: bytes, xattrs: dict[str, bytes]) -> None:
         os.close(fd)
 
 
-def set_xattr(dirfd: int, name: bytes, key: str, value: bytes) -> None:
-    """Set one xattr on ``dirfd/name`` (any file type), errors passed on."""
-    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-    try:
-        os.setxattr(f"/proc/self/fd/{fd}", key, value)
-    finally:
-        os.close(fd)
-
-
 def copy_data(src: int, dst: int, size: int, counter: Layer | None = None) -> None:
     """Copy *size* bytes keeping holes, so a sparse file stays sparse."""
     off = 0

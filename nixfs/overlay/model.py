@@ -42,7 +42,7 @@ from .nodes import Nodes
 from .orphans import Orphans
 from .outside import Outside
 from .policy import LowerPolicy
-from .readdir import Directories
+from .readdir import DirReader
 from .removing import Removing
 from .state import UpperState
 from .types import Attr, Caller, DirHandle, Handle, Notifier, OpenTable, SetAttr
@@ -77,11 +77,11 @@ class Overlay:
         self._orphans = orphans = Orphans(dirs, up, low, copying, lock)
         self._names = names = Names(dirs, up, low, inodes, nodes, kept, orphans, policy, lock,
                                     Shown(owner, ttl, immutable_ttl), readonly=readonly)
-        self._dirlist = dirlist = Directories(dirs, up, low, inodes, nodes, names, kept, policy,
+        self._reader = reader = DirReader(dirs, up, low, inodes, nodes, names, kept, policy,
                                               handles)
         self._creating = Creating(dirs, up, inodes, nodes, names, copying, policy, lock,
                                   privileged=privileged)
-        self._removing = Removing(dirs, up, inodes, nodes, names, dirlist, copying, orphans,
+        self._removing = Removing(dirs, up, inodes, nodes, names, reader, copying, orphans,
                                   policy, lock, self.state, readonly=readonly)
         self._attributes = Attributes(dirs, up, low, nodes, names, kept, copying, orphans, lock,
                                       owner=owner, readonly=readonly)
@@ -120,7 +120,7 @@ class Overlay:
     @policy.setter
     def policy(self, policy: LowerPolicy) -> None:
         self._policy = policy
-        for part in (self._nodes, self._listings, self._names, self._dirlist, self._creating,
+        for part in (self._nodes, self._listings, self._names, self._reader, self._creating,
                      self._removing, self._outside):
             part.policy = policy
 
@@ -135,6 +135,19 @@ class Overlay:
             part.notify = notify
 
     # Counters and sizes (nixfs status).
+
+    def stats(self) -> dict:
+        """What the model reports of itself, each part's figures under status' names."""
+        return {
+            "lower_calls": dict(self.lower.calls), "upper_calls": dict(self.upper.calls),
+            "lower_timeout_s": self.lower.timeout or 0,
+            "copy_ups": self._copying.copy_ups, "stale_answers": self._names.stale_answers,
+            "nodes": len(self.inodes), "nodes_trimmed": self._nodes.trims,
+            "open_dir_fds": len(self._dirs.fds),
+            "shared_lower_files": len(self._files.lower_files),
+            "node_file_fds": len(self._files.file_fds),
+            "cache": self.dircache.stats(),
+        }
 
     @property
     def copy_ups(self) -> int:
@@ -190,22 +203,22 @@ class Overlay:
     # Directories and symlinks.
 
     async def list_dir(self, node: Node) -> DirHandle:
-        return await self._dirlist.list_dir(node)
+        return await self._reader.list_dir(node)
 
     async def opendir(self, node: Node) -> DirHandle:
-        return await self._dirlist.opendir(node)
+        return await self._reader.opendir(node)
 
     async def readdir_entry(self, dh: DirHandle, index: int) -> tuple[Node, Attr] | None:
-        return await self._dirlist.readdir_entry(dh, index)
+        return await self._reader.readdir_entry(dh, index)
 
     def releasedir(self, fh: int) -> None:
-        self._dirlist.releasedir(fh)
+        self._reader.releasedir(fh)
 
     def dirhandle(self, fh: int) -> DirHandle:
-        return self._dirlist.dirhandle(fh)
+        return self._reader.dirhandle(fh)
 
     async def readlink(self, node: Node) -> bytes:
-        return await self._dirlist.readlink(node)
+        return await self._reader.readlink(node)
 
     # Namespace changes.
 

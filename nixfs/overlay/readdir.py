@@ -34,7 +34,7 @@ def _shown_lower(listing: Listing) -> list[Entry]:
     return shown
 
 
-class Directories:
+class DirReader:
     def __init__(self, dirs: Descriptors, upper: UpperLayer, lower: LowerLayer, inodes: InodeTable,
                  nodes: Nodes, names: Names, listings: Listings, policy: LowerPolicy,
                  handles: OpenTable):

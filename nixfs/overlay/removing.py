@@ -21,7 +21,7 @@ from .names import Names
 from .nodes import Nodes
 from .orphans import Orphans
 from .policy import LowerPolicy
-from .readdir import Directories
+from .readdir import DirReader
 from .state import UpperState
 from .types import err
 from ..libc import RENAME_EXCHANGE, RENAME_NOREPLACE
@@ -29,11 +29,11 @@ from ..libc import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 class Removing:
     def __init__(self, dirs: Descriptors, upper: UpperLayer, inodes: InodeTable, nodes: Nodes,
-                 names: Names, directories: Directories, copying: CopyUp, orphans: Orphans,
+                 names: Names, reader: DirReader, copying: CopyUp, orphans: Orphans,
                  policy: LowerPolicy, lock: trio.Lock, state: UpperState, *, readonly: bool):
         self.dirs, self.upper, self.inodes = dirs, upper, inodes
         self.nodes, self.names = nodes, names
-        self.directories, self.copying, self.orphans = directories, copying, orphans
+        self.reader, self.copying, self.orphans = reader, copying, orphans
         self.policy, self.lock, self.state = policy, lock, state
         self.readonly = readonly
 
@@ -57,7 +57,7 @@ class Removing:
         self.state.discard(self.dirs.discard_upper(pfd, name))
 
     async def _not_empty(self, node: Node) -> bool:
-        return bool(await self.directories.merged_entries(node, with_stats=False))
+        return bool(await self.reader.merged_entries(node, with_stats=False))
 
     async def unlink(self, parent: Node, name: bytes) -> None:
         self._check_remove(name)
