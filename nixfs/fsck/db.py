@@ -1,4 +1,4 @@
-"""Checks of an unmounted upper's merged Nix database against its files, for ``nixfs fsck``.
+"""The check of an unmounted upper's merged Nix database against its files, for ``nixfs fsck``.
 
 What the merged database says must match what the merged view shows, or Nix
 trusts paths that are not there (or misses ones that are):
@@ -25,17 +25,18 @@ import stat
 
 import apsw
 
-from ..fsckreport import DAMAGE, HARMLESS, NOTE, Report
+from ..nixdb import gcroot
+from ..nixdb.lowerindex import BROKEN, SHOWN, LowerIndex
+from ..nixdb.merged import MergedDb, select_rows
+from ..nixdb.schema import STORE_DIR, SchemaError, carry_shape, check_tables, read_shape
+from ..nixdb.snapshot import read_consistent
+from ..nixdb.sync import basename
 from ..overlay import upperformat as fmt
-from ..overlay.check import changing, check_sqlite
 from ..overlay.layers import O_DIR
 from ..overlay.state import remove_tree
-from . import gcroot
-from .lowerindex import BROKEN, SHOWN, LowerIndex
-from .merged import MergedDb, select_rows
-from .schema import STORE_DIR, SchemaError, carry_shape, check_tables, read_shape
-from .snapshot import read_consistent
-from .sync import basename
+from .report import DAMAGE, HARMLESS, NOTE, Report
+from .statedir import check_sqlite
+from .upper import changing
 
 LIST_MAX = 50  # findings of one kind listed one by one; the rest are counted
 
