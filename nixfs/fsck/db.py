@@ -158,7 +158,7 @@ class DbCheck:
         with db.begin():
             gone = db.remove(paths, keep=[gcroot.root_path()])
         if self.index is not None:
-            with self.index.conn:
+            with self.index.transaction():
                 self.index.set_state([basename(p) for p in gone], BROKEN)
 
     def _foreign_keys(self) -> None:
@@ -211,7 +211,7 @@ class DbCheck:
     def _state_finding(self, kind: str, names: list[bytes], state: int, text: str) -> None:
         """Lower paths whose index state disagrees with the database; the repair sets it."""
         def fix():
-            with self.index.conn:
+            with self.index.transaction():
                 self.index.set_state(names, state)
         self._add_many(kind, [f"{STORE_DIR}/{os.fsdecode(n)}" for n in names], text, fix)
 

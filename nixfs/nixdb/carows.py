@@ -79,8 +79,7 @@ def read(conn, shape, index) -> dict:
         if count != last_count + len(ch.rows):
             ch.deleted = list(_missing_ids(
                 conn.execute(f"select id from {table} where id <= ? order by id", (last_max,)),
-                index.conn.execute("select lower_id, drv, output from ca_rows where tbl = ? "
-                                   "and lower_id <= ? order by lower_id", (table, last_max))))
+                index.ca_rows_upto(table, last_max)))
         out[table] = ch
     return out
 
@@ -141,8 +140,6 @@ def apply(db: MergedDb, changes: dict) -> list:
 def record(index, done) -> None:
     """Note in the lower index (inside its transaction) what ``apply`` carried."""
     for ch, added in done:
-        index.conn.executemany("delete from ca_rows where tbl = ? and lower_id = ?",
-                               ((ch.table, i) for i, _, _ in ch.deleted))
-        index.conn.executemany("insert or replace into ca_rows values (?, ?, ?, ?)", added)
+        index.record_ca(ch.table, (i for i, _, _ in ch.deleted), added)
         index.put(f"ca_max:{ch.table}", ch.max_id)
         index.put(f"ca_count:{ch.table}", ch.count)

@@ -46,7 +46,7 @@ class NixStorePolicy(LowerPolicy):
         self._following: list[bytes] = []
 
     def _check_version(self) -> None:
-        version = self.index.conn.data_version()
+        version = self.index.data_version()
         if version != self._version:
             self._states.clear()
             self._following = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..overlay import upperformat as fmt
 from . import carows, gcroot
-from .lowerindex import BROKEN, ID_INDEX, SHOWN, LowerIndex
+from .lowerindex import BROKEN, SHOWN, LowerIndex
 from .merged import MergedDb, open_db, select_outputs, select_rows
 from .schema import STORE_DIR, SchemaError, Shape, carry_shape, read_schema_version, read_shape
 from .snapshot import Snapshot, SnapshotError, read_consistent
@@ -170,7 +170,7 @@ class StoreSync:
         if self.index is not None:
             if self.index.get("durable", 1) == 0 and not self._intact():
                 log.error("the merged database of an interrupted first mount is damaged: rebuilding")
-                with self.index.conn:
+                with self.index.transaction():
                     self.index.put("state", "damaged")
             if self.index.get("state") == "complete" and os.path.exists(self.merged_db):
                 if self.index.get("schema") != version:
@@ -259,7 +259,7 @@ class StoreSync:
         finally:
             db.close()
         index = LowerIndex(tmp_index)
-        with index.conn:
+        with index.transaction():
             index.set_state({basename(p) for p in gone}, BROKEN)
             for key, value in (("lower_max_id", max_id), ("lower_count", count),
                                ("schema", version), ("root", gcroot.root_path()),
@@ -305,7 +305,7 @@ class StoreSync:
         if pending:
             log.warning("%d lower paths made valid again before a crash are shown now",
                         len(pending))
-            with self.index.conn:
+            with self.index.transaction():
                 self.index.set_state(pending, SHOWN)
 
     def unfinished(self) -> bool:
@@ -343,7 +343,7 @@ class StoreSync:
                     db.conn.execute("insert or ignore into Refs (referrer, reference) select ?, id "
                                     "from ValidPaths where id > ? and id <= ? and id != ?",
                                     (root_id, upto, end, root_id))
-                with index.conn:
+                with index.transaction():
                     index.put("root_refs_upto", end)
                 upto = end
         finally:
@@ -355,14 +355,14 @@ class StoreSync:
 
     def _make_durable(self) -> None:
         t0 = time.monotonic()
-        self.index.conn.execute(ID_INDEX)
+        self.index.make_id_index()
         for path in (self.merged_db, self.index_path):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)  # the file, whoever wrote it: our clone and Nix's writes
             finally:
                 os.close(fd)
-        with self.index.conn:
+        with self.index.transaction():
             self.index.put("durable", 1)
         log.info("the first build is on disk (%.1f s)", time.monotonic() - t0)
 
@@ -453,8 +453,7 @@ class StoreSync:
             if count != last_count + len(changes.rows):
                 changes.deleted = dict(_missing(
                     conn.execute("select id from ValidPaths where id <= ? order by id", (last_max,)),
-                    index.conn.execute("select lower_id, name from paths where lower_id <= ? "
-                                       "order by lower_id", (last_max,))))
+                    index.ids_upto(last_max)))
             return changes
 
         return read_consistent(self.lower_db, read)
@@ -495,7 +494,7 @@ class StoreSync:
                     result.shown.append(name)
             result.duplicates.extend(dups)
             ca_done = carows.apply(db, changes.ca)
-        with index.conn:
+        with index.transaction():
             carows.record(index, ca_done)
             if changes.deleted:
                 index.remove(changes.deleted.values())
@@ -576,7 +575,7 @@ class StoreSync:
             gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in set(names) | along],
                              keep=[gcroot.root_path()])
         lower = sorted({n for n in (basename(p) for p in gone) if self.index.state(n)} | along)
-        with self.index.conn:
+        with self.index.transaction():
             self.index.set_state(set(lower) | set(names), BROKEN)
         log.info("%d lower paths hidden through the mount left the database (%d in all)",
                  len(names), len(gone))
@@ -631,7 +630,7 @@ class StoreSync:
             carry_shape(shape, db.conn)
             added, _ = self._insert_rows(db, rows, refs, outputs, db.id_of(gcroot.root_path()))
         shown = [basename(r.path) for i, r in rows if i in added]
-        with index.conn:
+        with index.transaction():
             index.set_state(shown, SHOWN)
         return shown
 
