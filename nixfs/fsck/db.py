@@ -26,11 +26,12 @@ import stat
 import apsw
 
 from ..nixdb import gcroot
+from ..nixdb.files import StoreFiles
 from ..nixdb.lowerindex import BROKEN, SHOWN, LowerIndex
 from ..nixdb.merged import MergedDb, select_rows
+from ..nixdb.rows import basename
 from ..nixdb.schema import STORE_DIR, SchemaError, carry_shape, check_tables, read_shape
 from ..nixdb.snapshot import read_consistent
-from ..nixdb.sync import basename
 from ..overlay import upperformat as fmt
 from ..overlay.layers import O_DIR
 from ..overlay.state import remove_tree
@@ -46,8 +47,7 @@ class DbCheck:
                  report: Report):
         self.lower, self.upper, self.report = lower, upper, report
         self.upper_fd, self.state_fd = upper_fd, state_fd
-        self.db_path = os.path.join(upper, "var/nix/db/db.sqlite")
-        self.index_path = os.path.join(fmt.state_dir(upper), LowerIndex.FILE)
+        self.files = StoreFiles(lower, upper, fmt.state_dir(upper))
         self.index: LowerIndex | None = None
         self.conn: apsw.Connection | None = None
         self.upper_names: set[bytes] = set()   # store entries, markers left out
@@ -57,17 +57,17 @@ class DbCheck:
         if self.state_fd is not None and check_sqlite(
                 self.state_fd, LowerIndex.FILE.encode(), self.report, "damaged-index",
                 "the next mount rebuilds it from the lower and the merged database"):
-            if os.path.exists(self.index_path):
-                self.index = LowerIndex(self.index_path)
+            if os.path.exists(self.files.index_path):
+                self.index = LowerIndex(self.files.index_path)
         try:
-            if not os.path.exists(self.db_path):
+            if not os.path.exists(self.files.merged_db):
                 if self.index is not None:
                     self.report.add("db-missing", "/var/nix/db/db.sqlite", "the merged database "
                                     "is gone; the next mount rebuilds it (upper paths become "
                                     "unregistered)", severity=NOTE)
                 return
             self._scan_store()
-            self.conn = apsw.Connection(self.db_path)
+            self.conn = apsw.Connection(self.files.merged_db)
             self.conn.setbusytimeout(10_000)
             if not self._integrity():
                 return
@@ -256,8 +256,7 @@ class DbCheck:
 
     def _drop_upper_copy(self, name: bytes) -> None:
         path = f"{STORE_DIR}/{os.fsdecode(name)}"
-        lower_db = os.path.join(self.lower, "var/nix/db/db.sqlite")
-        found = read_consistent(lower_db, lambda conn, snap: (
+        found = read_consistent(self.files.lower_db, lambda conn, snap: (
             select_rows(conn, "path = ?", (path,)), read_shape(conn)))
         if not found[0]:
             raise RuntimeError("the lower no longer holds it")

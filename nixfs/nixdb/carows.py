@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .lowerindex import CA_FOLLOWED as FOLLOWED
 from .merged import MergedDb, table_columns
+from .rows import missing
 from .schema import quote
 
 
@@ -32,17 +33,6 @@ class CaChanges:
 
     def __bool__(self):
         return bool(self.rows or self.deleted)
-
-
-def _missing_ids(present, known):
-    """Rows of *known* (ascending lower id first) whose id is not in *present*."""
-    present = iter(present)
-    current = next(present, None)
-    for row in known:
-        while current is not None and current[0] < row[0]:
-            current = next(present, None)
-        if current is None or current[0] != row[0]:
-            yield row
 
 
 def read(conn, shape, index) -> dict:
@@ -77,7 +67,7 @@ def read(conn, shape, index) -> dict:
                     (r[0],)).fetchall() if refs else []
                 ch.rows.append((r[0], row, keys))
         if count != last_count + len(ch.rows):
-            ch.deleted = list(_missing_ids(
+            ch.deleted = list(missing(
                 conn.execute(f"select id from {table} where id <= ? order by id", (last_max,)),
                 index.ca_rows_upto(table, last_max)))
         out[table] = ch
