@@ -22,7 +22,6 @@ ALLOWED = {
     ("module", "mount.py", ""): 649,
     ("function", "mount.py", "check"): 63,
     ("function", "mount.py", "serve"): 184,
-    ("module", "nixdb/snapshot.py", ""): 401,
     ("module", "overlay/model.py", ""): 1843,
     ("class", "overlay/model.py", "Overlay"): 1618,
     ("function", "overlay/model.py", "__init__"): 63,
