@@ -25,7 +25,7 @@ import stat
 
 import apsw
 
-from ..nixdb import gcroot
+from ..nixdb import gcroot, upperstore
 from ..nixdb.files import StoreFiles
 from ..nixdb.lowerindex import BROKEN, SHOWN, LowerIndex
 from ..nixdb.merged import MergedDb, select_rows
@@ -93,18 +93,10 @@ class DbCheck:
         except FileNotFoundError:
             return
         try:
-            for name in map(os.fsencode, os.listdir(fd)):
-                if name.startswith(fmt.WHITEOUT_PREFIX):
-                    if not name.startswith(fmt.WHITEOUT_PREFIX * 2):
-                        self.hidden.add(name[len(fmt.WHITEOUT_PREFIX):])
-                    continue
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if fmt.is_kernel_whiteout(st):
-                    self.hidden.add(name)
-                elif name != b".links":
-                    self.upper_names.add(name)
+            self.hidden, held = upperstore.scan(fd)
         finally:
             os.close(fd)
+        self.upper_names = held - {b".links"}
 
     def _has_files(self, name: bytes) -> bool:
         if name in self.upper_names:

@@ -7,7 +7,6 @@ beside the lower (``tree``), and for a Nix store the merged database against
 the files (``db``).  Repairs change only the upper; the lower is only read.
 """
 
-import logging
 import os
 import stat
 
@@ -19,8 +18,6 @@ from .progress import Progress
 from .report import Report
 from .statedir import check_state
 from .tree import check_tree
-
-log = logging.getLogger(__name__)
 
 
 def _lock(upper_fd: int) -> int | None:

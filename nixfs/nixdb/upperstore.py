@@ -2,13 +2,15 @@
 which the upper holds itself.
 
 The database code asks these before the mount is live and from the worker while
-it is, on the upper directly: they are single ``lstat`` calls and never change
-anything.
+it is, on the upper directly (an ``lstat`` or one listing, never a change); fsck
+reads the upper's store with ``scan`` too.
 """
 
+import errno
 import os
 
 from ..overlay import upperformat as fmt
+from ..overlay.layers import O_DIR
 
 
 class UpperStore:
@@ -35,16 +37,32 @@ class UpperStore:
         return not fmt.is_kernel_whiteout(st)
 
     def hidden_names(self) -> set[bytes]:
-        out = set()
         try:
-            entries = os.scandir(self.path)
-        except FileNotFoundError:
-            return out
-        with entries:
-            for e in entries:
-                name = os.fsencode(e.name)
-                if name.startswith(fmt.WHITEOUT_PREFIX):
-                    out.add(name[len(fmt.WHITEOUT_PREFIX):])
-                elif not e.is_dir(follow_symlinks=False) and self.hidden(name):
-                    out.add(name)
-        return out
+            fd = os.open(self.path, O_DIR)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return set()  # no store directory (a symlink is none): nothing hidden
+            raise
+        try:
+            return scan(fd)[0]
+        finally:
+            os.close(fd)
+
+
+def scan(store_fd: int) -> tuple[set[bytes], set[bytes]]:
+    """(names a whiteout hides, names the upper holds) of the upper's ``store/`` open as
+    *store_fd*, from one listing; markers (``.wh..wh.*``) are neither."""
+    hidden: set[bytes] = set()
+    held: set[bytes] = set()
+    with os.scandir(store_fd) as entries:
+        for e in entries:
+            name = os.fsencode(e.name)
+            if name.startswith(fmt.WHITEOUT_PREFIX):
+                if not name.startswith(fmt.WHITEOUT_PREFIX * 2):
+                    hidden.add(name[len(fmt.WHITEOUT_PREFIX):])
+            elif (not e.is_dir(follow_symlinks=False) and
+                  fmt.is_kernel_whiteout(e.stat(follow_symlinks=False))):
+                hidden.add(name)
+            else:
+                held.add(name)
+    return hidden, held
