@@ -278,8 +278,8 @@ def _user_allow_other() -> bool:
 # ------------------------------------------------------------------ mounting
 
 def is_nix_store(cfg: MountConfig) -> bool:
-    from .nixdb.sync import StoreSync
-    return cfg.nix and StoreSync.is_nix_store(cfg.lower)
+    from .nixdb.files import is_nix_store as holds_nix_store
+    return cfg.nix and holds_nix_store(cfg.lower)
 
 
 def store_uri(mountpoint: str) -> str:

@@ -47,8 +47,8 @@ def fsck(lower: str, upper: str, *, repair: bool = False, nix: bool = True,
     upper = check_dir(upper, "upper", writable=repair)
     if lower == upper or is_within(upper, lower) or is_within(lower, upper):
         raise UsageError("the lower and the upper overlap")
-    from ..nixdb.sync import StoreSync
-    nix = nix and StoreSync.is_nix_store(lower)
+    from ..nixdb.files import is_nix_store
+    nix = nix and is_nix_store(lower)
     report = Report(repair=repair, progress=progress)
     upper_fd = os.open(upper, O_DIR)
     lower_fd = os.open(lower, O_DIR)

@@ -15,7 +15,7 @@ import os
 import apsw
 
 from . import firstbuild, rootfill
-from .files import StoreFiles, is_nix_store
+from .files import StoreFiles
 from .follow import LowerChanges, LowerFollower, SyncResult
 from .hiding import Hiding
 from .lowerindex import SHOWN, LowerIndex
@@ -31,8 +31,6 @@ class StoreSync:
     """The merged database of one mount and how it follows the lower.
 
     The worker passes *open_index*: it runs once ``prepare`` made the index."""
-
-    is_nix_store = staticmethod(is_nix_store)
 
     def __init__(self, lower: str, upper: str, state_dir: str, *, open_index: bool = False):
         self.files = StoreFiles(lower, upper, state_dir)
