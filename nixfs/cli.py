@@ -267,7 +267,8 @@ def _promote(args) -> int:
 def _fsck(args) -> int:
     import json
 
-    from .fsck import Progress, fsck
+    from .fsck.progress import Progress
+    from .fsck.run import fsck
     report = fsck(args.lower, args.upper, repair=args.repair, nix=args.nix,
                   progress=Progress())
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())

@@ -278,8 +278,8 @@ def _user_allow_other() -> bool:
 # ------------------------------------------------------------------ mounting
 
 def is_nix_store(cfg: MountConfig) -> bool:
-    from .nixdb.sync import StoreSync
-    return cfg.nix and StoreSync.is_nix_store(cfg.lower)
+    from .nixdb.files import is_nix_store as holds_nix_store
+    return cfg.nix and holds_nix_store(cfg.lower)
 
 
 def store_uri(mountpoint: str) -> str:
@@ -364,7 +364,8 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .fuse_ops import FuseOps
     from .nixdb.schema import SchemaError
     from .nixdb.snapshot import SnapshotError
-    from .nixdb.storeview import NixStorePolicy, StoreService
+    from .nixdb.storepolicy import NixStorePolicy
+    from .nixdb.storeservice import StoreService
     from .nixdb.sync import StoreSync
     from .nixdb.worker import SyncWorker
     from .overlay import Overlay
@@ -429,11 +430,11 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
             lower.close()
             log.exception("preparing the merged store database failed")
             return report(lower.shown(f"cannot prepare the merged store database: {e}"), 1)
-        overlay.policy = NixStorePolicy(sync.index)
+        policy = overlay.policy = NixStorePolicy(sync.index)
         overlay.dircache.store = ListingStore(os.path.join(state_dir, ListingStore.FILE))
         worker = SyncWorker(lower.via, cfg.upper, state_dir,
                             cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
-        service = StoreService(worker, overlay, finish_pending=sync.unfinished())
+        service = StoreService(worker, overlay, policy.removed_paths(), finish_pending=sync.unfinished())
     # Nix removes every extended attribute from what it adds to a store (but SELinux labels,
     # which FUSE mounts get from the mount, not the file system): a Nix store has none to show.
     xattrs = cfg.xattr == "on" or (cfg.xattr == "auto" and service is None)
@@ -467,7 +468,6 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     async def op_sync():
         if service is not None:
             await service.step(force=True)
-            service.last_ok = time.time()
         return True
 
     async def op_pause(seconds=10.0):

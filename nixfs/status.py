@@ -67,8 +67,7 @@ def collect(*, cfg, ops, overlay, service, started: float, poll_us: int = 0) -> 
         last = service.last_ok
         out["nix"] = {
             "lower_paths": index.count(),
-            "lower_paths_not_shown": index.conn.execute(
-                "select count(*) from paths where state != 0").fetchone()[0],
+            "lower_paths_not_shown": index.not_shown_count(),
             "lower_max_id": index.get("lower_max_id", 0),
             "merged_db_bytes": db_size(os.path.join(cfg.upper, "var/nix/db")),
             "index_bytes": index.size_bytes(),

@@ -33,8 +33,8 @@ from nixstore import busybox_dir, derivations_nix, nix_build, nix_env  # noqa: E
 
 sys.path.insert(0, str(REPO))
 from nixfs import control, runtime  # noqa: E402
-from nixfs.fsck import fsck  # noqa: E402
-from nixfs.nixdb.sync import UpperStore  # noqa: E402
+from nixfs.fsck.run import fsck  # noqa: E402
+from nixfs.nixdb.upperstore import UpperStore  # noqa: E402
 
 LOWER_DRVS = {"liba": [], "libb": ["liba"], "app": ["liba", "libb"]}
 COPIES_PER_ROUND = 5  # lower files copied up (by appends) per round, about

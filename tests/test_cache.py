@@ -399,7 +399,7 @@ def test_read_ahead_names_come_from_few_index_queries(tmp_path):
     """A walk asks for the store paths after each one it enters: the policy answers
     from one query per many asks, skips paths not shown, and sees the index change."""
     from nixfs.nixdb.lowerindex import LowerIndex
-    from nixfs.nixdb.storeview import NixStorePolicy
+    from nixfs.nixdb.storepolicy import NixStorePolicy
     index = LowerIndex(str(tmp_path / "index.sqlite"))
     names = [b"%03d-p" % i for i in range(100)]
     with index.conn:

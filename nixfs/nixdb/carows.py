@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .lowerindex import CA_FOLLOWED as FOLLOWED
 from .merged import MergedDb, table_columns
+from .rows import missing
 from .schema import quote
 
 
@@ -32,17 +33,6 @@ class CaChanges:
 
     def __bool__(self):
         return bool(self.rows or self.deleted)
-
-
-def _missing_ids(present, known):
-    """Rows of *known* (ascending lower id first) whose id is not in *present*."""
-    present = iter(present)
-    current = next(present, None)
-    for row in known:
-        while current is not None and current[0] < row[0]:
-            current = next(present, None)
-        if current is None or current[0] != row[0]:
-            yield row
 
 
 def read(conn, shape, index) -> dict:
@@ -77,10 +67,9 @@ def read(conn, shape, index) -> dict:
                     (r[0],)).fetchall() if refs else []
                 ch.rows.append((r[0], row, keys))
         if count != last_count + len(ch.rows):
-            ch.deleted = list(_missing_ids(
+            ch.deleted = list(missing(
                 conn.execute(f"select id from {table} where id <= ? order by id", (last_max,)),
-                index.conn.execute("select lower_id, drv, output from ca_rows where tbl = ? "
-                                   "and lower_id <= ? order by lower_id", (table, last_max))))
+                index.ca_rows_upto(table, last_max)))
         out[table] = ch
     return out
 
@@ -141,8 +130,6 @@ def apply(db: MergedDb, changes: dict) -> list:
 def record(index, done) -> None:
     """Note in the lower index (inside its transaction) what ``apply`` carried."""
     for ch, added in done:
-        index.conn.executemany("delete from ca_rows where tbl = ? and lower_id = ?",
-                               ((ch.table, i) for i, _, _ in ch.deleted))
-        index.conn.executemany("insert or replace into ca_rows values (?, ?, ?, ?)", added)
+        index.record_ca(ch.table, (i for i, _, _ in ch.deleted), added)
         index.put(f"ca_max:{ch.table}", ch.max_id)
         index.put(f"ca_count:{ch.table}", ch.count)

@@ -19,7 +19,7 @@ import subprocess
 
 from .merged import open_db
 from .schema import STORE_DIR
-from .sync import UpperStore
+from .upperstore import UpperStore
 
 _ALIVE = re.compile(r"Cannot delete path '([^']+)' since it is still alive")
 

@@ -122,17 +122,24 @@ class LowerIndex:
     def not_shown_names(self) -> list[bytes]:
         return [r[0] for r in self.conn.execute("select name from paths where state != 0")]
 
-    def ids(self, up_to: int) -> dict[int, bytes]:
-        return dict(self.conn.execute("select lower_id, name from paths where lower_id <= ?",
-                                      (up_to,)))
+    def not_shown_count(self) -> int:
+        return self.conn.execute("select count(*) from paths where state != 0").fetchone()[0]
 
-    def names_for_ids(self, ids) -> dict[int, bytes]:
-        out = {}
-        for i in ids:
-            row = self.conn.execute("select name from paths where lower_id = ?", (i,)).fetchone()
-            if row:
-                out[i] = row[0]
-        return out
+    def ids_upto(self, up_to: int):
+        """(lower_id, name) of every path with a lower id up to *up_to*, ascending id
+        (one cursor: constant memory, for a merge walk against the lower's ids)."""
+        return self.conn.execute("select lower_id, name from paths where lower_id <= ? "
+                                 "order by lower_id", (up_to,))
+
+    def ca_rows_upto(self, table: str, up_to: int):
+        """(lower_id, drvPath, outputName) of the *table* rows carried, ascending id."""
+        return self.conn.execute("select lower_id, drv, output from ca_rows where tbl = ? "
+                                 "and lower_id <= ? order by lower_id", (table, up_to))
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits to the index (SQLite's
+        ``data_version``): a cache of its answers is current while this is unchanged."""
+        return self.conn.data_version()
 
     def count(self) -> int:
         return self.conn.execute("select count(*) from paths").fetchone()[0]
@@ -144,7 +151,12 @@ class LowerIndex:
     # ------------------------------------------------------------------ changes
 
     def transaction(self):
+        """A write transaction (a context manager): commits on success, else rolls back."""
         return self.conn
+
+    def make_id_index(self) -> None:
+        """The lower-id order index, made once the first build is usable (``ID_INDEX``)."""
+        self.conn.execute(ID_INDEX)
 
     def put(self, key: str, value) -> None:
         self.conn.execute("insert or replace into meta values (?, ?)", (key, value))
@@ -159,6 +171,13 @@ class LowerIndex:
     def set_state(self, names, state: int) -> None:
         self.conn.executemany("update paths set state = ? where name = ?",
                               ((state, n) for n in names))
+
+    def record_ca(self, table: str, deleted_ids, added) -> None:
+        """The *table* rows with lower ids *deleted_ids* are gone; *added* rows of
+        (table, lower_id, drvPath, outputName) were carried."""
+        self.conn.executemany("delete from ca_rows where tbl = ? and lower_id = ?",
+                              ((table, i) for i in deleted_ids))
+        self.conn.executemany("insert or replace into ca_rows values (?, ?, ?, ?)", added)
 
     def size_bytes(self) -> int:
         total = 0

@@ -17,7 +17,8 @@ import apsw
 
 from .merged import COLUMNS, open_db, select_rows, table_columns
 from .schema import STORE_DIR, quote, read_schema_version
-from .sync import UpperStore, basename
+from .rows import basename
+from .upperstore import UpperStore
 
 log = logging.getLogger(__name__)
 

@@ -115,10 +115,8 @@ class _Handler:
     closes it again, so the mount is never kept busy between requests."""
 
     def __init__(self, lower, upper, state_dir, mountpoint):
-        from .lowerindex import LowerIndex
         from .sync import StoreSync
-        self.sync = StoreSync(lower, upper, state_dir)
-        self.sync.index = LowerIndex(self.sync.index_path)
+        self.sync = StoreSync(lower, upper, state_dir, open_index=True)
         self.db_path = os.path.join(mountpoint, "var/nix/db/db.sqlite")
         self.gc_lock_path = os.path.join(mountpoint, "var/nix/gc.lock")
         self.gc_lock_fd = None

@@ -26,6 +26,7 @@ import stat
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 REDIRECT_MARKER = b".wh..wh..nixfs-redirect"
+REDIRECT_TMP = REDIRECT_MARKER + b".tmp"  # a redirect being written outside the work folder
 STATE_DIR = b".nixfs"
 # A file being written beside its final name, renamed there once complete (the GC root's
 # store file, nixdb/gcroot.py): a crash can leave one behind.
@@ -128,7 +129,7 @@ def write_redirect(dirfd: int, lower_path: bytes, work: tuple[int, bytes] | None
     free name there) the temporary is made in the work folder, which the next
     mount empties, so a crash leaves nothing behind in the tree either.
     """
-    tmp_dir, tmp = work if work is not None else (dirfd, REDIRECT_MARKER + b".tmp")
+    tmp_dir, tmp = work if work is not None else (dirfd, REDIRECT_TMP)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600, dir_fd=tmp_dir)
     try:

@@ -1,4 +1,4 @@
-"""Checks of an unmounted upper's merged Nix database against its files, for ``nixfs fsck``.
+"""The check of an unmounted upper's merged Nix database against its files, for ``nixfs fsck``.
 
 What the merged database says must match what the merged view shows, or Nix
 trusts paths that are not there (or misses ones that are):
@@ -25,17 +25,19 @@ import stat
 
 import apsw
 
-from ..fsckreport import DAMAGE, HARMLESS, NOTE, Report
+from ..nixdb import gcroot, upperstore
+from ..nixdb.files import StoreFiles
+from ..nixdb.lowerindex import BROKEN, SHOWN, LowerIndex
+from ..nixdb.merged import MergedDb, select_rows
+from ..nixdb.rows import basename
+from ..nixdb.schema import STORE_DIR, SchemaError, carry_shape, check_tables, read_shape
+from ..nixdb.snapshot import read_consistent
 from ..overlay import upperformat as fmt
-from ..overlay.check import changing, check_sqlite
 from ..overlay.layers import O_DIR
 from ..overlay.state import remove_tree
-from . import gcroot
-from .lowerindex import BROKEN, SHOWN, LowerIndex
-from .merged import MergedDb, select_rows
-from .schema import STORE_DIR, SchemaError, carry_shape, check_tables, read_shape
-from .snapshot import read_consistent
-from .sync import basename
+from .report import DAMAGE, HARMLESS, NOTE, Report
+from .statedir import check_sqlite
+from .upper import changing
 
 LIST_MAX = 50  # findings of one kind listed one by one; the rest are counted
 
@@ -45,8 +47,7 @@ class DbCheck:
                  report: Report):
         self.lower, self.upper, self.report = lower, upper, report
         self.upper_fd, self.state_fd = upper_fd, state_fd
-        self.db_path = os.path.join(upper, "var/nix/db/db.sqlite")
-        self.index_path = os.path.join(fmt.state_dir(upper), LowerIndex.FILE)
+        self.files = StoreFiles(lower, upper, fmt.state_dir(upper))
         self.index: LowerIndex | None = None
         self.conn: apsw.Connection | None = None
         self.upper_names: set[bytes] = set()   # store entries, markers left out
@@ -56,17 +57,17 @@ class DbCheck:
         if self.state_fd is not None and check_sqlite(
                 self.state_fd, LowerIndex.FILE.encode(), self.report, "damaged-index",
                 "the next mount rebuilds it from the lower and the merged database"):
-            if os.path.exists(self.index_path):
-                self.index = LowerIndex(self.index_path)
+            if os.path.exists(self.files.index_path):
+                self.index = LowerIndex(self.files.index_path)
         try:
-            if not os.path.exists(self.db_path):
+            if not os.path.exists(self.files.merged_db):
                 if self.index is not None:
                     self.report.add("db-missing", "/var/nix/db/db.sqlite", "the merged database "
                                     "is gone; the next mount rebuilds it (upper paths become "
                                     "unregistered)", severity=NOTE)
                 return
             self._scan_store()
-            self.conn = apsw.Connection(self.db_path)
+            self.conn = apsw.Connection(self.files.merged_db)
             self.conn.setbusytimeout(10_000)
             if not self._integrity():
                 return
@@ -92,18 +93,10 @@ class DbCheck:
         except FileNotFoundError:
             return
         try:
-            for name in map(os.fsencode, os.listdir(fd)):
-                if name.startswith(fmt.WHITEOUT_PREFIX):
-                    if not name.startswith(fmt.WHITEOUT_PREFIX * 2):
-                        self.hidden.add(name[len(fmt.WHITEOUT_PREFIX):])
-                    continue
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if fmt.is_kernel_whiteout(st):
-                    self.hidden.add(name)
-                elif name != b".links":
-                    self.upper_names.add(name)
+            self.hidden, held = upperstore.scan(fd)
         finally:
             os.close(fd)
+        self.upper_names = held - {b".links"}
 
     def _has_files(self, name: bytes) -> bool:
         if name in self.upper_names:
@@ -157,7 +150,7 @@ class DbCheck:
         with db.begin():
             gone = db.remove(paths, keep=[gcroot.root_path()])
         if self.index is not None:
-            with self.index.conn:
+            with self.index.transaction():
                 self.index.set_state([basename(p) for p in gone], BROKEN)
 
     def _foreign_keys(self) -> None:
@@ -210,7 +203,7 @@ class DbCheck:
     def _state_finding(self, kind: str, names: list[bytes], state: int, text: str) -> None:
         """Lower paths whose index state disagrees with the database; the repair sets it."""
         def fix():
-            with self.index.conn:
+            with self.index.transaction():
                 self.index.set_state(names, state)
         self._add_many(kind, [f"{STORE_DIR}/{os.fsdecode(n)}" for n in names], text, fix)
 
@@ -255,8 +248,7 @@ class DbCheck:
 
     def _drop_upper_copy(self, name: bytes) -> None:
         path = f"{STORE_DIR}/{os.fsdecode(name)}"
-        lower_db = os.path.join(self.lower, "var/nix/db/db.sqlite")
-        found = read_consistent(lower_db, lambda conn, snap: (
+        found = read_consistent(self.files.lower_db, lambda conn, snap: (
             select_rows(conn, "path = ?", (path,)), read_shape(conn)))
         if not found[0]:
             raise RuntimeError("the lower no longer holds it")

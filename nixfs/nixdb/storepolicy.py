@@ -1,0 +1,128 @@
+"""A Nix store as the lower: what the merged view shows of it, asked on every lookup.
+
+The view shows a lower ``store/`` entry only if the lower database holds it as a
+valid path (per nixfs' index): no ``.links``, no ``.nfs*`` files, no half-copied
+paths or lock files, so Nix's GC and ``--optimise`` never see them.  The lower's
+``var/nix/db`` (and its temporary roots and daemon socket) never show: the
+merged state directory has its own.
+
+This is the hot path (the overlay asks it for every request below the store):
+it answers from memory where it can and never waits on the database work,
+which runs in the background (``storeservice``).  A lower path removed through
+the mount is only queued here for that work.
+"""
+
+import bisect
+import errno
+
+import cachetools
+import trio
+
+from ..overlay.policy import LowerPolicy
+from .lowerindex import LowerIndex
+
+# Lower entries of var/nix the merged view never shows: the merged state is its own.
+UPPER_ONLY = {b"db", b"temproots", b"daemon-socket", b"gc.lock", b"userpool"}
+
+
+class NixStorePolicy(LowerPolicy):
+    def __init__(self, index: LowerIndex):
+        self.index = index
+        # Lower store paths removed through the mount, for the service to take out of the
+        # database (removed_paths()); queued here, never waited on.
+        self._removed, self._removed_queue = trio.open_memory_channel(float("inf"))
+        # name -> (lower id, state) or None, as the index says: asked on every request
+        # below the store (an SQLite query each would be a third of a getxattr's cost).
+        # Kept while the index is unchanged: any commit by another connection (the
+        # sync worker) bumps its data version; forget() drops a name the overlay hears of.
+        self._states: cachetools.LRUCache = cachetools.LRUCache(50_000)
+        self._version = None
+        # The shown names following the last read-ahead's, in name order: a walk asks
+        # for the next few after each store path, so one query serves many asks.
+        self._following: list[bytes] = []
+    def _check_version(self) -> None:
+        version = self.index.data_version()
+        if version != self._version:
+            self._states.clear()
+            self._following = []
+            self._version = version
+
+    def _state(self, name: bytes):
+        self._check_version()
+        try:
+            return self._states[name]
+        except KeyError:
+            state = self._states[name] = self.index.state(name)
+            return state
+
+    def read_ahead(self, lower_path, count):
+        # A walk of the store visits store paths in the order it lists them: by name.
+        parts = lower_path.split(b"/")
+        if len(parts) != 2 or parts[0] != b"store":
+            return []
+        name = parts[1]
+        self._check_version()
+        following = self._following
+        at = bisect.bisect_right(following, name)
+        if not (following and following[0] <= name and at + count <= len(following)):
+            following = self._following = [name] + self.index.shown_after(name, 8 * count)
+            at = 1
+        return [b"store/" + n for n in following[at:at + count]]
+
+    def forget(self, lower_path):
+        parts = lower_path.split(b"/")
+        if len(parts) == 2 and parts[0] == b"store":
+            self._states.pop(parts[1], None)
+
+    def tag(self, parent_tag, name):
+        if parent_tag == self.ROOT:
+            return {b"store": "store", b"var": "var"}.get(name)
+        if parent_tag == "var" and name == b"nix":
+            return "var/nix"
+        if parent_tag == "store":
+            return "store/.links" if name == b".links" else "storepath"
+        if parent_tag == "storepath":
+            return "storepath"
+        return None
+
+    def immutable(self, parent_tag):
+        # A valid store path never changes (lower objects only: upper ones are not asked).
+        return parent_tag in ("store", "storepath")
+
+    def complete(self, tag):
+        return tag == "storepath"
+
+    def cache_key(self, lower_path):
+        parts = lower_path.split(b"/", 2)
+        if len(parts) < 2 or parts[0] != b"store":
+            return None
+        state = self._state(parts[1])
+        if state is None or state[1] != 0:
+            return None
+        # Valid exactly as long as this path is: its id changes if it leaves and comes back.
+        return b"%s\0%d\0%s" % (parts[1], state[0], parts[2] if len(parts) > 2 else b"")
+
+    def link_lower_errno(self, dest_tag):
+        # nix-store --optimise links every file of every valid path into store/.links; for
+        # a lower file that would copy it into the upper.  Nix 2.8 takes ENOSPC from that
+        # link() as "do not deduplicate this file" and goes on.
+        return errno.ENOSPC if dest_tag == "store/.links" else None
+
+    def lower_visible(self, parent_tag, name):
+        if parent_tag == "store":
+            state = self._state(name)
+            return state is not None and state[1] == 0
+        if parent_tag == "var/nix":
+            return name not in UPPER_ONLY
+        return True
+
+    def lower_names(self, parent_tag):
+        return self.index.shown_names() if parent_tag == "store" else None
+
+    def whiteout_made(self, parent_tag, name):
+        if parent_tag == "store" and self.index.state(name):
+            self._removed.send_nowait(name)
+
+    def removed_paths(self) -> trio.MemoryReceiveChannel:
+        """The queue of lower store paths removed through the mount (``whiteout_made``)."""
+        return self._removed_queue
