@@ -258,7 +258,7 @@ def _main_args(cfg: MountConfig) -> dict:
     Polling only pays where the process sending requests runs beside the daemon: with
     one CPU the daemon's polling would take the time that process needs.
     """
-    from . import fuse_features
+    from .fuse import features as fuse_features
     if not fuse_features.FEATURES.poll_before_sleep:
         return {}
     poll_us = cfg.poll_us
@@ -361,7 +361,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     import pyfuse3
     import trio
 
-    from .fuse_ops import FuseOps
+    from .fuse.ops import FuseOps
     from .nixdb.schema import SchemaError
     from .nixdb.snapshot import SnapshotError
     from .nixdb.storeview import NixStorePolicy, StoreService
@@ -371,7 +371,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .overlay.dircache import ListingStore
     from .overlay import upperformat
     from .overlay.state import StateError, UpperInUse
-    from .stale_attrs import StaleAttributes
+    from .fuse.stale_attrs import StaleAttributes
 
     def report(message: str, code: int = 0) -> int:
         """Tell the waiting parent how the start went; return *code*."""

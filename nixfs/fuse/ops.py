@@ -16,15 +16,15 @@ import cachetools
 import pyfuse3
 import trio
 
-from . import fuse_features
-from .overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
+from . import features
+from ..overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
 from .stale_attrs import StaleAttributes
 
 log = logging.getLogger(__name__)
 
 # pyfuse3 built with nixfs' patch series (scripts/pyfuse3/) lets the kernel keep listings
 # and opens, keeps attributes and answers a listing's closing READDIRPLUS itself: each use
-# asks fuse_features.FEATURES whether the installed pyfuse3 has that feature.
+# asks features.FEATURES whether the installed pyfuse3 has that feature.
 # At most this many (about 250 bytes each); more are answered by getattr as before.
 KEPT_ATTRIBUTES_MAX = 100_000
 _KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)  # what the kernel asks again (see FuseOps._reply)
@@ -83,7 +83,7 @@ def _caller(ctx) -> Caller:
 
 def _drop_kept(ino: int) -> None:
     """pyfuse3 answers for *ino* no longer (see FuseOps._reply)."""
-    if fuse_features.FEATURES.keep_attributes:
+    if features.FEATURES.keep_attributes:
         pyfuse3.drop_attributes(ino)
 
 
@@ -130,7 +130,7 @@ class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
-    # With the patched pyfuse3 (fuse_features.FEATURES.cache_symlinks; a stock one ignores
+    # With the patched pyfuse3 (features.FEATURES.cache_symlinks; a stock one ignores
     # this): the kernel keeps symlink targets (a node never changes target:
     # a lower path that changes gets a new node).
     enable_cache_symlinks = True
@@ -147,15 +147,15 @@ class FuseOps(pyfuse3.Operations):
         overlay.notify.listings_dropped = self._drop_listing
         # "kernel": the kernel keeps every listing (no OPENDIR/RELEASEDIR at all);
         # "fixed": it keeps those of directories that cannot change; "none".
-        features = fuse_features.FEATURES
-        if features.absent():
+        have = features.FEATURES
+        if have.absent():
             log.debug("pyfuse3 lacks these features of nixfs' patch: %s",
-                      " ".join(features.absent()))
+                      " ".join(have.absent()))
         if listings == "best":
-            listings = ("kernel" if features.readdir_by_inode else "fixed" if features.cache_readdir
+            listings = ("kernel" if have.readdir_by_inode else "fixed" if have.cache_readdir
                         else "none")
-        if ((listings == "kernel" and not features.readdir_by_inode)
-                or (listings == "fixed" and not features.cache_readdir)):
+        if ((listings == "kernel" and not have.readdir_by_inode)
+                or (listings == "fixed" and not have.cache_readdir)):
             log.warning("pyfuse3 lacks nixfs' patch: listings=%s is not available", listings)
             listings = "none"
         self.listings = listings
@@ -163,8 +163,8 @@ class FuseOps(pyfuse3.Operations):
         # "kernel": the kernel keeps opens of files (no OPEN/RELEASE, reads by inode);
         # "nixfs": every open is a file handle here.
         if opens == "best":
-            opens = "kernel" if features.files_by_inode else "nixfs"
-        if opens == "kernel" and not features.files_by_inode:
+            opens = "kernel" if have.files_by_inode else "nixfs"
+        if opens == "kernel" and not have.files_by_inode:
             log.warning("pyfuse3 lacks nixfs' patch: opens=kernel is not available")
             opens = "nixfs"
         self.opens = opens
@@ -182,10 +182,10 @@ class FuseOps(pyfuse3.Operations):
     def kept_attributes() -> dict:
         """How many inodes' attributes pyfuse3 keeps, the GETATTRs it answered from them,
         and the closing READDIRPLUS requests it answered itself."""
-        features = fuse_features.FEATURES
-        kept, answered = pyfuse3.kept_attributes_stats() if features.keep_attributes else (0, 0)
-        ends = pyfuse3.readdir_ends_stats()[1] if features.readdir_end else 0
-        return {"inodes": kept, "getattr_answered": answered, "available": features.keep_attributes,
+        have = features.FEATURES
+        kept, answered = pyfuse3.kept_attributes_stats() if have.keep_attributes else (0, 0)
+        ends = pyfuse3.readdir_ends_stats()[1] if have.readdir_end else 0
+        return {"inodes": kept, "getattr_answered": answered, "available": have.keep_attributes,
                 "readdir_ends_answered": ends}
 
     def _reply(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -195,7 +195,7 @@ class FuseOps(pyfuse3.Operations):
         tree walk would cost a round trip through Python for each.  The model says
         attr_changed or node_detached before they stop being true."""
         e = _entry(attr)
-        if (attr.fixed and fuse_features.FEATURES.keep_attributes
+        if (attr.fixed and features.FEATURES.keep_attributes
                 and stat.S_IFMT(attr.st.st_mode) in _KEPT_KINDS
                 and pyfuse3.kept_attributes_stats()[0] < KEPT_ATTRIBUTES_MAX):
             pyfuse3.keep_attributes(e)
@@ -347,7 +347,7 @@ class FuseOps(pyfuse3.Operations):
 
     def _drop_listing(self, ino: int) -> None:
         self._by_inode.pop(ino, None)
-        if fuse_features.FEATURES.readdir_end:
+        if features.FEATURES.readdir_end:
             pyfuse3.forget_readdir_end(ino)
 
     async def _listing_by_inode(self, ino: int, start_id: int):
