@@ -16,7 +16,7 @@ import pyfuse3
 import pytest
 
 from nixfs import mount
-from nixfs.fuse import features, ops as fuse_ops
+from nixfs.fuse import features, notifier, ops as fuse_ops
 from nixfs.fuse.features import Features
 from nixfs.overlay import Attr, Overlay
 from nixfs.fuse.stale_attrs import StaleAttributes
@@ -90,7 +90,7 @@ def test_without_the_features_every_use_takes_the_stock_path(monkeypatch, overla
                                      "readdir_ends_answered": 0}
     entry = ops._reply(_fixed_dir_attr(tmp_path))
     assert entry.st_ino == 5 and stat.S_ISDIR(entry.st_mode)
-    fuse_ops._drop_kept(5)
+    notifier.drop_kept(5)
     ops._drop_listing(5)
     assert mount._main_args(_cfg(tmp_path, poll_us=100)) == {}  # main() takes no poll_us
     (tmp_path / "f").write_text("x")

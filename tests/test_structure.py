@@ -18,7 +18,6 @@ MAX_MODULE, MAX_CLASS, MAX_FUNCTION = 400, 400, 60
 # (kind, file relative to the package, name) -> the size allowed for now.
 ALLOWED = {
     ("function", "cli.py", "_parser"): 75,
-    ("module", "fuse/ops.py", ""): 446,
     ("module", "mount.py", ""): 649,
     ("function", "mount.py", "check"): 63,
     ("function", "mount.py", "serve"): 184,
@@ -35,7 +34,8 @@ ALLOWED = {
 }
 
 # Where pyfuse3 may be imported (the adapter side of the house).
-PYFUSE3_IMPORTERS = {"fuse/ops.py", "fuse/features.py", "fuse/stale_attrs.py", "mount.py"}
+PYFUSE3_IMPORTERS = {"fuse/ops.py", "fuse/errors.py", "fuse/notifier.py", "fuse/features.py",
+                     "fuse/stale_attrs.py", "mount.py"}
 
 
 def _sources(with_lines=False):

@@ -1,23 +1,24 @@
 """The pyfuse3 adapter: a protocol translator only.
 
 Each handler turns a FUSE request into a call on the overlay model and its
-answer into pyfuse3's types.  Handlers raise nothing but ``FUSEError``: any
-other exception would end the mount, so it is logged and answered with EIO.
+answer into pyfuse3's types.  Handlers raise nothing but ``FUSEError``: every one
+passes the gate of nixfs/fuse/errors.py.  The kernel's lookup counts are the model's:
+the adapter only reports which entries a listing sent and which one it refused.
 """
 
 import collections
 import errno
-import functools
 import logging
 import os
 import stat
 
 import cachetools
 import pyfuse3
-import trio
 
 from . import features
 from ..overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
+from .errors import translate
+from .notifier import KernelNotifier
 from .stale_attrs import StaleAttributes
 
 log = logging.getLogger(__name__)
@@ -28,23 +29,6 @@ log = logging.getLogger(__name__)
 # At most this many (about 250 bytes each); more are answered by getattr as before.
 KEPT_ATTRIBUTES_MAX = 100_000
 _KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)  # what the kernel asks again (see FuseOps._reply)
-
-
-def _translate(fn):
-    @functools.wraps(fn)
-    async def handler(self, *args):
-        self.requests[fn.__name__] += 1
-        try:
-            return await fn(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s%r failed", fn.__name__, args)
-            self.errors += 1
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return handler
 
 
 def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
@@ -81,51 +65,6 @@ def _caller(ctx) -> Caller:
     return Caller(ctx.uid, ctx.gid)
 
 
-def _drop_kept(ino: int) -> None:
-    """pyfuse3 answers for *ino* no longer (see FuseOps._reply)."""
-    if features.FEATURES.keep_attributes:
-        pyfuse3.drop_attributes(ino)
-
-
-def _invalidate_data(ino: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except OSError:
-        pass  # the kernel does not have it: nothing to drop
-
-
-class KernelNotifier:
-    """Drops what the kernel cached about objects the model changed behind its back.
-
-    Only attributes and entries: page invalidation from inside a request handler
-    could wait on a page whose read waits on us.
-    """
-
-    def attr_changed(self, ino: int) -> None:
-        _drop_kept(ino)
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
-        except OSError as e:
-            if e.errno != errno.ENOENT:  # the kernel does not have it: nothing to drop
-                log.warning("invalidating inode %d: %s", ino, e)
-
-    def __init__(self):
-        self.listings_dropped = None  # callback(ino): the adapter's own listing snapshots
-
-    def node_detached(self, ino: int) -> None:
-        _drop_kept(ino)
-
-    def entry_changed(self, parent_ino: int, name: bytes) -> None:
-        pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
-
-    def listing_changed(self, ino: int) -> None:
-        if self.listings_dropped is not None:
-            self.listings_dropped(ino)
-        # Drops the kernel's kept listing too (its pages), so not from within a request
-        # handler: a thread does it.
-        trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, _invalidate_data, ino)
-
-
 class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -143,8 +82,7 @@ class FuseOps(pyfuse3.Operations):
         # EOPNOTSUPP itself and never asks again (an exec asks security.capability, `ls -l`
         # two names per entry: each a round trip otherwise).
         self.xattrs = xattrs
-        overlay.notify = KernelNotifier()
-        overlay.notify.listings_dropped = self._drop_listing
+        overlay.notify = KernelNotifier(self._drop_listing)
         # "kernel": the kernel keeps every listing (no OPENDIR/RELEASEDIR at all);
         # "fixed": it keeps those of directories that cannot change; "none".
         have = features.FEATURES
@@ -201,7 +139,7 @@ class FuseOps(pyfuse3.Operations):
             pyfuse3.keep_attributes(e)
         return e
 
-    @_translate
+    @translate
     async def lookup(self, parent_inode, name, ctx=None):
         try:
             _, attr = await self.fs.lookup(self._node(parent_inode), name)
@@ -217,11 +155,11 @@ class FuseOps(pyfuse3.Operations):
         for ino, count in inode_list:
             self.fs.forget(ino, count)
 
-    @_translate
+    @translate
     async def getattr(self, inode, ctx=None):
         return self._reply(await self.fs.getattr(self._node(inode)))
 
-    @_translate
+    @translate
     async def setattr(self, inode, attr, fields, fh, ctx):
         changes = SetAttr()
         if fields.update_mode:
@@ -239,46 +177,46 @@ class FuseOps(pyfuse3.Operations):
         handle = self.fs.handle(fh) if fh is not None else None
         return _entry(await self.fs.setattr(self._node(inode), changes, handle))
 
-    @_translate
+    @translate
     async def readlink(self, inode, ctx):
         node = self._node(inode)
         target = await self.fs.readlink(node)
         self._went_stale(node)
         return target
 
-    @_translate
+    @translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         _, attr = await self.fs.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx))
         return _entry(attr)
 
-    @_translate
+    @translate
     async def mkdir(self, parent_inode, name, mode, ctx):
         _, attr = await self.fs.mkdir(self._node(parent_inode), name, mode, _caller(ctx))
         return _entry(attr)
 
-    @_translate
+    @translate
     async def symlink(self, parent_inode, name, target, ctx):
         _, attr = await self.fs.symlink(self._node(parent_inode), name, target, _caller(ctx))
         return _entry(attr)
 
-    @_translate
+    @translate
     async def unlink(self, parent_inode, name, ctx):
         await self.fs.unlink(self._node(parent_inode), name)
 
-    @_translate
+    @translate
     async def rmdir(self, parent_inode, name, ctx):
         await self.fs.rmdir(self._node(parent_inode), name)
 
-    @_translate
+    @translate
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         await self.fs.rename(self._node(parent_inode_old), name_old,
                              self._node(parent_inode_new), name_new, flags)
 
-    @_translate
+    @translate
     async def link(self, inode, new_parent_inode, new_name, ctx):
         return _entry(await self.fs.link(self._node(inode), self._node(new_parent_inode), new_name))
 
-    @_translate
+    @translate
     async def open(self, inode, flags, ctx):
         if self.files_by_inode:
             # The kernel then sends no OPEN or RELEASE for any file again and keeps file
@@ -289,7 +227,7 @@ class FuseOps(pyfuse3.Operations):
         h = await self.fs.open(self._node(inode), flags)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 
-    @_translate
+    @translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         # Once open answered ENOSYS the kernel sends no RELEASE for a created file either:
         # its (read-write) descriptor becomes the node's, and its reads come by inode.
@@ -305,37 +243,37 @@ class FuseOps(pyfuse3.Operations):
         by create then (handles made before start above every inode)."""
         return self.files_by_inode and fh < FIRST_HANDLE
 
-    @_translate
+    @translate
     async def read(self, fh, off, size):
         if self._by_node(fh):
             return await self.fs.read_node(self._node(fh), off, size)
         return await self.fs.read(self.fs.handle(fh), off, size)
 
-    @_translate
+    @translate
     async def write(self, fh, off, buf):
         if self._by_node(fh):
             return await self.fs.write_node(self._node(fh), off, buf)
         return await self.fs.write(self.fs.handle(fh), off, buf)
 
-    @_translate
+    @translate
     async def flush(self, fh):
         # Writes reach the upper file at once and the kernel keeps locks itself, so a
         # close has nothing to flush: ENOSYS tells the kernel never to send FLUSH again,
         # one round trip less for every close (every program start-up from the store).
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    @_translate
+    @translate
     async def release(self, fh):
         self.fs.release(fh)
 
-    @_translate
+    @translate
     async def fsync(self, fh, datasync):
         if self._by_node(fh):
             await self.fs.fsync_node(self._node(fh), bool(datasync))
         else:
             await self.fs.fsync(self.fs.handle(fh), bool(datasync))
 
-    @_translate
+    @translate
     async def opendir(self, inode, ctx):
         if self.readdir_by_inode:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel keeps listings; see readdir
@@ -361,7 +299,7 @@ class FuseOps(pyfuse3.Operations):
                 self._by_inode[ino] = dh
         return dh
 
-    @_translate
+    @translate
     async def readdir(self, fh, start_id, token) -> bool:
         """Reply from *start_id* on; True when the last entry is in the reply (pyfuse3
         answers the kernel's next, closing request of this listing itself)."""
@@ -398,15 +336,15 @@ class FuseOps(pyfuse3.Operations):
         if self.stale_attrs is not None and self.fs.attributes_settled(node):
             self.stale_attrs.stale(node)
 
-    @_translate
+    @translate
     async def releasedir(self, fh):
         self.fs.releasedir(fh)
 
-    @_translate
+    @translate
     async def fsyncdir(self, fh, datasync):
         await self.fs.fsyncdir(self.fs.dirhandle(fh).node, bool(datasync))
 
-    @_translate
+    @translate
     async def statfs(self, ctx):
         vfs = self.fs.statfs()
         out = pyfuse3.StatvfsData()
@@ -422,23 +360,23 @@ class FuseOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         return self._node(inode)
 
-    @_translate
+    @translate
     async def getxattr(self, inode, name, ctx):
         return await self.fs.getxattr(self._xattr_node(inode), name)
 
-    @_translate
+    @translate
     async def listxattr(self, inode, ctx):
         return await self.fs.listxattr(self._xattr_node(inode))
 
-    @_translate
+    @translate
     async def setxattr(self, inode, name, value, ctx):
         await self.fs.setxattr(self._xattr_node(inode), name, value)
 
-    @_translate
+    @translate
     async def removexattr(self, inode, name, ctx):
         await self.fs.removexattr(self._xattr_node(inode), name)
 
-    @_translate
+    @translate
     async def access(self, inode, mode, ctx):
         # default_permissions: the kernel checks; only existence matters here.
         self._node(inode)
