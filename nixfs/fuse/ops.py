@@ -75,9 +75,12 @@ class FuseOps(pyfuse3.Operations):
     enable_cache_symlinks = True
 
     def __init__(self, overlay: Overlay, *, listings: str = "best", opens: str = "best",
-                 xattrs: bool = True):
+                 xattrs: bool = True, readdir_reply=pyfuse3.readdir_reply):
         super().__init__()
         self.fs = overlay
+        # (token, name, entry, next_id) -> False when the reply is full: pyfuse3's, which
+        # needs the token of a request from the kernel (a test drives readdir with its own).
+        self._readdir_reply = readdir_reply
         # Without xattrs every xattr request is answered ENOSYS: the kernel then answers
         # EOPNOTSUPP itself and never asks again (an exec asks security.capability, `ls -l`
         # two names per entry: each a round trip otherwise).
@@ -308,12 +311,12 @@ class FuseOps(pyfuse3.Operations):
         dh = (await self._listing_by_inode(fh, start_id) if self.readdir_by_inode
               else self.fs.dirhandle(fh))
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", _dot_entry(dh.node.ino), 1):
+            if not self._readdir_reply(token, b".", _dot_entry(dh.node.ino), 1):
                 return False
             start_id = 1
         if start_id == 1:
             parent = dh.node.parent or self.fs.root
-            if not pyfuse3.readdir_reply(token, b"..", _dot_entry(parent.ino), 2):
+            if not self._readdir_reply(token, b"..", _dot_entry(parent.ino), 2):
                 return False
             start_id = 2
         for index in range(start_id - 2, len(dh.entries)):
@@ -321,12 +324,12 @@ class FuseOps(pyfuse3.Operations):
             if found is None:
                 continue
             node, attr = found
-            if not pyfuse3.readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):
-                self.fs.inodes.release_unreferenced(node)
+            if not self._readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):
+                self.fs.entry_refused(node)
                 if self.readdir_by_inode:
                     self._by_inode[dh.node.ino] = dh  # the kernel goes on from here
                 return False
-            node.lookups += 1
+            self.fs.entry_sent(node)
         self._went_stale(dh.node)
         return True
 
