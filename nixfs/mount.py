@@ -258,7 +258,7 @@ def _main_args(cfg: MountConfig) -> dict:
     Polling only pays where the process sending requests runs beside the daemon: with
     one CPU the daemon's polling would take the time that process needs.
     """
-    from . import fuse_features
+    from .fuse import features as fuse_features
     if not fuse_features.FEATURES.poll_before_sleep:
         return {}
     poll_us = cfg.poll_us
@@ -358,10 +358,10 @@ def _tune_collector() -> None:
 def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     """Mount and answer requests until unmounted or signalled."""
     import apsw
-    import pyfuse3
     import trio
 
-    from .fuse_ops import FuseOps
+    from .fuse import session
+    from .fuse.ops import FuseOps
     from .nixdb.schema import SchemaError
     from .nixdb.snapshot import SnapshotError
     from .nixdb.storepolicy import NixStorePolicy
@@ -372,7 +372,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     from .overlay.dircache import ListingStore
     from .overlay import upperformat
     from .overlay.state import StateError, UpperInUse
-    from .stale_attrs import StaleAttributes
+    from .fuse.stale_attrs import StaleAttributes
 
     def report(message: str, code: int = 0) -> int:
         """Tell the waiting parent how the start went; return *code*."""
@@ -441,7 +441,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     ops = FuseOps(overlay, listings=cfg.listings, opens=cfg.opens, xattrs=xattrs)
     options = _fuse_options(cfg, root_daemon=owner is None)
     try:
-        pyfuse3.init(ops, cfg.mountpoint, options)
+        session.init(ops, cfg.mountpoint, options)
     except RuntimeError as e:
         overlay.close()
         lower.close()
@@ -509,7 +509,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                             unmount = True
                             if service is not None:
                                 await service.stop()  # its I/O goes through the mount
-                            pyfuse3.terminate()
+                            session.terminate()
                             return
                 nursery.start_soon(on_signals)
                 if stale_attrs is not None:
@@ -521,7 +521,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
                     if service is not None:
                         nursery.start_soon(service.run)
                 nursery.start_soon(start)
-                await pyfuse3.main(**main_args)
+                await session.main(**main_args)
                 nursery.cancel_scope.cancel()
             await overlay.sync()
         _tune_collector()
@@ -533,7 +533,7 @@ def serve(cfg: MountConfig, ready_fd: int | None, on_ready=None) -> int:
     finally:
         if service is not None:
             service.worker.stop()
-        pyfuse3.close(unmount=unmount)
+        session.close(unmount=unmount)
         overlay.close()
         lower.close()
         runtime.remove_record(cfg.mountpoint)

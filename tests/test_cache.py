@@ -9,7 +9,7 @@ import time
 
 import pytest
 from harness import run_nixfs
-from nixfs import fuse_features
+from nixfs.fuse import features
 from nixstore import nix, nix_build
 from test_nixstore import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)
 
@@ -219,7 +219,7 @@ def refreshed_settles(store, at_least: int) -> dict:
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(not fuse_features.FEATURES.refresh_attributes,
+@pytest.mark.skipif(not features.FEATURES.refresh_attributes,
                     reason="needs pyfuse3 built with scripts/pyfuse3/ (08-refresh-attributes)")
 def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     """Listings, attributes and symlink targets of a store path stay in the kernel,
@@ -243,7 +243,7 @@ def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     assert after["kept_attributes"] == before["kept_attributes"]  # not a GETATTR
 
 
-@pytest.mark.skipif(not fuse_features.FEATURES.readdir_end,
+@pytest.mark.skipif(not features.FEATURES.readdir_end,
                     reason="needs pyfuse3 built with scripts/pyfuse3/ (07-readdir-end)")
 def test_a_listing_costs_nixfs_one_readdir(store):
     """The kernel reads a listing until a reply comes back empty; nixfs says when its
@@ -302,7 +302,7 @@ def test_a_store_directory_longer_than_one_reply_lists_every_entry_once(store):
 
 
 needs_kept_attributes = pytest.mark.skipif(
-    not fuse_features.FEATURES.keep_attributes,
+    not features.FEATURES.keep_attributes,
     reason="needs pyfuse3 built with scripts/pyfuse3/ (05-keep-attributes)")
 
 

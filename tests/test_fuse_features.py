@@ -15,10 +15,11 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from nixfs import fuse_features, fuse_ops, mount
-from nixfs.fuse_features import Features
+from nixfs import mount
+from nixfs.fuse import features, notifier, ops as fuse_ops
+from nixfs.fuse.features import Features
 from nixfs.overlay import Attr, Overlay
-from nixfs.stale_attrs import StaleAttributes
+from nixfs.fuse.stale_attrs import StaleAttributes
 
 SERIES = Path(__file__).resolve().parent.parent / "scripts" / "pyfuse3"
 NAMES = [f.name.upper() for f in dataclasses.fields(Features)]
@@ -48,9 +49,9 @@ def test_features_are_read_from_the_module_object():
 
 
 def test_the_installed_pyfuse3_is_asked_once_at_import():
-    assert fuse_features.FEATURES == Features.of(pyfuse3)
+    assert features.FEATURES == Features.of(pyfuse3)
     for name in NAMES:
-        assert getattr(fuse_features.FEATURES, name.lower()) == hasattr(pyfuse3, name)
+        assert getattr(features.FEATURES, name.lower()) == hasattr(pyfuse3, name)
 
 
 @pytest.fixture
@@ -72,7 +73,7 @@ def _cfg(tmp_path, **kw) -> mount.MountConfig:
 
 
 def test_without_the_features_every_use_takes_the_stock_path(monkeypatch, overlay, tmp_path):
-    monkeypatch.setattr(fuse_features, "FEATURES", Features())
+    monkeypatch.setattr(features, "FEATURES", Features())
 
     def refused(*args):
         raise AssertionError("a patch function was called although its feature is absent")
@@ -89,7 +90,7 @@ def test_without_the_features_every_use_takes_the_stock_path(monkeypatch, overla
                                      "readdir_ends_answered": 0}
     entry = ops._reply(_fixed_dir_attr(tmp_path))
     assert entry.st_ino == 5 and stat.S_ISDIR(entry.st_mode)
-    fuse_ops._drop_kept(5)
+    notifier.drop_kept(5)
     ops._drop_listing(5)
     assert mount._main_args(_cfg(tmp_path, poll_us=100)) == {}  # main() takes no poll_us
     (tmp_path / "f").write_text("x")
@@ -99,7 +100,7 @@ def test_without_the_features_every_use_takes_the_stock_path(monkeypatch, overla
 
 
 def test_with_the_features_their_uses_are_chosen(monkeypatch, overlay, tmp_path):
-    monkeypatch.setattr(fuse_features, "FEATURES", Features.of(
+    monkeypatch.setattr(features, "FEATURES", Features.of(
         types.SimpleNamespace(**{n: True for n in NAMES})))
     ops = fuse_ops.FuseOps(overlay)
     assert (ops.listings, ops.readdir_by_inode) == ("kernel", True)
@@ -107,6 +108,6 @@ def test_with_the_features_their_uses_are_chosen(monkeypatch, overlay, tmp_path)
     assert fuse_ops.FuseOps(overlay, listings="fixed").listings == "fixed"
     assert mount._main_args(_cfg(tmp_path, poll_us=100)) == {"poll_us": 100}
     only_fixed = Features(cache_readdir=True)
-    monkeypatch.setattr(fuse_features, "FEATURES", only_fixed)
+    monkeypatch.setattr(features, "FEATURES", only_fixed)
     assert fuse_ops.FuseOps(overlay).listings == "fixed"
     assert fuse_ops.FuseOps(overlay, listings="kernel").listings == "none"

@@ -12,9 +12,9 @@ import pytest
 from harness import NixfsMount
 from relharness import daemon_pid, status
 
-from nixfs import fuse_features
+from nixfs.fuse import features
 
-needs_patch = pytest.mark.skipif(not fuse_features.FEATURES.files_by_inode,
+needs_patch = pytest.mark.skipif(not features.FEATURES.files_by_inode,
                                  reason="needs pyfuse3 built with scripts/pyfuse3/ (06-files-by-inode)")
 OPENS = [pytest.param("kernel", marks=needs_patch), "nixfs"]
 

@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import trio
 
-from nixfs import fuse_features, stale_attrs
-from nixfs.stale_attrs import StaleAttributes
+from nixfs.fuse import features, stale_attrs
+from nixfs.fuse.stale_attrs import StaleAttributes
 
 
 class Obj:
@@ -22,10 +22,10 @@ class Obj:
 
 @pytest.fixture(params=["in C", "os.lstat"])
 def refresh_in(request, monkeypatch):
-    if request.param == "in C" and not fuse_features.FEATURES.refresh_attributes:
+    if request.param == "in C" and not features.FEATURES.refresh_attributes:
         pytest.skip("needs pyfuse3 built with scripts/pyfuse3/ (08-refresh-attributes)")
-    monkeypatch.setattr(fuse_features, "FEATURES", dataclasses.replace(
-        fuse_features.FEATURES, refresh_attributes=request.param == "in C"))
+    monkeypatch.setattr(features, "FEATURES", dataclasses.replace(
+        features.FEATURES, refresh_attributes=request.param == "in C"))
 
 
 async def test_objects_are_statted_once_after_a_delay_and_failures_counted(tmp_path, refresh_in):

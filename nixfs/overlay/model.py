@@ -185,6 +185,12 @@ class Overlay:
     def forget(self, ino: int, count: int) -> None:
         self._nodes.forget(ino, count)
 
+    def entry_sent(self, node: Node) -> None:
+        self._nodes.entry_sent(node)
+
+    def entry_refused(self, node: Node) -> None:
+        self._nodes.entry_refused(node)
+
     def trim(self) -> None:
         self._nodes.trim()
 

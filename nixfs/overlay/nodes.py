@@ -72,6 +72,14 @@ class Nodes:
         self.inodes.forget(ino, count)
         self._trim_asked.discard(ino)  # answered: if the kernel still holds it, ask anew
 
+    def entry_sent(self, node: Node) -> None:
+        """A listing handed *node* (from readdir_entry) to the kernel: one reference more."""
+        node.lookups += 1
+
+    def entry_refused(self, node: Node) -> None:
+        """A listing had no room for *node* (from readdir_entry): dropped if unreferenced."""
+        self.inodes.release_unreferenced(node)
+
     def dropped(self, node: Node) -> None:
         """*node* left the table."""
         self._trim_asked.discard(node.ino)

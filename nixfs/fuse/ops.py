@@ -1,50 +1,34 @@
 """The pyfuse3 adapter: a protocol translator only.
 
 Each handler turns a FUSE request into a call on the overlay model and its
-answer into pyfuse3's types.  Handlers raise nothing but ``FUSEError``: any
-other exception would end the mount, so it is logged and answered with EIO.
+answer into pyfuse3's types.  Handlers raise nothing but ``FUSEError``: every one
+passes the gate of nixfs/fuse/errors.py.  The kernel's lookup counts are the model's:
+the adapter only reports which entries a listing sent and which one it refused.
 """
 
 import collections
 import errno
-import functools
 import logging
 import os
 import stat
 
 import cachetools
 import pyfuse3
-import trio
 
-from . import fuse_features
-from .overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
+from . import features
+from ..overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
+from .errors import translate
+from .notifier import KernelNotifier
 from .stale_attrs import StaleAttributes
 
 log = logging.getLogger(__name__)
 
 # pyfuse3 built with nixfs' patch series (scripts/pyfuse3/) lets the kernel keep listings
 # and opens, keeps attributes and answers a listing's closing READDIRPLUS itself: each use
-# asks fuse_features.FEATURES whether the installed pyfuse3 has that feature.
+# asks features.FEATURES whether the installed pyfuse3 has that feature.
 # At most this many (about 250 bytes each); more are answered by getattr as before.
 KEPT_ATTRIBUTES_MAX = 100_000
 _KEPT_KINDS = (stat.S_IFDIR, stat.S_IFLNK)  # what the kernel asks again (see FuseOps._reply)
-
-
-def _translate(fn):
-    @functools.wraps(fn)
-    async def handler(self, *args):
-        self.requests[fn.__name__] += 1
-        try:
-            return await fn(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s%r failed", fn.__name__, args)
-            self.errors += 1
-            raise pyfuse3.FUSEError(errno.EIO) from None
-    return handler
 
 
 def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
@@ -81,81 +65,38 @@ def _caller(ctx) -> Caller:
     return Caller(ctx.uid, ctx.gid)
 
 
-def _drop_kept(ino: int) -> None:
-    """pyfuse3 answers for *ino* no longer (see FuseOps._reply)."""
-    if fuse_features.FEATURES.keep_attributes:
-        pyfuse3.drop_attributes(ino)
-
-
-def _invalidate_data(ino: int) -> None:
-    try:
-        pyfuse3.invalidate_inode(ino, attr_only=False)
-    except OSError:
-        pass  # the kernel does not have it: nothing to drop
-
-
-class KernelNotifier:
-    """Drops what the kernel cached about objects the model changed behind its back.
-
-    Only attributes and entries: page invalidation from inside a request handler
-    could wait on a page whose read waits on us.
-    """
-
-    def attr_changed(self, ino: int) -> None:
-        _drop_kept(ino)
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
-        except OSError as e:
-            if e.errno != errno.ENOENT:  # the kernel does not have it: nothing to drop
-                log.warning("invalidating inode %d: %s", ino, e)
-
-    def __init__(self):
-        self.listings_dropped = None  # callback(ino): the adapter's own listing snapshots
-
-    def node_detached(self, ino: int) -> None:
-        _drop_kept(ino)
-
-    def entry_changed(self, parent_ino: int, name: bytes) -> None:
-        pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
-
-    def listing_changed(self, ino: int) -> None:
-        if self.listings_dropped is not None:
-            self.listings_dropped(ino)
-        # Drops the kernel's kept listing too (its pages), so not from within a request
-        # handler: a thread does it.
-        trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, _invalidate_data, ino)
-
-
 class FuseOps(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
-    # With the patched pyfuse3 (fuse_features.FEATURES.cache_symlinks; a stock one ignores
+    # With the patched pyfuse3 (features.FEATURES.cache_symlinks; a stock one ignores
     # this): the kernel keeps symlink targets (a node never changes target:
     # a lower path that changes gets a new node).
     enable_cache_symlinks = True
 
     def __init__(self, overlay: Overlay, *, listings: str = "best", opens: str = "best",
-                 xattrs: bool = True):
+                 xattrs: bool = True, readdir_reply=pyfuse3.readdir_reply):
         super().__init__()
         self.fs = overlay
+        # (token, name, entry, next_id) -> False when the reply is full: pyfuse3's, which
+        # needs the token of a request from the kernel (a test drives readdir with its own).
+        self._readdir_reply = readdir_reply
         # Without xattrs every xattr request is answered ENOSYS: the kernel then answers
         # EOPNOTSUPP itself and never asks again (an exec asks security.capability, `ls -l`
         # two names per entry: each a round trip otherwise).
         self.xattrs = xattrs
-        overlay.notify = KernelNotifier()
-        overlay.notify.listings_dropped = self._drop_listing
+        overlay.notify = KernelNotifier(self._drop_listing)
         # "kernel": the kernel keeps every listing (no OPENDIR/RELEASEDIR at all);
         # "fixed": it keeps those of directories that cannot change; "none".
-        features = fuse_features.FEATURES
-        if features.absent():
+        have = features.FEATURES
+        if have.absent():
             log.debug("pyfuse3 lacks these features of nixfs' patch: %s",
-                      " ".join(features.absent()))
+                      " ".join(have.absent()))
         if listings == "best":
-            listings = ("kernel" if features.readdir_by_inode else "fixed" if features.cache_readdir
+            listings = ("kernel" if have.readdir_by_inode else "fixed" if have.cache_readdir
                         else "none")
-        if ((listings == "kernel" and not features.readdir_by_inode)
-                or (listings == "fixed" and not features.cache_readdir)):
+        if ((listings == "kernel" and not have.readdir_by_inode)
+                or (listings == "fixed" and not have.cache_readdir)):
             log.warning("pyfuse3 lacks nixfs' patch: listings=%s is not available", listings)
             listings = "none"
         self.listings = listings
@@ -163,8 +104,8 @@ class FuseOps(pyfuse3.Operations):
         # "kernel": the kernel keeps opens of files (no OPEN/RELEASE, reads by inode);
         # "nixfs": every open is a file handle here.
         if opens == "best":
-            opens = "kernel" if features.files_by_inode else "nixfs"
-        if opens == "kernel" and not features.files_by_inode:
+            opens = "kernel" if have.files_by_inode else "nixfs"
+        if opens == "kernel" and not have.files_by_inode:
             log.warning("pyfuse3 lacks nixfs' patch: opens=kernel is not available")
             opens = "nixfs"
         self.opens = opens
@@ -182,10 +123,10 @@ class FuseOps(pyfuse3.Operations):
     def kept_attributes() -> dict:
         """How many inodes' attributes pyfuse3 keeps, the GETATTRs it answered from them,
         and the closing READDIRPLUS requests it answered itself."""
-        features = fuse_features.FEATURES
-        kept, answered = pyfuse3.kept_attributes_stats() if features.keep_attributes else (0, 0)
-        ends = pyfuse3.readdir_ends_stats()[1] if features.readdir_end else 0
-        return {"inodes": kept, "getattr_answered": answered, "available": features.keep_attributes,
+        have = features.FEATURES
+        kept, answered = pyfuse3.kept_attributes_stats() if have.keep_attributes else (0, 0)
+        ends = pyfuse3.readdir_ends_stats()[1] if have.readdir_end else 0
+        return {"inodes": kept, "getattr_answered": answered, "available": have.keep_attributes,
                 "readdir_ends_answered": ends}
 
     def _reply(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -195,13 +136,13 @@ class FuseOps(pyfuse3.Operations):
         tree walk would cost a round trip through Python for each.  The model says
         attr_changed or node_detached before they stop being true."""
         e = _entry(attr)
-        if (attr.fixed and fuse_features.FEATURES.keep_attributes
+        if (attr.fixed and features.FEATURES.keep_attributes
                 and stat.S_IFMT(attr.st.st_mode) in _KEPT_KINDS
                 and pyfuse3.kept_attributes_stats()[0] < KEPT_ATTRIBUTES_MAX):
             pyfuse3.keep_attributes(e)
         return e
 
-    @_translate
+    @translate
     async def lookup(self, parent_inode, name, ctx=None):
         try:
             _, attr = await self.fs.lookup(self._node(parent_inode), name)
@@ -217,11 +158,11 @@ class FuseOps(pyfuse3.Operations):
         for ino, count in inode_list:
             self.fs.forget(ino, count)
 
-    @_translate
+    @translate
     async def getattr(self, inode, ctx=None):
         return self._reply(await self.fs.getattr(self._node(inode)))
 
-    @_translate
+    @translate
     async def setattr(self, inode, attr, fields, fh, ctx):
         changes = SetAttr()
         if fields.update_mode:
@@ -239,46 +180,46 @@ class FuseOps(pyfuse3.Operations):
         handle = self.fs.handle(fh) if fh is not None else None
         return _entry(await self.fs.setattr(self._node(inode), changes, handle))
 
-    @_translate
+    @translate
     async def readlink(self, inode, ctx):
         node = self._node(inode)
         target = await self.fs.readlink(node)
         self._went_stale(node)
         return target
 
-    @_translate
+    @translate
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         _, attr = await self.fs.mknod(self._node(parent_inode), name, mode, rdev, _caller(ctx))
         return _entry(attr)
 
-    @_translate
+    @translate
     async def mkdir(self, parent_inode, name, mode, ctx):
         _, attr = await self.fs.mkdir(self._node(parent_inode), name, mode, _caller(ctx))
         return _entry(attr)
 
-    @_translate
+    @translate
     async def symlink(self, parent_inode, name, target, ctx):
         _, attr = await self.fs.symlink(self._node(parent_inode), name, target, _caller(ctx))
         return _entry(attr)
 
-    @_translate
+    @translate
     async def unlink(self, parent_inode, name, ctx):
         await self.fs.unlink(self._node(parent_inode), name)
 
-    @_translate
+    @translate
     async def rmdir(self, parent_inode, name, ctx):
         await self.fs.rmdir(self._node(parent_inode), name)
 
-    @_translate
+    @translate
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         await self.fs.rename(self._node(parent_inode_old), name_old,
                              self._node(parent_inode_new), name_new, flags)
 
-    @_translate
+    @translate
     async def link(self, inode, new_parent_inode, new_name, ctx):
         return _entry(await self.fs.link(self._node(inode), self._node(new_parent_inode), new_name))
 
-    @_translate
+    @translate
     async def open(self, inode, flags, ctx):
         if self.files_by_inode:
             # The kernel then sends no OPEN or RELEASE for any file again and keeps file
@@ -289,7 +230,7 @@ class FuseOps(pyfuse3.Operations):
         h = await self.fs.open(self._node(inode), flags)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 
-    @_translate
+    @translate
     async def create(self, parent_inode, name, mode, flags, ctx):
         # Once open answered ENOSYS the kernel sends no RELEASE for a created file either:
         # its (read-write) descriptor becomes the node's, and its reads come by inode.
@@ -305,37 +246,37 @@ class FuseOps(pyfuse3.Operations):
         by create then (handles made before start above every inode)."""
         return self.files_by_inode and fh < FIRST_HANDLE
 
-    @_translate
+    @translate
     async def read(self, fh, off, size):
         if self._by_node(fh):
             return await self.fs.read_node(self._node(fh), off, size)
         return await self.fs.read(self.fs.handle(fh), off, size)
 
-    @_translate
+    @translate
     async def write(self, fh, off, buf):
         if self._by_node(fh):
             return await self.fs.write_node(self._node(fh), off, buf)
         return await self.fs.write(self.fs.handle(fh), off, buf)
 
-    @_translate
+    @translate
     async def flush(self, fh):
         # Writes reach the upper file at once and the kernel keeps locks itself, so a
         # close has nothing to flush: ENOSYS tells the kernel never to send FLUSH again,
         # one round trip less for every close (every program start-up from the store).
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    @_translate
+    @translate
     async def release(self, fh):
         self.fs.release(fh)
 
-    @_translate
+    @translate
     async def fsync(self, fh, datasync):
         if self._by_node(fh):
             await self.fs.fsync_node(self._node(fh), bool(datasync))
         else:
             await self.fs.fsync(self.fs.handle(fh), bool(datasync))
 
-    @_translate
+    @translate
     async def opendir(self, inode, ctx):
         if self.readdir_by_inode:
             raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel keeps listings; see readdir
@@ -347,7 +288,7 @@ class FuseOps(pyfuse3.Operations):
 
     def _drop_listing(self, ino: int) -> None:
         self._by_inode.pop(ino, None)
-        if fuse_features.FEATURES.readdir_end:
+        if features.FEATURES.readdir_end:
             pyfuse3.forget_readdir_end(ino)
 
     async def _listing_by_inode(self, ino: int, start_id: int):
@@ -361,7 +302,7 @@ class FuseOps(pyfuse3.Operations):
                 self._by_inode[ino] = dh
         return dh
 
-    @_translate
+    @translate
     async def readdir(self, fh, start_id, token) -> bool:
         """Reply from *start_id* on; True when the last entry is in the reply (pyfuse3
         answers the kernel's next, closing request of this listing itself)."""
@@ -370,12 +311,12 @@ class FuseOps(pyfuse3.Operations):
         dh = (await self._listing_by_inode(fh, start_id) if self.readdir_by_inode
               else self.fs.dirhandle(fh))
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", _dot_entry(dh.node.ino), 1):
+            if not self._readdir_reply(token, b".", _dot_entry(dh.node.ino), 1):
                 return False
             start_id = 1
         if start_id == 1:
             parent = dh.node.parent or self.fs.root
-            if not pyfuse3.readdir_reply(token, b"..", _dot_entry(parent.ino), 2):
+            if not self._readdir_reply(token, b"..", _dot_entry(parent.ino), 2):
                 return False
             start_id = 2
         for index in range(start_id - 2, len(dh.entries)):
@@ -383,12 +324,12 @@ class FuseOps(pyfuse3.Operations):
             if found is None:
                 continue
             node, attr = found
-            if not pyfuse3.readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):
-                self.fs.inodes.release_unreferenced(node)
+            if not self._readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):
+                self.fs.entry_refused(node)
                 if self.readdir_by_inode:
                     self._by_inode[dh.node.ino] = dh  # the kernel goes on from here
                 return False
-            node.lookups += 1
+            self.fs.entry_sent(node)
         self._went_stale(dh.node)
         return True
 
@@ -398,15 +339,15 @@ class FuseOps(pyfuse3.Operations):
         if self.stale_attrs is not None and self.fs.attributes_settled(node):
             self.stale_attrs.stale(node)
 
-    @_translate
+    @translate
     async def releasedir(self, fh):
         self.fs.releasedir(fh)
 
-    @_translate
+    @translate
     async def fsyncdir(self, fh, datasync):
         await self.fs.fsyncdir(self.fs.dirhandle(fh).node, bool(datasync))
 
-    @_translate
+    @translate
     async def statfs(self, ctx):
         vfs = self.fs.statfs()
         out = pyfuse3.StatvfsData()
@@ -422,23 +363,23 @@ class FuseOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         return self._node(inode)
 
-    @_translate
+    @translate
     async def getxattr(self, inode, name, ctx):
         return await self.fs.getxattr(self._xattr_node(inode), name)
 
-    @_translate
+    @translate
     async def listxattr(self, inode, ctx):
         return await self.fs.listxattr(self._xattr_node(inode))
 
-    @_translate
+    @translate
     async def setxattr(self, inode, name, value, ctx):
         await self.fs.setxattr(self._xattr_node(inode), name, value)
 
-    @_translate
+    @translate
     async def removexattr(self, inode, name, ctx):
         await self.fs.removexattr(self._xattr_node(inode), name)
 
-    @_translate
+    @translate
     async def access(self, inode, mode, ctx):
         # default_permissions: the kernel checks; only existence matters here.
         self._node(inode)

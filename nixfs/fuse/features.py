@@ -5,7 +5,7 @@ scripts/pyfuse3/ (scripts/build-pyfuse3): each patch there adds one feature and 
 attribute ``NAME = True`` that tells it is present.  This module asks pyfuse3 once, at
 import, and every use of a patch feature in nixfs goes through ``FEATURES`` here, so a
 pyfuse3 without the series, or with only part of it, turns each missing feature's use off
-in one place.  Modules read ``fuse_features.FEATURES.name`` when they use it (not a copy
+in one place.  Modules read ``features.FEATURES.name`` when they use it (not a copy
 taken at their import), so a test can swap in a ``Features.of(fake_module)``.
 """
 

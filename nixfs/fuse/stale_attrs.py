@@ -28,8 +28,8 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from . import fuse_features
-from .overlay.inodes import Node
+from . import features
+from ..overlay.inodes import Node
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class StaleAttributes:
         nixfs' pyfuse3 patch stats a batch without the interpreter lock; os.lstat in a
         thread waits for the lock after every call while the daemon is busy, and falls behind.
         """
-        if fuse_features.FEATURES.refresh_attributes:
+        if features.FEATURES.refresh_attributes:
             return pyfuse3.refresh_attributes(paths), len(paths)
         done = tried = 0
         for path in paths:
