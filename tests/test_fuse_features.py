@@ -15,7 +15,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from nixfs import fuse_features, fuse_ops, mount
+from nixfs import config, fuse_features, fuse_ops
+from nixfs.daemon import serve
 from nixfs.fuse_features import Features
 from nixfs.overlay import Attr, Overlay
 from nixfs.stale_attrs import StaleAttributes
@@ -66,8 +67,8 @@ def _fixed_dir_attr(path) -> Attr:
     return Attr(ino=5, st=os.lstat(path), nlink=2, uid=0, gid=0, ttl=1.0, fixed=True)
 
 
-def _cfg(tmp_path, **kw) -> mount.MountConfig:
-    return mount.MountConfig(str(tmp_path / "lower"), str(tmp_path / "upper"),
+def _cfg(tmp_path, **kw) -> config.MountConfig:
+    return config.MountConfig(str(tmp_path / "lower"), str(tmp_path / "upper"),
                              str(tmp_path / "mnt"), **kw)
 
 
@@ -91,7 +92,7 @@ def test_without_the_features_every_use_takes_the_stock_path(monkeypatch, overla
     assert entry.st_ino == 5 and stat.S_ISDIR(entry.st_mode)
     fuse_ops._drop_kept(5)
     ops._drop_listing(5)
-    assert mount._main_args(_cfg(tmp_path, poll_us=100)) == {}  # main() takes no poll_us
+    assert serve.main_args(_cfg(tmp_path, poll_us=100)) == {}  # main() takes no poll_us
     (tmp_path / "f").write_text("x")
     refresher = StaleAttributes(str(tmp_path), lambda obj: True)
     paths = [os.fsencode(tmp_path / "f"), os.fsencode(tmp_path / "gone")]
@@ -105,7 +106,7 @@ def test_with_the_features_their_uses_are_chosen(monkeypatch, overlay, tmp_path)
     assert (ops.listings, ops.readdir_by_inode) == ("kernel", True)
     assert (ops.opens, ops.files_by_inode) == ("kernel", True)
     assert fuse_ops.FuseOps(overlay, listings="fixed").listings == "fixed"
-    assert mount._main_args(_cfg(tmp_path, poll_us=100)) == {"poll_us": 100}
+    assert serve.main_args(_cfg(tmp_path, poll_us=100)) == {"poll_us": 100}
     only_fixed = Features(cache_readdir=True)
     monkeypatch.setattr(fuse_features, "FEATURES", only_fixed)
     assert fuse_ops.FuseOps(overlay).listings == "fixed"
