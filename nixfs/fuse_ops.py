@@ -109,8 +109,8 @@ class KernelNotifier:
             if e.errno != errno.ENOENT:  # the kernel does not have it: nothing to drop
                 log.warning("invalidating inode %d: %s", ino, e)
 
-    def __init__(self):
-        self.listings_dropped = None  # callback(ino): the adapter's own listing snapshots
+    def __init__(self, snapshots: "ListingSnapshots"):
+        self.snapshots = snapshots  # the adapter's own listings, continued by inode
 
     def node_detached(self, ino: int) -> None:
         _drop_kept(ino)
@@ -119,11 +119,23 @@ class KernelNotifier:
         pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
 
     def listing_changed(self, ino: int) -> None:
-        if self.listings_dropped is not None:
-            self.listings_dropped(ino)
+        self.snapshots.drop(ino)
         # Drops the kernel's kept listing too (its pages), so not from within a request
         # handler: a thread does it.
         trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, _invalidate_data, ino)
+
+
+class ListingSnapshots(cachetools.LRUCache):
+    """The listings ``FuseOps.readdir`` continues by inode (the kernel keeps listings:
+    no handle holds them), shared with the KernelNotifier, which drops one that changed."""
+
+    def __init__(self, maxsize: int = 512):
+        super().__init__(maxsize)
+
+    def drop(self, ino: int) -> None:
+        self.pop(ino, None)
+        if fuse_features.FEATURES.readdir_end:
+            pyfuse3.forget_readdir_end(ino)
 
 
 class FuseOps(pyfuse3.Operations):
@@ -135,16 +147,17 @@ class FuseOps(pyfuse3.Operations):
     # a lower path that changes gets a new node).
     enable_cache_symlinks = True
 
-    def __init__(self, overlay: Overlay, *, listings: str = "best", opens: str = "best",
-                 xattrs: bool = True):
+    def __init__(self, overlay: Overlay, snapshots: ListingSnapshots, *, listings: str = "best",
+                 opens: str = "best", xattrs: bool = True,
+                 stale_attrs: StaleAttributes | None = None):
+        """*snapshots* are those the overlay's KernelNotifier drops; *stale_attrs*
+        refreshes what the kernel's reads made stale (None: nothing to refresh)."""
         super().__init__()
         self.fs = overlay
         # Without xattrs every xattr request is answered ENOSYS: the kernel then answers
         # EOPNOTSUPP itself and never asks again (an exec asks security.capability, `ls -l`
         # two names per entry: each a round trip otherwise).
         self.xattrs = xattrs
-        overlay.notify = KernelNotifier()
-        overlay.notify.listings_dropped = self._drop_listing
         # "kernel": the kernel keeps every listing (no OPENDIR/RELEASEDIR at all);
         # "fixed": it keeps those of directories that cannot change; "none".
         features = fuse_features.FEATURES
@@ -169,14 +182,19 @@ class FuseOps(pyfuse3.Operations):
             opens = "nixfs"
         self.opens = opens
         self.files_by_inode = opens == "kernel"
-        self._by_inode: cachetools.LRUCache = cachetools.LRUCache(512)  # ino -> DirHandle
+        self._by_inode = snapshots  # ino -> DirHandle
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors = 0
-        # Set by the mount (it knows where the mount is): refreshes what reads made stale.
-        self.stale_attrs: StaleAttributes | None = None
+        self.stale_attrs = stale_attrs
 
     def _node(self, ino):
         return self.fs.node(ino)
+
+    def stats(self) -> dict:
+        """The adapter's counters and choices, for ``nixfs status``."""
+        return {"fuse_requests": dict(self.requests), "errors": self.errors,
+                "kernel_listings": self.listings, "opens": self.opens, "xattrs": self.xattrs,
+                "kept_attributes": self.kept_attributes()}
 
     @staticmethod
     def kept_attributes() -> dict:
@@ -344,11 +362,6 @@ class FuseOps(pyfuse3.Operations):
             # The kernel keeps this listing: a warm walk makes no READDIRPLUS round trip.
             return pyfuse3.FileInfo(fh=dh.fh, keep_cache=True)
         return dh.fh
-
-    def _drop_listing(self, ino: int) -> None:
-        self._by_inode.pop(ino, None)
-        if fuse_features.FEATURES.readdir_end:
-            pyfuse3.forget_readdir_end(ino)
 
     async def _listing_by_inode(self, ino: int, start_id: int):
         """The snapshot a readdir by inode continues (a new one from offset 0)."""

@@ -140,8 +140,8 @@ async def test_trimming_asks_the_kernel_to_forget_each_node_once(tmp_path, upper
         (lower / f"many/d{d}").mkdir(parents=True)
         for f in range(100):
             (lower / f"many/d{d}/f{f}").write_text("x")
-    fs = Overlay(str(lower), str(upper), max_nodes=100)
-    fs.notify = log = AskLog()
+    log = AskLog()
+    fs = Overlay(str(lower), str(upper), max_nodes=100, notify=log)
 
     async def look_up(dirs):
         for d in dirs:

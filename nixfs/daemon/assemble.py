@@ -35,6 +35,7 @@ class Daemon:
     lower: object  # pin.PinnedDir: the lower as it was before the mount covered it
     overlay: object  # overlay.Overlay: the merged view
     ops: object  # fuse_ops.FuseOps: the pyfuse3 adapter over it
+    policy: object | None  # nixdb.storeview.NixStorePolicy: what a Nix store shows
     service: object | None  # nixdb.storeview.StoreService: a Nix store's database work
     stale_attrs: object | None  # stale_attrs.StaleAttributes: refreshes after reads
     log_path: str | None  # the daemon's log file (None: stderr)
@@ -47,32 +48,44 @@ class Daemon:
 
 def assemble(cfg: MountConfig) -> Daemon:
     """Build every part of the mount of *cfg* (not mounted yet); StartFailed if one
-    cannot be built (what was built is closed again)."""
+    cannot be built (what was built is closed again).
+
+    The order is the parts' needs: the upper is taken (locked) before anything is
+    written there; a Nix store's database is prepared before the overlay, whose policy
+    reads its index; the adapter last, over the overlay."""
+    from ..fuse_ops import FuseOps, KernelNotifier, ListingSnapshots
+    from ..stale_attrs import StaleAttributes
     owner = None if privileged() else (os.geteuid(), os.getegid())
     with contextlib.ExitStack() as closing:
         lower = _pin_lower(cfg)
         closing.callback(lower.close)
-        overlay = _open_overlay(cfg, owner)
+        with contextlib.ExitStack() as until_overlay:
+            state = _take_upper(cfg)
+            until_overlay.callback(state.close)
+            log_path, log_file = _open_log(cfg, lower)
+            recovered = state.recover()
+            if recovered:
+                log.warning("removed %d leftovers of an interrupted daemon from the work "
+                            "folder", len(recovered))
+            store = _prepare_store(cfg, lower, log_file) if is_nix_store(cfg) else None
+            if store is not None:
+                until_overlay.callback(store.listings.close)
+            snapshots = ListingSnapshots()
+            overlay = _open_overlay(cfg, owner, state, store, KernelNotifier(snapshots))
+            until_overlay.pop_all()  # the overlay owns the state now
         closing.callback(overlay.close)
-        log_path, log_file = _open_log(cfg, lower)
-        recovered = overlay.state.recover()
-        if recovered:
-            log.warning("removed %d leftovers of an interrupted daemon from the work folder",
-                        len(recovered))
-        service = _store_service(cfg, lower, overlay, log_file) if is_nix_store(cfg) else None
+        service = store.service(overlay) if store is not None else None
+        # The kernel holds no attribute stale on a read-only mount: nothing to refresh there.
+        stale_attrs = None if cfg.readonly else StaleAttributes(cfg.mountpoint,
+                                                                overlay.attributes_settled)
         # Nix removes every extended attribute from what it adds to a store (but SELinux
         # labels, which FUSE mounts get from the mount, not the file system): a Nix store
         # has none to show.
         xattrs = cfg.xattr == "on" or (cfg.xattr == "auto" and service is None)
-        from ..fuse_ops import FuseOps
-        from ..stale_attrs import StaleAttributes
-        ops = FuseOps(overlay, listings=cfg.listings, opens=cfg.opens, xattrs=xattrs)
-        # The kernel holds no attribute stale on a read-only mount: nothing to refresh there.
-        stale_attrs = None if cfg.readonly else StaleAttributes(cfg.mountpoint,
-                                                                overlay.attributes_settled)
-        ops.stale_attrs = stale_attrs
-        daemon = Daemon(cfg, lower, overlay, ops, service, stale_attrs, log_path,
-                        root_daemon=owner is None)
+        ops = FuseOps(overlay, snapshots, listings=cfg.listings, opens=cfg.opens, xattrs=xattrs,
+                      stale_attrs=stale_attrs)
+        daemon = Daemon(cfg, lower, overlay, ops, store and store.policy, service, stale_attrs,
+                        log_path, root_daemon=owner is None)
         daemon._closing.push(closing.pop_all())
         return daemon
 
@@ -85,27 +98,40 @@ def _pin_lower(cfg: MountConfig) -> pin.PinnedDir:
         raise StartFailed(f"cannot open the lower {cfg.lower}: {e.strerror}", 1) from None
 
 
-def _open_overlay(cfg: MountConfig, owner):
-    """The merged view, with the upper taken for this daemon."""
+def _take_upper(cfg: MountConfig):
+    """The upper's state folder, locked for this daemon (UpperInUse if another has it)."""
+    from ..overlay.state import StateError, UpperInUse, UpperState
+    try:
+        state = UpperState.open(cfg.upper)
+    except StateError as e:
+        raise StartFailed(str(e), 2) from None
+    except OSError as e:
+        raise StartFailed(f"cannot open the layers: {e}", 1) from None
+    try:
+        state.lock()
+    except UpperInUse as e:
+        state.close()
+        raise StartFailed(str(e), 2) from None
+    except OSError as e:
+        state.close()
+        raise StartFailed(f"cannot open the layers: {e}", 1) from None
+    return state
+
+
+def _open_overlay(cfg: MountConfig, owner, state, store, notify):
+    """The merged view of the layers, over the taken upper *state*."""
     from ..overlay import Overlay
-    from ..overlay.state import StateError, UpperInUse
+    from ..overlay.state import StateError
     try:
-        overlay = Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
-                          readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
-                          lower_timeout=cfg.lower_timeout or None)
-    except (UpperInUse, StateError) as e:
+        return Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
+                       readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
+                       lower_timeout=cfg.lower_timeout or None, state=state, notify=notify,
+                       policy=store.policy if store else None,
+                       listings=store.listings if store else None)
+    except StateError as e:
         raise StartFailed(str(e), 2) from None
     except OSError as e:
         raise StartFailed(f"cannot open the layers: {e}", 1) from None
-    try:
-        overlay.state.lock()
-    except (UpperInUse, StateError) as e:
-        overlay.close()
-        raise StartFailed(str(e), 2) from None
-    except OSError as e:
-        overlay.close()
-        raise StartFailed(f"cannot open the layers: {e}", 1) from None
-    return overlay
 
 
 def _open_log(cfg: MountConfig, lower: pin.PinnedDir):
@@ -122,29 +148,52 @@ def _open_log(cfg: MountConfig, lower: pin.PinnedDir):
     return log_path, log_file
 
 
-def _store_service(cfg: MountConfig, lower: pin.PinnedDir, overlay, log_file):
-    """A Nix store's merged database prepared, and the service that follows the lower."""
+class _Store:
+    """A Nix store's parts, built before the overlay: its policy (over the prepared lower
+    index), its listing store, and the worker of the service built after it."""
+
+    def __init__(self, cfg: MountConfig, lower: pin.PinnedDir, sync, state_dir: str, log_file):
+        from ..nixdb.storeview import NixStorePolicy
+        from ..nixdb.worker import SyncWorker
+        from ..overlay.dircache import ListingStore
+        self.finish_pending = sync.unfinished()
+        # The policy hears of whiteouts, which the service (built after the overlay over
+        # this policy) hides in the database: the one cycle of parts, closed by a call.
+        self._service = None
+        self.policy = NixStorePolicy(sync.index, on_whiteout=self._whiteout_made)
+        self.listings = ListingStore(os.path.join(state_dir, ListingStore.FILE))
+        self.worker = SyncWorker(lower.via, cfg.upper, state_dir,
+                                 cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
+
+    def _whiteout_made(self, name: bytes) -> None:
+        if self._service is not None:
+            self._service.whiteout_made(name)
+
+    def service(self, overlay):
+        """The service that follows the lower store through *overlay* (once)."""
+        from ..nixdb.storeview import StoreService
+        assert self._service is None
+        self._service = StoreService(self.worker, overlay, finish_pending=self.finish_pending)
+        return self._service
+
+
+def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file) -> _Store:
+    """A Nix store's merged database prepared (in the upper directly: nothing can use it
+    before the mount), and the parts built on it."""
     import apsw
 
     from ..nixdb.schema import SchemaError
     from ..nixdb.snapshot import SnapshotError
-    from ..nixdb.storeview import NixStorePolicy, StoreService
     from ..nixdb.sync import StoreSync
-    from ..nixdb.worker import SyncWorker
     from ..overlay import upperformat
-    from ..overlay.dircache import ListingStore
     state_dir = upperformat.state_dir(cfg.upper)
     sync = StoreSync(lower.via, cfg.upper, state_dir)
     try:
-        sync.prepare()  # on the upper directly: nothing can use it before the mount
+        sync.prepare()
     except SchemaError as e:
         raise StartFailed(lower.shown(str(e)), 2) from None
     except (SnapshotError, OSError, apsw.Error) as e:
         log.exception("preparing the merged store database failed")
         raise StartFailed(lower.shown(f"cannot prepare the merged store database: {e}"),
                           1) from None
-    overlay.policy = NixStorePolicy(sync.index)
-    overlay.dircache.store = ListingStore(os.path.join(state_dir, ListingStore.FILE))
-    worker = SyncWorker(lower.via, cfg.upper, state_dir,
-                        cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
-    return StoreService(worker, overlay, finish_pending=sync.unfinished())
+    return _Store(cfg, lower, sync, state_dir, log_file)

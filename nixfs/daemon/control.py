@@ -38,8 +38,7 @@ class ControlApi:
     async def sync(self):
         service = self.daemon.service
         if service is not None:
-            await service.step(force=True)
-            service.last_ok = time.time()
+            await service.sync_now()
         return True
 
     async def pause(self, seconds=10.0):

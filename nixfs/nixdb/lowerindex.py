@@ -160,6 +160,14 @@ class LowerIndex:
         self.conn.executemany("update paths set state = ? where name = ?",
                               ((state, n) for n in names))
 
+    def stats(self) -> dict:
+        """What ``nixfs status`` shows of the index: paths, those not shown, its size."""
+        return {"lower_paths": self.count(),
+                "lower_paths_not_shown": self.conn.execute(
+                    "select count(*) from paths where state != 0").fetchone()[0],
+                "lower_max_id": self.get("lower_max_id", 0),
+                "index_bytes": self.size_bytes()}
+
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal", "-shm"):

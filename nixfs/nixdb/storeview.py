@@ -32,9 +32,9 @@ UPPER_ONLY = {b"db", b"temproots", b"daemon-socket", b"gc.lock", b"userpool"}
 
 
 class NixStorePolicy(LowerPolicy):
-    def __init__(self, index: LowerIndex):
+    def __init__(self, index: LowerIndex, on_whiteout=None):
         self.index = index
-        self.on_whiteout = None  # set by the StoreService
+        self.on_whiteout = on_whiteout  # callback(name): the StoreService's whiteout_made
         # name -> (lower id, state) or None, as the index says: asked on every request
         # below the store (an SQLite query each would be a third of a getxattr's cost).
         # Kept while the index is unchanged: any commit by another connection (the
@@ -44,6 +44,9 @@ class NixStorePolicy(LowerPolicy):
         # The shown names following the last read-ahead's, in name order: a walk asks
         # for the next few after each store path, so one query serves many asks.
         self._following: list[bytes] = []
+
+    def stats(self) -> dict:
+        return self.index.stats()
 
     def _check_version(self) -> None:
         version = self.index.conn.data_version()
@@ -150,12 +153,20 @@ class StoreService:
         # Hiding and unhiding take turns: an unhide must not remove a whiteout while the
         # hide it undoes is half done (a crash then left a shown path with no row).
         self._hide_lock = trio.Lock()
-        overlay.policy.on_whiteout = self._whiteout_made
 
-    def _whiteout_made(self, name: bytes) -> None:
+    def whiteout_made(self, name: bytes) -> None:
+        """A lower store path was removed through the mount: hide it in the database."""
         if self.overlay.policy.index.state(name):
             self._hide.add(name)
             self._wake.set()
+
+    def stats(self) -> dict:
+        """How following the lower goes, for ``nixfs status``."""
+        last = self.last_ok
+        return {"last_sync_age_s": round(time.time() - last, 1) if last else None,
+                "sync_errors": self.errors, "last_sync_error": self.last_error,
+                "upper_copies_dropped": self.duplicates,
+                "first_build_finishing": self.finish_pending}
 
     async def start(self) -> None:
         """Before the mount is announced: hold Nix's GC lock if a first build is unfinished."""
@@ -208,6 +219,11 @@ class StoreService:
         with trio.move_on_after(seconds):
             while self._busy:
                 await trio.sleep(0.01)
+
+    async def sync_now(self) -> None:
+        """``nixfs sync``: a round now, however long until the next."""
+        await self.step(force=True)
+        self.last_ok = time.time()
 
     async def step(self, force: bool = False) -> None:
         """One round: hide what was removed through the mount, then follow the lower."""

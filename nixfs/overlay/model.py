@@ -27,7 +27,7 @@ from .fdcache import FdCache, FdEntry
 from .inodes import DERIVED, InodeTable, Node
 from .layers import Layer, LowerLayer, made_writable, times_kept
 from .policy import LowerPolicy
-from .state import UpperState
+from .state import StateError, UpperState
 from ..libc import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 
 log = logging.getLogger(__name__)
@@ -229,11 +229,15 @@ class Overlay:
                  lower_threads: int = 8, lower_timeout: float | None = None,
                  fd_cache: int = 1024, policy: LowerPolicy | None = None,
                  listings: ListingStore | None = None, immutable_ttl: float = 3600.0,
-                 max_nodes: int = 100_000):
+                 max_nodes: int = 100_000, notify: Notifier | None = None,
+                 state: UpperState | None = None):
         self.upper = Layer(upper, name="upper")
         self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
                                 timeout=lower_timeout)
-        self.state = UpperState(self.upper.root_fd)
+        # *state*: the upper's, taken by the daemon before it prepared anything there.
+        self.state = state or UpperState(self.upper.root_fd)
+        if not self.state.belongs_to(self.upper.root_fd):
+            raise StateError("the upper changed while it was being mounted")
         self.work_fd = self.state.work_fd
         self.privileged = os.geteuid() == 0 if privileged is None else privileged
         self.owner = owner
@@ -286,7 +290,16 @@ class Overlay:
         # through directories already known still works (the kernel revalidates them).
         self._known_dirs: dict[int, os.stat_result] = {}
         self.stale_answers = 0
-        self.notify = Notifier()
+        self.notify = notify or Notifier()  # the FUSE adapter's: drops the kernel's caches
+
+    def stats(self) -> dict:
+        """The model's counters (and its listing cache's), for ``nixfs status``."""
+        return {"lower_calls": dict(self.lower.layer.calls), "upper_calls": dict(self.upper.calls),
+                "lower_timeout_s": self.lower.timeout or 0,
+                "copy_ups": self.copy_ups, "stale_answers": self.stale_answers,
+                "nodes": len(self.inodes), "nodes_trimmed": self.trims,
+                "open_dir_fds": len(self.fds), "shared_lower_files": len(self.lower_files),
+                "node_file_fds": len(self.file_fds), "cache": self.dircache.stats()}
 
     def close(self) -> None:
         for h in list(self.handles.values()):
