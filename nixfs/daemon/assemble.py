@@ -11,11 +11,18 @@ and the exit code the waiting ``nixfs mount`` reports (2: the user can fix it; 1
 import contextlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .. import logs, pin
 from ..config import MountConfig
 from .preflight import is_nix_store, privileged
+
+if TYPE_CHECKING:  # (imported where they are built: pyfuse3 and apsw load only then)
+    from ..fuse_ops import FuseOps
+    from ..nixdb.storeview import NixStorePolicy, StoreService
+    from ..overlay import Overlay
+    from ..stale_attrs import StaleAttributes
 
 log = logging.getLogger("nixfs")
 
@@ -32,18 +39,18 @@ class StartFailed(Exception):
 class Daemon:
     """A mount's parts, built by ``assemble`` (closed, in reverse, by ``close``)."""
     cfg: MountConfig
-    lower: object  # pin.PinnedDir: the lower as it was before the mount covered it
-    overlay: object  # overlay.Overlay: the merged view
-    ops: object  # fuse_ops.FuseOps: the pyfuse3 adapter over it
-    policy: object | None  # nixdb.storeview.NixStorePolicy: what a Nix store shows
-    service: object | None  # nixdb.storeview.StoreService: a Nix store's database work
-    stale_attrs: object | None  # stale_attrs.StaleAttributes: refreshes after reads
+    lower: pin.PinnedDir  # the lower as it was before the mount covered it
+    overlay: "Overlay"  # the merged view
+    ops: "FuseOps"  # the pyfuse3 adapter over it
+    policy: "NixStorePolicy | None"  # what a Nix store shows of its lower
+    service: "StoreService | None"  # a Nix store's database work
+    stale_attrs: "StaleAttributes | None"  # refreshes attributes the kernel's reads made stale
     log_path: str | None  # the daemon's log file (None: stderr)
     root_daemon: bool  # run by real root: a mount for every user, owners kept
-    _closing: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    closing: contextlib.ExitStack  # closes what was built, in reverse
 
     def close(self) -> None:
-        self._closing.close()
+        self.closing.close()
 
 
 def assemble(cfg: MountConfig) -> Daemon:
@@ -84,10 +91,8 @@ def assemble(cfg: MountConfig) -> Daemon:
         xattrs = cfg.xattr == "on" or (cfg.xattr == "auto" and service is None)
         ops = FuseOps(overlay, snapshots, listings=cfg.listings, opens=cfg.opens, xattrs=xattrs,
                       stale_attrs=stale_attrs)
-        daemon = Daemon(cfg, lower, overlay, ops, store and store.policy, service, stale_attrs,
-                        log_path, root_daemon=owner is None)
-        daemon._closing.push(closing.pop_all())
-        return daemon
+        return Daemon(cfg, lower, overlay, ops, store.policy if store else None, service,
+                      stale_attrs, log_path, root_daemon=owner is None, closing=closing.pop_all())
 
 
 def _pin_lower(cfg: MountConfig) -> pin.PinnedDir:
