@@ -12,17 +12,22 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+
+import apsw
 
 from .. import logs, pin
 from ..config import MountConfig
+from ..fuse_ops import FuseOps, KernelNotifier, ListingSnapshots
+from ..nixdb.schema import SchemaError
+from ..nixdb.snapshot import SnapshotError
+from ..nixdb.storeview import NixStorePolicy, StoreService
+from ..nixdb.sync import StoreSync
+from ..nixdb.worker import SyncWorker
+from ..overlay import Overlay, upperformat
+from ..overlay.dircache import ListingStore
+from ..overlay.state import StateError, UpperInUse, UpperState
+from ..stale_attrs import StaleAttributes
 from .preflight import is_nix_store, privileged
-
-if TYPE_CHECKING:  # (imported where they are built: pyfuse3 and apsw load only then)
-    from ..fuse_ops import FuseOps
-    from ..nixdb.storeview import NixStorePolicy, StoreService
-    from ..overlay import Overlay
-    from ..stale_attrs import StaleAttributes
 
 log = logging.getLogger("nixfs")
 
@@ -40,11 +45,11 @@ class Daemon:
     """A mount's parts, built by ``assemble`` (closed, in reverse, by ``close``)."""
     cfg: MountConfig
     lower: pin.PinnedDir  # the lower as it was before the mount covered it
-    overlay: "Overlay"  # the merged view
-    ops: "FuseOps"  # the pyfuse3 adapter over it
-    policy: "NixStorePolicy | None"  # what a Nix store shows of its lower
-    service: "StoreService | None"  # a Nix store's database work
-    stale_attrs: "StaleAttributes | None"  # refreshes attributes the kernel's reads made stale
+    overlay: Overlay  # the merged view
+    ops: FuseOps  # the pyfuse3 adapter over it
+    policy: NixStorePolicy | None  # what a Nix store shows of its lower
+    service: StoreService | None  # a Nix store's database work
+    stale_attrs: StaleAttributes | None  # refreshes attributes the kernel's reads made stale
     log_path: str | None  # the daemon's log file (None: stderr)
     root_daemon: bool  # run by real root: a mount for every user, owners kept
     closing: contextlib.ExitStack  # closes what was built, in reverse
@@ -60,8 +65,6 @@ def assemble(cfg: MountConfig) -> Daemon:
     The order is the parts' needs: the upper is taken (locked) before anything is
     written there; a Nix store's database is prepared before the overlay, whose policy
     reads its index; the adapter last, over the overlay."""
-    from ..fuse_ops import FuseOps, KernelNotifier, ListingSnapshots
-    from ..stale_attrs import StaleAttributes
     owner = None if privileged() else (os.geteuid(), os.getegid())
     with contextlib.ExitStack() as closing:
         lower = _pin_lower(cfg)
@@ -105,7 +108,6 @@ def _pin_lower(cfg: MountConfig) -> pin.PinnedDir:
 
 def _take_upper(cfg: MountConfig):
     """The upper's state folder, locked for this daemon (UpperInUse if another has it)."""
-    from ..overlay.state import StateError, UpperInUse, UpperState
     try:
         state = UpperState.open(cfg.upper)
     except StateError as e:
@@ -125,8 +127,6 @@ def _take_upper(cfg: MountConfig):
 
 def _open_overlay(cfg: MountConfig, owner, state, store, notify):
     """The merged view of the layers, over the taken upper *state*."""
-    from ..overlay import Overlay
-    from ..overlay.state import StateError
     try:
         return Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
                        readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
@@ -141,7 +141,6 @@ def _open_overlay(cfg: MountConfig, owner, state, store, notify):
 
 def _open_log(cfg: MountConfig, lower: pin.PinnedDir):
     """The daemon's log (by default in the upper's state folder): its path and handler."""
-    from ..overlay import upperformat
     state_dir = upperformat.state_dir(cfg.upper)
     log_path = cfg.log_file or (None if cfg.foreground else os.path.join(state_dir, "nixfs.log"))
     try:
@@ -158,9 +157,6 @@ class _Store:
     index), its listing store, and the worker of the service built after it."""
 
     def __init__(self, cfg: MountConfig, lower: pin.PinnedDir, sync, state_dir: str, log_file):
-        from ..nixdb.storeview import NixStorePolicy
-        from ..nixdb.worker import SyncWorker
-        from ..overlay.dircache import ListingStore
         self.finish_pending = sync.unfinished()
         # The policy hears of whiteouts, which the service (built after the overlay over
         # this policy) hides in the database: the one cycle of parts, closed by a call.
@@ -176,7 +172,6 @@ class _Store:
 
     def service(self, overlay):
         """The service that follows the lower store through *overlay* (once)."""
-        from ..nixdb.storeview import StoreService
         assert self._service is None
         self._service = StoreService(self.worker, overlay, finish_pending=self.finish_pending)
         return self._service
@@ -185,12 +180,6 @@ class _Store:
 def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file) -> _Store:
     """A Nix store's merged database prepared (in the upper directly: nothing can use it
     before the mount), and the parts built on it."""
-    import apsw
-
-    from ..nixdb.schema import SchemaError
-    from ..nixdb.snapshot import SnapshotError
-    from ..nixdb.sync import StoreSync
-    from ..overlay import upperformat
     state_dir = upperformat.state_dir(cfg.upper)
     sync = StoreSync(lower.via, cfg.upper, state_dir)
     try:

@@ -11,7 +11,10 @@ import logging
 import os
 import signal
 
-from .. import runtime
+import pyfuse3
+import trio
+
+from .. import fuse_features, runtime
 from ..config import OWN_FLAGS, MountConfig
 from .assemble import Daemon, StartFailed, assemble
 from .control import ControlApi
@@ -48,7 +51,6 @@ def main_args(cfg: MountConfig) -> dict:
     Polling only pays where the process sending requests runs beside the daemon: with
     one CPU the daemon's polling would take the time that process needs.
     """
-    from .. import fuse_features
     if not fuse_features.FEATURES.poll_before_sleep:
         return {}
     poll_us = cfg.poll_us
@@ -80,7 +82,6 @@ def detach_stdio() -> None:
 def serve(cfg: MountConfig, report) -> int:
     """Mount and answer requests until unmounted or signalled; *report* (start.Report)
     tells whoever waits how the start went."""
-    import pyfuse3
     try:
         daemon = assemble(cfg)
     except StartFailed as e:
@@ -94,35 +95,37 @@ def serve(cfg: MountConfig, report) -> int:
     control = ControlApi(daemon, poll_us=args.get("poll_us", 0))
     runtime.write_record(cfg.mountpoint, lower=cfg.lower, upper=cfg.upper,
                          control=control.server.path, nix=daemon.service is not None)
-    run = _Run(daemon, control, report, args)
-    try:
-        tune_collector()
-        import trio
-        trio.run(run.main)
-    except BaseException:
-        log.exception("the daemon failed")
-        run.unmount = True
-        raise
-    finally:
-        if daemon.service is not None:
-            daemon.service.worker.stop()
-        pyfuse3.close(unmount=run.unmount)
-        daemon.close()
-        runtime.remove_record(cfg.mountpoint)
-        log.info("unmounted %s", cfg.mountpoint)
-    return 0
+    return _Run(daemon, control, report, args).run()
 
 
 class _Run:
-    """The trio side of a mount: its nursery's tasks, until the FUSE loop ends."""
+    """A mounted daemon's run: its nursery's tasks until the FUSE loop ends, then the teardown."""
 
     def __init__(self, daemon: Daemon, control: ControlApi, report, args: dict):
         self.daemon, self.control, self.report, self.args = daemon, control, report, args
         self.unmount = False  # whether the teardown unmounts (a signal, a failure)
 
+    def run(self) -> int:
+        """Answer requests until the FUSE loop ends; then unmount (if a signal or a
+        failure ended it), close every part and remove the daemon's record."""
+        cfg = self.daemon.cfg
+        try:
+            tune_collector()
+            trio.run(self.main)
+        except BaseException:
+            log.exception("the daemon failed")
+            self.unmount = True
+            raise
+        finally:
+            if self.daemon.service is not None:
+                self.daemon.service.worker.stop()
+            pyfuse3.close(unmount=self.unmount)
+            self.daemon.close()
+            runtime.remove_record(cfg.mountpoint)
+            log.info("unmounted %s", cfg.mountpoint)
+        return 0
+
     async def main(self) -> None:
-        import pyfuse3
-        import trio
         daemon = self.daemon
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._on_signals)
@@ -135,8 +138,6 @@ class _Run:
         await daemon.overlay.sync()
 
     async def _on_signals(self) -> None:
-        import pyfuse3
-        import trio
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting", signum)
