@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from . import __version__
-from .mount import MountConfig, parse_options
+from .config import MountConfig, RunConfig, parse_options
 from .usage import UsageError
 
 COMMANDS = ("mount", "umount", "run", "status", "sync", "unhide", "gc", "promote", "fsck")
@@ -37,65 +37,92 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nixfs", description="A userspace overlay filesystem for sharing a Nix store.")
     p.add_argument("--version", action="version", version=f"nixfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_mount_args, _run_args, _umount_args, _status_args, _sync_args, _unhide_args,
+                _gc_args, _promote_args, _fsck_args):
+        add(sub)
+    return p
 
+
+def _layer_args(p: argparse.ArgumentParser, lower_help: str, options_help: str) -> None:
+    """What nixfs mount and nixfs run share: the layers, -o, logging, --no-nix."""
+    p.add_argument("--lower", required=True, help=lower_help)
+    p.add_argument("--upper", required=True, help="the writable upper directory")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help=options_help)
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("--log", dest="log_file", help="log file (default: UPPER/.nixfs/nixfs.log)")
+
+
+def _mount_args(sub) -> None:
     m = sub.add_parser("mount", help="merge a read-only lower with a writable upper at MOUNTPOINT",
                        epilog=OPTIONS_EPILOG)
-    m.add_argument("--lower", required=True, help="the read-only lower directory")
-    m.add_argument("--upper", required=True, help="the writable upper directory")
-    m.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="mount options, e.g. allow_other,ro")
+    _layer_args(m, "the read-only lower directory", "mount options, e.g. allow_other,ro")
     m.add_argument("-f", "--foreground", action="store_true", help="stay attached; log to stderr")
-    m.add_argument("--debug", action="store_true", help="log every request")
-    m.add_argument("--log", dest="log_file", help="log file (default: UPPER/.nixfs/nixfs.log)")
+    _log_args(m)
     m.add_argument("--no-nix", dest="nix", action="store_false",
                    help="a plain overlay, even if the lower is a Nix state directory "
                         "(store/ and var/nix/db)")
     m.add_argument("mountpoint")
 
+
+def _run_args(sub) -> None:
     r = sub.add_parser("run", help="run COMMAND with nixfs mounted at /nix, as an ordinary "
                                    "user (in a user and mount namespace of its own)",
                        epilog=RUN_EPILOG + "\n\n" + OPTIONS_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--lower", required=True, help="the read-only lower (a Nix directory, "
-                                                  "holding store/ and var/nix/db)")
-    r.add_argument("--upper", required=True, help="the writable upper directory")
-    r.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="mount options, as for nixfs mount")
-    r.add_argument("--debug", action="store_true", help="log every request")
-    r.add_argument("--log", dest="log_file", help="log file (default: UPPER/.nixfs/nixfs.log)")
+    _layer_args(r, "the read-only lower (a Nix directory, holding store/ and var/nix/db)",
+                "mount options, as for nixfs mount")
+    _log_args(r)
     r.add_argument("--no-nix", dest="nix", action="store_false",
                    help="a plain overlay at /nix, even if the lower is a Nix directory")
     r.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]")
 
+
+def _umount_args(sub) -> None:
     u = sub.add_parser("umount", help="unmount and wait until everything is on disk")
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
     u.add_argument("mountpoint")
 
+
+def _status_args(sub) -> None:
     st = sub.add_parser("status", help="what a mount's daemon is doing")
     st.add_argument("--json", action="store_true", help="machine-readable")
     st.add_argument("mountpoint")
 
+
+def _sync_args(sub) -> None:
     sy = sub.add_parser("sync", help="make a Nix store mount's database catch up with the "
                                      "lower now (it does within a second anyway)")
     sy.add_argument("mountpoint")
 
+
+def _unhide_args(sub) -> None:
     uh = sub.add_parser("unhide", help="show lower store paths removed through a mount again")
     uh.add_argument("--mount", dest="mountpoint",
                     help="the nixfs mount (default: the only Nix store mount there is)")
     uh.add_argument("paths", nargs="+", metavar="STOREPATH",
                     help="/nix/store/HASH-NAME, or just HASH-NAME")
 
+
+def _gc_args(sub) -> None:
     g = sub.add_parser("gc", help="free dead upper paths of a Nix store mount (cost grows "
                                   "with the upper, not the lower)")
     g.add_argument("--dry-run", action="store_true", help="only print what would go")
     g.add_argument("mountpoint")
 
+
+def _promote_args(sub) -> None:
     pr = sub.add_parser("promote", help="move valid upper paths (with the upper part of their "
                                         "closure) into a writable lower store")
     pr.add_argument("--upper", required=True)
     pr.add_argument("--into", required=True, metavar="LOWER", help="the lower Nix directory")
     pr.add_argument("paths", nargs="*", metavar="STOREPATH", help="default: every upper path")
 
+
+def _fsck_args(sub) -> None:
     fs = sub.add_parser("fsck", help="check an unmounted upper (and repair it with --repair)",
                         description="Check an unmounted upper: temporaries, whiteouts, opaque "
                                     "and redirect markers, nixfs' state folder, and for a Nix "
@@ -107,7 +134,6 @@ def _parser() -> argparse.ArgumentParser:
     fs.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     fs.add_argument("--no-nix", dest="nix", action="store_false",
                     help="skip the Nix database checks (the upper of a --no-nix mount)")
-    return p
 
 
 def _is_helper_call(argv: list[str]) -> bool:
@@ -142,7 +168,7 @@ def _helper_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _mount(args) -> int:
-    from .mount import mount
+    from .daemon.start import mount
     values: dict[str, str] = {}
     options = set()
     for text in args.options:
@@ -160,7 +186,7 @@ def _mount(args) -> int:
 
 
 def _run(args) -> int:
-    from .run import RunConfig, run
+    from .run.runner import run
     values: dict[str, str] = {}
     options = set()
     for text in args.options:
@@ -173,7 +199,7 @@ def _run(args) -> int:
 
 
 def _umount(args) -> int:
-    from .mount import umount
+    from .daemon.unmount import umount
     return umount(args.mountpoint, lazy=args.lazy)
 
 

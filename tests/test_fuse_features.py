@@ -15,7 +15,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from nixfs import mount
+from nixfs import config
+from nixfs.daemon import serve
 from nixfs.fuse import features, notifier, ops as fuse_ops
 from nixfs.fuse.features import Features
 from nixfs.overlay import Attr, Overlay
@@ -67,8 +68,12 @@ def _fixed_dir_attr(path) -> Attr:
     return Attr(ino=5, st=os.lstat(path), nlink=2, uid=0, gid=0, ttl=1.0, fixed=True)
 
 
-def _cfg(tmp_path, **kw) -> mount.MountConfig:
-    return mount.MountConfig(str(tmp_path / "lower"), str(tmp_path / "upper"),
+def _ops(overlay, **kw) -> fuse_ops.FuseOps:
+    return fuse_ops.FuseOps(overlay, notifier.ListingSnapshots(), **kw)
+
+
+def _cfg(tmp_path, **kw) -> config.MountConfig:
+    return config.MountConfig(str(tmp_path / "lower"), str(tmp_path / "upper"),
                              str(tmp_path / "mnt"), **kw)
 
 
@@ -80,19 +85,19 @@ def test_without_the_features_every_use_takes_the_stock_path(monkeypatch, overla
     for name in PATCH_FUNCTIONS:
         monkeypatch.setattr(pyfuse3, name, refused, raising=False)
 
-    ops = fuse_ops.FuseOps(overlay)
+    ops = _ops(overlay)
     assert (ops.listings, ops.readdir_by_inode) == ("none", False)
     assert (ops.opens, ops.files_by_inode) == ("nixfs", False)
     for asked in ("kernel", "fixed"):
-        assert fuse_ops.FuseOps(overlay, listings=asked).listings == "none"
-    assert fuse_ops.FuseOps(overlay, opens="kernel").opens == "nixfs"
+        assert _ops(overlay, listings=asked).listings == "none"
+    assert _ops(overlay, opens="kernel").opens == "nixfs"
     assert ops.kept_attributes() == {"inodes": 0, "getattr_answered": 0, "available": False,
                                      "readdir_ends_answered": 0}
     entry = ops._reply(_fixed_dir_attr(tmp_path))
     assert entry.st_ino == 5 and stat.S_ISDIR(entry.st_mode)
     notifier.drop_kept(5)
-    ops._drop_listing(5)
-    assert mount._main_args(_cfg(tmp_path, poll_us=100)) == {}  # main() takes no poll_us
+    notifier.ListingSnapshots().drop(5)
+    assert serve.main_args(_cfg(tmp_path, poll_us=100)) == {}  # main() takes no poll_us
     (tmp_path / "f").write_text("x")
     refresher = StaleAttributes(str(tmp_path), lambda obj: True)
     paths = [os.fsencode(tmp_path / "f"), os.fsencode(tmp_path / "gone")]
@@ -102,12 +107,12 @@ def test_without_the_features_every_use_takes_the_stock_path(monkeypatch, overla
 def test_with_the_features_their_uses_are_chosen(monkeypatch, overlay, tmp_path):
     monkeypatch.setattr(features, "FEATURES", Features.of(
         types.SimpleNamespace(**{n: True for n in NAMES})))
-    ops = fuse_ops.FuseOps(overlay)
+    ops = _ops(overlay)
     assert (ops.listings, ops.readdir_by_inode) == ("kernel", True)
     assert (ops.opens, ops.files_by_inode) == ("kernel", True)
-    assert fuse_ops.FuseOps(overlay, listings="fixed").listings == "fixed"
-    assert mount._main_args(_cfg(tmp_path, poll_us=100)) == {"poll_us": 100}
+    assert _ops(overlay, listings="fixed").listings == "fixed"
+    assert serve.main_args(_cfg(tmp_path, poll_us=100)) == {"poll_us": 100}
     only_fixed = Features(cache_readdir=True)
     monkeypatch.setattr(features, "FEATURES", only_fixed)
-    assert fuse_ops.FuseOps(overlay).listings == "fixed"
-    assert fuse_ops.FuseOps(overlay, listings="kernel").listings == "none"
+    assert _ops(overlay).listings == "fixed"
+    assert _ops(overlay, listings="kernel").listings == "none"

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Callable
-
+import cachetools
 import pyfuse3
 import trio
 
@@ -33,6 +32,19 @@ def _invalidate_data(ino: int) -> None:
         pass  # the kernel does not have it: nothing to drop
 
 
+class ListingSnapshots(cachetools.LRUCache):
+    """The listings ``FuseOps.readdir`` continues by inode (the kernel keeps listings: no
+    handle holds them), shared with the KernelNotifier, which drops one that changed."""
+
+    def __init__(self, maxsize: int = 512):
+        super().__init__(maxsize)
+
+    def drop(self, ino: int) -> None:
+        self.pop(ino, None)
+        if features.FEATURES.readdir_end:
+            pyfuse3.forget_readdir_end(ino)
+
+
 class KernelNotifier:
     """Drops what the kernel cached about objects the model changed behind its back.
 
@@ -40,8 +52,8 @@ class KernelNotifier:
     could wait on a page whose read waits on us (a listing's pages are dropped by a thread).
     """
 
-    def __init__(self, listings_dropped: Callable[[int], None]):
-        self._listings_dropped = listings_dropped  # (ino): the adapter's own listing snapshots
+    def __init__(self, snapshots: ListingSnapshots):
+        self.snapshots = snapshots  # the adapter's own listings, continued by inode
 
     def attr_changed(self, ino: int) -> None:
         drop_kept(ino)
@@ -58,7 +70,7 @@ class KernelNotifier:
         pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
 
     def listing_changed(self, ino: int) -> None:
-        self._listings_dropped(ino)
+        self.snapshots.drop(ino)
         # Drops the kernel's kept listing too (its pages), so not from within a request
         # handler: a thread does it.
         trio.lowlevel.spawn_system_task(trio.to_thread.run_sync, _invalidate_data, ino)

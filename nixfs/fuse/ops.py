@@ -18,7 +18,7 @@ import pyfuse3
 from . import features
 from ..overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
 from .errors import translate
-from .notifier import KernelNotifier
+from .notifier import ListingSnapshots
 from .stale_attrs import StaleAttributes
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,12 @@ class FuseOps(pyfuse3.Operations):
     # a lower path that changes gets a new node).
     enable_cache_symlinks = True
 
-    def __init__(self, overlay: Overlay, *, listings: str = "best", opens: str = "best",
-                 xattrs: bool = True, readdir_reply=pyfuse3.readdir_reply):
+    def __init__(self, overlay: Overlay, snapshots: ListingSnapshots, *, listings: str = "best",
+                 opens: str = "best", xattrs: bool = True,
+                 stale_attrs: StaleAttributes | None = None,
+                 readdir_reply=pyfuse3.readdir_reply):
+        """*snapshots* are those the overlay's KernelNotifier drops; *stale_attrs*
+        refreshes what the kernel's reads made stale (None: nothing to refresh)."""
         super().__init__()
         self.fs = overlay
         # (token, name, entry, next_id) -> False when the reply is full: pyfuse3's, which
@@ -85,7 +89,6 @@ class FuseOps(pyfuse3.Operations):
         # EOPNOTSUPP itself and never asks again (an exec asks security.capability, `ls -l`
         # two names per entry: each a round trip otherwise).
         self.xattrs = xattrs
-        overlay.notify = KernelNotifier(self._drop_listing)
         # "kernel": the kernel keeps every listing (no OPENDIR/RELEASEDIR at all);
         # "fixed": it keeps those of directories that cannot change; "none".
         have = features.FEATURES
@@ -110,14 +113,19 @@ class FuseOps(pyfuse3.Operations):
             opens = "nixfs"
         self.opens = opens
         self.files_by_inode = opens == "kernel"
-        self._by_inode: cachetools.LRUCache = cachetools.LRUCache(512)  # ino -> DirHandle
+        self._by_inode = snapshots  # ino -> DirHandle
         self.requests: collections.Counter[str] = collections.Counter()
         self.errors = 0
-        # Set by the mount (it knows where the mount is): refreshes what reads made stale.
-        self.stale_attrs: StaleAttributes | None = None
+        self.stale_attrs = stale_attrs
 
     def _node(self, ino):
         return self.fs.node(ino)
+
+    def stats(self) -> dict:
+        """The adapter's counters and choices, for ``nixfs status``."""
+        return {"fuse_requests": dict(self.requests), "errors": self.errors,
+                "kernel_listings": self.listings, "opens": self.opens, "xattrs": self.xattrs,
+                "kept_attributes": self.kept_attributes()}
 
     @staticmethod
     def kept_attributes() -> dict:
@@ -285,11 +293,6 @@ class FuseOps(pyfuse3.Operations):
             # The kernel keeps this listing: a warm walk makes no READDIRPLUS round trip.
             return pyfuse3.FileInfo(fh=dh.fh, keep_cache=True)
         return dh.fh
-
-    def _drop_listing(self, ino: int) -> None:
-        self._by_inode.pop(ino, None)
-        if features.FEATURES.readdir_end:
-            pyfuse3.forget_readdir_end(ino)
 
     async def _listing_by_inode(self, ino: int, start_id: int):
         """The snapshot a readdir by inode continues (a new one from offset 0)."""

@@ -60,6 +60,9 @@ class StaleAttributes:
         self.refreshed = 0
         self.failed = 0
 
+    def stats(self) -> dict:
+        return {"done": self.refreshed, "failed": self.failed}
+
     def stale(self, node: Node) -> None:
         """The kernel has just read *node*'s listing or target itself."""
         if len(self._pending) < PENDING_MAX:

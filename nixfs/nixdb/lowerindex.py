@@ -179,6 +179,13 @@ class LowerIndex:
                               ((table, i) for i in deleted_ids))
         self.conn.executemany("insert or replace into ca_rows values (?, ?, ?, ?)", added)
 
+    def stats(self) -> dict:
+        """What ``nixfs status`` shows of the index: paths, those not shown, its size."""
+        return {"lower_paths": self.count(),
+                "lower_paths_not_shown": self.not_shown_count(),
+                "lower_max_id": self.get("lower_max_id", 0),
+                "index_bytes": self.size_bytes()}
+
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal", "-shm"):

@@ -123,6 +123,9 @@ class NixStorePolicy(LowerPolicy):
         if parent_tag == "store" and self.index.state(name):
             self._removed.send_nowait(name)
 
+    def stats(self) -> dict:
+        return self.index.stats()
+
     def removed_paths(self) -> trio.MemoryReceiveChannel:
         """The queue of lower store paths removed through the mount (``whiteout_made``)."""
         return self._removed_queue

@@ -56,6 +56,18 @@ class StoreService:
             except trio.WouldBlock:
                 return
 
+    def stats(self) -> dict:
+        """How following the lower goes, for ``nixfs status``."""
+        last = self.last_ok
+        return {"last_sync_age_s": round(time.time() - last, 1) if last else None,
+                "sync_errors": self.errors, "last_sync_error": self.last_error,
+                "upper_copies_dropped": self.duplicates,
+                "first_build_finishing": self.finish_pending}
+
+    async def sync_now(self) -> None:
+        """``nixfs sync``: a round now, however long until the next."""
+        await self.step(force=True)
+
     async def start(self) -> None:
         """Before the mount is announced: hold Nix's GC lock if a first build is unfinished."""
         if self.finish_pending:

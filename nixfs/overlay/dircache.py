@@ -232,6 +232,16 @@ class DirCache:
         self.misses = 0
         self.loads = 0  # found in the persistent store
 
+    def stats(self) -> dict:
+        """Hits, misses and size, for ``nixfs status``."""
+        asked = self.hits + self.loads + self.misses
+        return {"hits": self.hits, "misses": self.misses, "loaded_from_disk": self.loads,
+                "listings": len(self),
+                "bytes_on_disk": self.store.size_bytes() if self.store else 0,
+                # Answered without a lower call (memory or the on-disk copy), of every
+                # cacheable listing asked.
+                "hit_ratio": round((self.hits + self.loads) / asked, 3) if asked else None}
+
     def get(self, path: bytes, key: bytes) -> Listing | None:
         item = self._lru.get(path)
         if item is not None and item[0] == key:

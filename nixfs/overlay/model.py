@@ -44,7 +44,7 @@ from .outside import Outside
 from .policy import LowerPolicy
 from .readdir import DirReader
 from .removing import Removing
-from .state import UpperState
+from .state import StateError, UpperState
 from .types import Attr, Caller, DirHandle, Handle, Notifier, OpenTable, SetAttr
 
 
@@ -54,11 +54,15 @@ class Overlay:
                  lower_threads: int = 8, lower_timeout: float | None = None,
                  fd_cache: int = 1024, policy: LowerPolicy | None = None,
                  listings: ListingStore | None = None, immutable_ttl: float = 3600.0,
-                 max_nodes: int = 100_000, notify: Notifier | None = None):
+                 max_nodes: int = 100_000, notify: Notifier | None = None,
+                 state: UpperState | None = None):
         self.upper = UpperLayer(upper, name="upper")
         self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
                                 timeout=lower_timeout)
-        self.state = UpperState(self.upper.root_fd)
+        # *state*: the upper's, taken by the daemon before it prepared anything there.
+        self.state = state or UpperState(self.upper.root_fd)
+        if not self.state.belongs_to(self.upper.root_fd):
+            raise StateError("the upper changed while it was being mounted")
         privileged = os.geteuid() == 0 if privileged is None else privileged
         self._policy = policy = policy or LowerPolicy()
         self._notify = notify = notify or Notifier()
@@ -109,30 +113,15 @@ class Overlay:
         self._files.dropped(node)
         self._orphans.dropped(node)
 
-    # What the model is plugged into.  Set after construction by today's daemon
-    # (mount.serve, FuseOps): until the composition root passes both to the
-    # constructor, a new value goes to every part that holds one.
+    # What the model is plugged into (given to the constructor, read by the daemon).
 
     @property
     def policy(self) -> LowerPolicy:
         return self._policy
 
-    @policy.setter
-    def policy(self, policy: LowerPolicy) -> None:
-        self._policy = policy
-        for part in (self._nodes, self._listings, self._names, self._reader, self._creating,
-                     self._removing, self._outside):
-            part.policy = policy
-
     @property
     def notify(self) -> Notifier:
         return self._notify
-
-    @notify.setter
-    def notify(self, notify: Notifier) -> None:
-        self._notify = notify
-        for part in (self._nodes, self._copying, self._outside):
-            part.notify = notify
 
     # Counters and sizes (nixfs status).
 

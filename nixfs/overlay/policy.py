@@ -11,6 +11,10 @@ are made: the root's is ``"/"``; a child's is ``tag(parent_tag, name)``.
 class LowerPolicy:
     ROOT = "/"
 
+    def stats(self) -> dict:
+        """What ``nixfs status`` shows of this kind of lower (nothing by default)."""
+        return {}
+
     def tag(self, parent_tag: str, name: bytes) -> str | None:
         return None
 

@@ -49,6 +49,24 @@ class UpperState:
             os.close(self.fd)
             raise
 
+    @classmethod
+    def open(cls, upper: str) -> "UpperState":
+        """The state folder of the upper directory *upper*, for a daemon that takes the
+        upper (``lock``) before it builds its overlay on it."""
+        fd = os.open(upper, O_DIR)
+        try:
+            return cls(fd)
+        finally:
+            os.close(fd)
+
+    def belongs_to(self, upper_fd: int) -> bool:
+        """Whether this is the state folder of the upper open as *upper_fd*."""
+        try:
+            st = os.stat(STATE_DIR, dir_fd=upper_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return os.path.samestat(st, os.fstat(self.fd))
+
     def _check_files(self) -> None:
         for name in _OWN_FILES:
             try:

@@ -45,7 +45,7 @@ class FakeOverlay:
         self.refused: list[int] = []
         self.fail_with: BaseException | None = None
         self.gone: set[bytes] = set()
-        self.notify = None  # the adapter puts its KernelNotifier here
+        self.notify = None  # the real model gets its notifier from the daemon, not the adapter
         self.root = FakeNode(ROOT_INO, None, b"", stat.S_IFDIR)
         self.nodes = {ROOT_INO: self.root}
         self._next_ino = ROOT_INO + 1

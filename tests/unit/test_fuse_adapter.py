@@ -19,7 +19,7 @@ import pytest
 from fake_overlay import ROOT_INO, FakeOverlay
 from nixfs.fuse import features
 from nixfs.fuse.features import Features
-from nixfs.fuse.notifier import KernelNotifier
+from nixfs.fuse.notifier import ListingSnapshots
 from nixfs.fuse.ops import FuseOps
 from nixfs.overlay import FIRST_HANDLE, Caller, SetAttr
 
@@ -40,7 +40,7 @@ def fs():
 
 @pytest.fixture
 def ops(fs):
-    return FuseOps(fs)
+    return FuseOps(fs, ListingSnapshots())
 
 
 class Replies:
@@ -171,7 +171,7 @@ async def test_forget_passes_through(fs, ops):
 
 async def test_a_listing_reports_each_entry_sent(fs):
     replies = Replies(room=10)
-    ops = FuseOps(fs, readdir_reply=replies)
+    ops = FuseOps(fs, ListingSnapshots(), readdir_reply=replies)
     fh = await ops.opendir(ROOT_INO, CTX)
     assert await ops.readdir(fh, 0, "token") is True
     assert replies.sent[:2] == [(b".", ROOT_INO, 1), (b"..", ROOT_INO, 2)]
@@ -183,7 +183,7 @@ async def test_a_listing_reports_each_entry_sent(fs):
 
 async def test_a_full_reply_reports_the_entry_refused_and_goes_on_from_it(fs):
     replies = Replies(room=3)  # ".", "..", "a"
-    ops = FuseOps(fs, readdir_reply=replies)
+    ops = FuseOps(fs, ListingSnapshots(), readdir_reply=replies)
     fh = await ops.opendir(ROOT_INO, CTX)
     assert await ops.readdir(fh, 0, "token") is False
     a, = [node for node, in fs.called("entry_sent")]
@@ -200,7 +200,7 @@ async def test_a_full_reply_reports_the_entry_refused_and_goes_on_from_it(fs):
 async def test_an_entry_gone_meanwhile_is_left_out_unreported(fs):
     fs.gone = {b"b"}
     replies = Replies(room=10)
-    ops = FuseOps(fs, readdir_reply=replies)
+    ops = FuseOps(fs, ListingSnapshots(), readdir_reply=replies)
     fh = await ops.opendir(ROOT_INO, CTX)
     assert await ops.readdir(fh, 0, "token") is True
     assert [n for n, _, _ in replies.sent[2:]] == [b"a", b"c"]
@@ -211,7 +211,7 @@ async def test_an_entry_gone_meanwhile_is_left_out_unreported(fs):
 async def test_dot_dot_of_a_subdirectory_is_its_parent(fs):
     sub = fs.add(fs.root, b"sub", stat.S_IFDIR)
     replies = Replies(room=2)
-    ops = FuseOps(fs, readdir_reply=replies)
+    ops = FuseOps(fs, ListingSnapshots(), readdir_reply=replies)
     fh = await ops.opendir(sub.ino, CTX)
     assert await ops.readdir(fh, 0, "token") is False
     assert replies.sent == [(b".", sub.ino, 1), (b"..", ROOT_INO, 2)]
@@ -244,7 +244,7 @@ async def test_opens_kept_by_the_kernel(monkeypatch, fs):
     """With files_by_inode, open answers ENOSYS unasked, create makes a read-write
     descriptor the node's, and reads and writes come by inode."""
     monkeypatch.setattr(features, "FEATURES", Features(files_by_inode=True))
-    ops = FuseOps(fs)
+    ops = FuseOps(fs, ListingSnapshots())
     assert ops.opens == "kernel"
     assert await _fuse_errno(ops.open, ROOT_INO, os.O_RDONLY, CTX) == errno.ENOSYS
     assert not fs.called("open")
@@ -288,15 +288,16 @@ async def test_flush_is_never_asked_again(fs, ops):
 
 
 async def test_without_xattrs_every_xattr_request_is_enosys_unasked(fs):
-    ops = FuseOps(fs, xattrs=False)
+    ops = FuseOps(fs, ListingSnapshots(), xattrs=False)
     for handler, args in [(ops.getxattr, (ROOT_INO, b"user.a", CTX)),
                           (ops.listxattr, (ROOT_INO, CTX)),
                           (ops.setxattr, (ROOT_INO, b"user.a", b"v", CTX)),
                           (ops.removexattr, (ROOT_INO, b"user.a", CTX))]:
         assert await _fuse_errno(handler, *args) == errno.ENOSYS
     assert fs.calls == []
-    assert await FuseOps(fs).getxattr(ROOT_INO, b"user.a", CTX) == b"value"
+    assert await FuseOps(fs, ListingSnapshots()).getxattr(ROOT_INO, b"user.a", CTX) == b"value"
 
 
-async def test_the_adapter_gives_the_model_its_kernel_notifier(fs, ops):
-    assert isinstance(fs.notify, KernelNotifier)
+async def test_the_adapter_changes_nothing_of_the_model(fs, ops):
+    """The daemon gives the model its notifier; the adapter only calls the model."""
+    assert fs.notify is None
