@@ -1,6 +1,6 @@
 """Mixed load on a Nix store mount from several client processes, every byte checked.
 
-Used by tests/test_load.py (short, in CI) and scripts/loadtest (long): the same code
+Used by tests/system/test_load.py (short, in CI) and scripts/loadtest (long): the same code
 with a different duration.  Each client works in its own directory of the mount and
 on its own lower files, keeps a model of what every file must hold, and at the end
 compares the whole model with the mount; ``nix-store --add`` results are checked

@@ -50,6 +50,9 @@ class LowerLayer:
         assert scope.cancelled_caught
         box.abandon()
         self.calls["timeout"] += 1
+        if not self.out:  # once per outage, not for every call it fails
+            log.warning("the lower did not answer in %g s: answering EIO (lower_timeout)",
+                        self.timeout)
         self.out = True
         raise OSError(errno.EIO, "the lower layer did not answer in time")
 

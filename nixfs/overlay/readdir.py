@@ -8,6 +8,7 @@ from a kept listing.
 """
 
 import errno
+import os
 import stat
 
 from . import upperformat as fmt
@@ -21,6 +22,13 @@ from .names import Names
 from .nodes import Nodes
 from .policy import LowerPolicy
 from .types import Attr, DirHandle, Entry, OpenTable, err
+
+
+# A lower entry whose stat a listing has not learnt yet (see DirReader._stat_unstated).
+UNSTATED = os.stat_result((0,) * 10)
+# Names stated per lower call when a listing's entries are read: a store listing may
+# hold a million names, which one call would take longer than ``lower_timeout`` for.
+STAT_CHUNK = 256
 
 
 def _shown_lower(listing: Listing) -> list[Entry]:
@@ -45,26 +53,7 @@ class DirReader:
 
     async def merged_entries(self, node: Node, *, with_stats: bool) -> list[Entry]:
         """The merged entries of a directory, upper first."""
-        entries: dict[bytes, Entry] = {}
-        hidden: set[bytes] = set()
-        if node.upper:
-            with self.dirs.upper_fd(node) as fd:
-                for name, kind in self.upper.scandir(fd):
-                    if fmt.is_reserved(name):
-                        hidden.add(name[len(fmt.WHITEOUT_PREFIX):])
-                        continue
-                    if node is self.root and name == fmt.STATE_DIR:
-                        continue
-                    st = None
-                    if with_stats or kind == 0:
-                        try:
-                            st = self.upper.lstat(fd, name)
-                        except FileNotFoundError:
-                            continue
-                        if fmt.is_kernel_whiteout(st):
-                            hidden.add(name)
-                            continue
-                    entries[name] = Entry(name, st, None)
+        entries, hidden = self._upper_entries(node, with_stats)
         kept = await self.listings.node_listing(node) if node.lower is not None else None
         if kept is not None:
             for entry in _shown_lower(kept):
@@ -79,12 +68,10 @@ class DirReader:
             try:
                 async with self.dirs.lower_fd(node) as fd:
                     if names is not None:
+                        # Stated by readdir_entry as the kernel reads them, a chunk at a
+                        # time: the first reply comes at once, no call outlasts the timeout.
                         names = [n for n in names if n not in entries and n not in hidden]
-                        if with_stats:
-                            lower, names = self.listings.kept_stats(node, names)
-                            lower += await self.lower.stat_names(fd, names)
-                        else:
-                            lower = [(n, None) for n in names]
+                        lower = [(n, UNSTATED if with_stats else None) for n in names]
                     elif with_stats:
                         lower = await self.lower.scan_stats(fd)
                     else:
@@ -98,7 +85,7 @@ class DirReader:
                 lower = []  # a redirect whose lower directory is gone
             for name, st in lower:
                 if name in hidden or self.names.hidden_name(node, name) or (
-                        st is not None and fmt.is_kernel_whiteout(st)):
+                        st is not None and st is not UNSTATED and fmt.is_kernel_whiteout(st)):
                     continue
                 if names is None and not self.names.lower_visible(node, name):
                     continue  # (names from the policy are visible by definition)
@@ -107,6 +94,31 @@ class DirReader:
                 else:
                     entries[name] = Entry(name, None, st)
         return list(entries.values())
+
+    def _upper_entries(self, node: Node, with_stats: bool) -> tuple[dict[bytes, Entry], set]:
+        """A directory's upper entries by name, and the names its whiteouts hide."""
+        entries: dict[bytes, Entry] = {}
+        hidden: set[bytes] = set()
+        if not node.upper:
+            return entries, hidden
+        with self.dirs.upper_fd(node) as fd:
+            for name, kind in self.upper.scandir(fd):
+                if fmt.is_reserved(name):
+                    hidden.add(name[len(fmt.WHITEOUT_PREFIX):])
+                    continue
+                if node is self.root and name == fmt.STATE_DIR:
+                    continue
+                st = None
+                if with_stats or kind == 0:
+                    try:
+                        st = self.upper.lstat(fd, name)
+                    except FileNotFoundError:
+                        continue
+                    if fmt.is_kernel_whiteout(st):
+                        hidden.add(name)
+                        continue
+                entries[name] = Entry(name, st, None)
+        return entries, hidden
 
     async def list_dir(self, node: Node) -> DirHandle:
         """A snapshot of a directory's merged entries (not registered as open)."""
@@ -131,6 +143,8 @@ class DirReader:
     async def readdir_entry(self, dh: DirHandle, index: int) -> tuple[Node, Attr] | None:
         """The node of entry *index* (not yet referenced), or None if it is gone."""
         entry = dh.entries[index]
+        if entry.lower_st is UNSTATED:
+            await self._stat_unstated(dh, index)
         parent = dh.node
         child = self.inodes.child(parent, entry.name)
         if dh.fixed and entry.upper_st is None and self.policy.immutable(parent.tag):
@@ -161,6 +175,23 @@ class DirReader:
         except FileNotFoundError:
             return None
         return node, self.names.attr(node, st)
+
+    async def _stat_unstated(self, dh: DirHandle, index: int) -> None:
+        """Learn the lower stats of the unstated entries among the next STAT_CHUNK from
+        *index*: from kept listings where they are known, else in one lower call.  An
+        entry gone meanwhile (or a kernel whiteout) is left with none."""
+        chunk = [e for e in dh.entries[index:index + STAT_CHUNK] if e.lower_st is UNSTATED]
+        known, unknown = self.listings.kept_stats(dh.node, [e.name for e in chunk])
+        found = dict(known)
+        if unknown:
+            try:
+                async with self.dirs.lower_fd(dh.node) as fd:
+                    found.update(await self.lower.stat_names(fd, unknown))
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # the lower directory is gone: so are its entries
+        for e in chunk:
+            st = found.get(e.name)
+            e.lower_st = None if st is None or fmt.is_kernel_whiteout(st) else st
 
     def releasedir(self, fh: int) -> None:
         self.handles.pop(fh)

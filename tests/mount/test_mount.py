@@ -248,7 +248,8 @@ def test_remount_keeps_everything(lower, upper, mnt):
 @needs_root
 def test_kernel_overlay_upper_fixture(tmp_path, mnt):
     """An upper written by kernel overlayfs (char-device whiteouts, opaque xattr)."""
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "kernel-overlay-upper.tar")
+    tests = os.path.dirname(os.path.dirname(__file__))
+    fixture = os.path.join(tests, "fixtures", "kernel-overlay-upper.tar")
     subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-xf", fixture, "-C", str(tmp_path)],
                    check=True)
     lower, upper = tmp_path / "lower", tmp_path / "upper"

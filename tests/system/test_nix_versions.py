@@ -5,7 +5,7 @@ use: a few minutes of downloads, hence `slow`), entered with a mount namespace a
 pivot_root so its builds work; the test's directory is bound at the same path, so it
 sees the nixfs mount where the host does.  The host's own Nix is Debian's 2.8.
 
-    scripts/test --slow -k nix_versions     (or: pytest -m slow tests/test_nix_versions.py)
+    scripts/test --slow -k nix_versions     (or: pytest -m slow tests/system/test_nix_versions.py)
 """
 
 import os
@@ -21,7 +21,7 @@ from nixstore import NIX_CONFIG, busybox_dir, derivations_nix, nix, nix_env
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0, reason="chroots and namespaces need root")]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHROOTS = REPO / "scripts/nix-chroots"
 VERSIONS = {"trixie": "2.26", "sid": "2.34"}
 LOWER_DRVS = {"liba": [], "libb": ["liba"], "app": ["liba", "libb"]}

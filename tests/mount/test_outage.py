@@ -181,3 +181,21 @@ def test_unmount_while_the_lower_stalls(tmp_path):
             lower.mode("normal")
             m.stop()
     assert (upper / "mine").read_bytes() == b"upper data\n"
+
+
+@needs_root
+def test_a_store_listing_longer_than_the_timeout_is_not_an_outage(tmp_path):
+    """The store's listing stats its names a chunk at a time as the kernel reads them:
+    a store whose every lstat together takes longer than ``lower_timeout`` (a million
+    paths on a loaded machine, a big store on NFS) lists whole, instead of failing
+    with EIO (which Nix 2.8's collector takes for the end of the store, silently)."""
+    src = tmp_path / "src"
+    names = synthetic_store(src / "nix", count=3000)
+    slow, upper, mnt = tmp_path / "slow", tmp_path / "upper", tmp_path / "M/nix"
+    upper.mkdir()
+    mnt.mkdir(parents=True)
+    with SlowFs(src, slow, latency_ms=1.5), NixfsMount(slow / "nix", upper, mnt, "lower_timeout=3"):
+        listed = {e.name: e.is_dir(follow_symlinks=False) for e in os.scandir(mnt / "store")}
+        assert set(names) <= set(listed), "entries missing from the store's listing"
+        assert all(listed[n] for n in names if not n.endswith(".drv"))
+        assert status(mnt)["lower_calls"].get("timeout", 0) == 0

@@ -1,7 +1,7 @@
 """8 client processes of mixed operations (create, write, read, copy-up, rename,
 unlink, nix-store --add) on a Nix store mount: every byte verified, no error, and
 the daemon's descriptors and memory do not grow.  CI runs 12 s; the 60 s run is
-marked slow (``pytest -m slow tests/test_load.py``, or scripts/loadtest)."""
+marked slow (``pytest -m slow tests/system/test_load.py``, or scripts/loadtest)."""
 
 import json
 

@@ -22,7 +22,7 @@ from nixfs.fuse.features import Features
 from nixfs.overlay import Attr, Overlay
 from nixfs.fuse.stale_attrs import StaleAttributes
 
-SERIES = Path(__file__).resolve().parent.parent / "scripts" / "pyfuse3"
+SERIES = Path(__file__).resolve().parents[2] / "scripts" / "pyfuse3"
 NAMES = [f.name.upper() for f in dataclasses.fields(Features)]
 # What a patch feature offers beyond its marker: none of it may be called when it is absent.
 PATCH_FUNCTIONS = ("keep_attributes", "drop_attributes", "kept_attributes_stats",
