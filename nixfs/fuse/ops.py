@@ -12,7 +12,6 @@ import logging
 import os
 import stat
 
-import cachetools
 import pyfuse3
 
 from . import features

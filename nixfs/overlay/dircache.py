@@ -304,13 +304,3 @@ class DirCache:
 
     def __len__(self) -> int:
         return len(self._lru)
-
-    def stats(self) -> dict:
-        """What the cache did (nixfs status): answers from memory, from the store, and
-        listings asked for that neither had."""
-        asked = self.hits + self.loads + self.misses
-        return {"hits": self.hits, "misses": self.misses, "loaded_from_disk": self.loads,
-                "listings": len(self),
-                "bytes_on_disk": self.store.size_bytes() if self.store is not None else 0,
-                # Answered without a lower call, of every cacheable listing asked.
-                "hit_ratio": round((self.hits + self.loads) / asked, 3) if asked else None}

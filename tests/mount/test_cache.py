@@ -11,7 +11,7 @@ import pytest
 from harness import run_nixfs
 from nixfs.fuse import features
 from nixstore import nix, nix_build
-from test_nixstore import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)
+from nixlower import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)
 
 
 def status(store) -> dict:

@@ -11,7 +11,7 @@ import pytest
 from conftest import needs_root
 from harness import NixfsMount, run_nixfs, snapshot
 from nixstore import nix_build
-from test_nixstore import Store, built_lower  # noqa: F401 (fixture)
+from nixlower import Store, built_lower  # noqa: F401 (fixture)
 
 WH = ".wh."
 OPQ = ".wh..wh..opq"

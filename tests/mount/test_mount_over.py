@@ -13,7 +13,7 @@ import pytest
 from conftest import needs_root, run
 from harness import NixfsMount, run_nixfs, snapshot
 from nixstore import derivations_nix, nix, nix_env
-from test_nixstore import LOWER_DRVS, built_lower  # noqa: F401 (a fixture)
+from nixlower import LOWER_DRVS, built_lower  # noqa: F401 (a fixture)
 
 
 @needs_root

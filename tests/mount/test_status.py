@@ -4,7 +4,7 @@ import json
 import os
 
 from harness import NixfsMount, run_nixfs
-from test_nixstore import Store, built_lower  # noqa: F401 (fixture)
+from nixlower import Store, built_lower  # noqa: F401 (fixture)
 
 
 def status(mnt) -> tuple[dict, str]:

@@ -14,7 +14,7 @@ from conftest import needs_root
 from harness import NixfsMount, exited, run_nixfs
 from nixstore import nix_env
 from test_cli import expect_usage_error
-from test_nixstore import built_lower  # noqa: F401 (a fixture)
+from nixlower import built_lower  # noqa: F401 (a fixture)
 
 
 def _hold(*python: str, cwd=None) -> subprocess.Popen:

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 from crashloop import CrashLoop
 from harness import run_nixfs
-from test_nixstore import Store, built_lower  # noqa: F401 (fixture)
+from nixlower import Store, built_lower  # noqa: F401 (fixture)
 
 
 def _loop(tmp_path, built_lower, rounds, seed):  # noqa: F811

@@ -16,7 +16,7 @@ import pytest
 from conftest import make_lower
 from harness import REPO, force_unmount
 from nixstore import NIX_CONFIG, derivations_nix
-from test_nixstore import LOWER_DRVS, built_lower  # noqa: F401 (a fixture)
+from nixlower import LOWER_DRVS, built_lower  # noqa: F401 (a fixture)
 
 NIXFS = f"{sys.executable} -m nixfs"
 

@@ -180,3 +180,16 @@ def test_no_part_sets_another_parts_attribute():
     found = set(_attribute_sets())
     assert not found - SETS_ALLOWED, sorted(found - SETS_ALLOWED)
     assert not SETS_ALLOWED - found, f"no longer needed: {sorted(SETS_ALLOWED - found)}"
+
+
+@pytest.mark.parametrize("tier", ["unit", "mount", "system"])
+def test_each_test_tier_runs_on_its_own(tier):
+    """``scripts/test TIER`` collects one folder alone: a test module that needs another
+    tier's module on the path (a fixture imported from it) breaks that."""
+    import subprocess
+    import sys
+    tests = PACKAGE.parent / "tests"
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
+                        "no:cacheprovider", str(tests / tier)], cwd=PACKAGE.parent,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:]
