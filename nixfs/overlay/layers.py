@@ -233,30 +233,29 @@ class Layer:
         finally:
             os.close(fd)
 
-    def _object_fd(self, dirfd: int, name: bytes) -> int:
-        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    @contextmanager
+    def _object_path(self, dirfd: int, name: bytes):
+        """A path to ``dirfd/name`` itself (never what a symlink there points to), for
+        the xattr calls, which have no ``*at`` form."""
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
 
     def listxattr(self, dirfd: int, name: bytes) -> list[str]:
         self.calls["listxattr"] += 1
-        fd = self._object_fd(dirfd, name)
-        try:
-            return os.listxattr(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
+        with self._object_path(dirfd, name) as path:
+            return os.listxattr(path)
 
     def getxattr(self, dirfd: int, name: bytes, attr: str) -> bytes:
         self.calls["getxattr"] += 1
-        fd = self._object_fd(dirfd, name)
-        try:
-            return os.getxattr(f"/proc/self/fd/{fd}", attr)
-        finally:
-            os.close(fd)
+        with self._object_path(dirfd, name) as path:
+            return os.getxattr(path, attr)
 
     def read_xattrs(self, dirfd: int, name: bytes) -> dict[str, bytes]:
         """All xattrs of an object that the caller may read (for copy-up)."""
-        fd = self._object_fd(dirfd, name)
-        try:
-            path = f"/proc/self/fd/{fd}"
+        with self._object_path(dirfd, name) as path:
             self.calls["listxattr"] += 1
             try:
                 names = os.listxattr(path)
@@ -273,9 +272,6 @@ class Layer:
                     if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
                         raise
             return out
-        finally:
-            os.close(fd)
-
 
     def read_dir_xattrs(self, dirfd: int, names: list[bytes]) -> dict[bytes, dict[str, bytes]]:
         """The xattrs of each of *names* in *dirfd* that has any (one trip for a

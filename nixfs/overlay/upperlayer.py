@@ -92,16 +92,10 @@ class UpperLayer(Layer):
 
     def setxattr(self, dirfd: int, name: bytes, attr: str, value: bytes) -> None:
         self.calls["setxattr"] += 1
-        fd = self._object_fd(dirfd, name)
-        try:
-            os.setxattr(f"/proc/self/fd/{fd}", attr, value)
-        finally:
-            os.close(fd)
+        with self._object_path(dirfd, name) as path:
+            os.setxattr(path, attr, value)
 
     def removexattr(self, dirfd: int, name: bytes, attr: str) -> None:
         self.calls["removexattr"] += 1
-        fd = self._object_fd(dirfd, name)
-        try:
-            os.removexattr(f"/proc/self/fd/{fd}", attr)
-        finally:
-            os.close(fd)
+        with self._object_path(dirfd, name) as path:
+            os.removexattr(path, attr)
