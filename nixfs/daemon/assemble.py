@@ -17,6 +17,7 @@ import apsw
 
 from .. import logs, pin
 from ..config import MountConfig
+from ..fuse import features
 from ..fuse.notifier import KernelNotifier
 from ..fuse.ops import FuseOps, ListingSnapshots
 from ..fuse.stale_attrs import StaleAttributes
@@ -134,7 +135,8 @@ def _open_overlay(cfg: MountConfig, owner, state, store, notify):
                        readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
                        lower_timeout=cfg.lower_timeout or None, state=state, notify=notify,
                        policy=store.policy if store else None,
-                       listings=store.listings if store else None)
+                       listings=store.listings if store else None,
+                       nodeless_listings=features.FEATURES.readdir_without_node)
     except StateError as e:
         raise StartFailed(str(e), 2) from None
     except OSError as e:

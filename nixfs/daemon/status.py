@@ -50,7 +50,8 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
         "kept_attributes": ops["kept_attributes"],
         "attributes_refreshed": (daemon.stale_attrs.stats() if daemon.stale_attrs is not None
                                  else {"done": 0, "failed": 0}),
-        **_keys(model, "copy_ups", "stale_answers", "nodes", "nodes_trimmed"),
+        **_keys(model, "copy_ups", "stale_answers", "nodes", "nodes_trimmed",
+                "entries_without_node"),
         "rss_bytes": _rss(),
         **_keys(model, "open_dir_fds", "shared_lower_files", "node_file_fds", "cache"),
         "upper_bytes": tree_size(cfg.upper),

@@ -28,6 +28,7 @@ class Features:
     files_by_inode: bool = False  # 06: open answering ENOSYS, reads by inode
     readdir_end: bool = False  # 07: readdir returning True (needs 02)
     refresh_attributes: bool = False  # 08: refresh_attributes(paths)
+    readdir_without_node: bool = False  # 09: readdir_reply_without_node()
 
     @classmethod
     def of(cls, module) -> Features:

@@ -15,7 +15,7 @@ import stat
 import pyfuse3
 
 from . import features
-from ..overlay import FIRST_HANDLE, Attr, Caller, NegativeEntry, Overlay, SetAttr
+from ..overlay import FIRST_HANDLE, Attr, Caller, Dirent, NegativeEntry, Overlay, SetAttr
 from .errors import translate
 from .notifier import ListingSnapshots
 from .stale_attrs import StaleAttributes
@@ -76,7 +76,8 @@ class FuseOps(pyfuse3.Operations):
     def __init__(self, overlay: Overlay, snapshots: ListingSnapshots, *, listings: str = "best",
                  opens: str = "best", xattrs: bool = True,
                  stale_attrs: StaleAttributes | None = None,
-                 readdir_reply=pyfuse3.readdir_reply):
+                 readdir_reply=pyfuse3.readdir_reply,
+                 readdir_reply_without_node=getattr(pyfuse3, "readdir_reply_without_node", None)):
         """*snapshots* are those the overlay's KernelNotifier drops; *stale_attrs*
         refreshes what the kernel's reads made stale (None: nothing to refresh)."""
         super().__init__()
@@ -84,6 +85,9 @@ class FuseOps(pyfuse3.Operations):
         # (token, name, entry, next_id) -> False when the reply is full: pyfuse3's, which
         # needs the token of a request from the kernel (a test drives readdir with its own).
         self._readdir_reply = readdir_reply
+        # (token, name, ino, mode, next_id) -> False when full: an entry that gives the
+        # kernel no node (features.readdir_without_node), for the model's Dirents.
+        self._reply_without_node = readdir_reply_without_node
         # Without xattrs every xattr request is answered ENOSYS: the kernel then answers
         # EOPNOTSUPP itself and never asks again (an exec asks security.capability, `ls -l`
         # two names per entry: each a round trip otherwise).
@@ -324,6 +328,13 @@ class FuseOps(pyfuse3.Operations):
         for index in range(start_id - 2, len(dh.entries)):
             found = await self.fs.readdir_entry(dh, index)
             if found is None:
+                continue
+            if isinstance(found, Dirent):  # no node: no lookup reference to count
+                if not self._reply_without_node(token, dh.entries[index].name, found.ino,
+                                                found.mode, index + 3):
+                    if self.readdir_by_inode:
+                        self._by_inode[dh.node.ino] = dh
+                    return False
                 continue
             node, attr = found
             if not self._readdir_reply(token, dh.entries[index].name, self._reply(attr), index + 3):

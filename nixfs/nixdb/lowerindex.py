@@ -109,6 +109,12 @@ class LowerIndex:
         return self.conn.execute("select lower_id, state from paths where name = ?",
                                  (name,)).fetchone()
 
+    def states(self, names: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        """``state`` of each of *names* that is a valid lower path, in one query."""
+        marks = ",".join("?" * len(names))
+        return {name: (lower_id, state) for name, lower_id, state in self.conn.execute(
+            f"select name, lower_id, state from paths where name in ({marks})", names)}
+
     def shown_after(self, name: bytes, count: int) -> list[bytes]:
         """The next *count* shown names after *name*, in name order (the order the
         store is listed in)."""

@@ -55,6 +55,42 @@ class NixStorePolicy(LowerPolicy):
             state = self._states[name] = self.index.state(name)
             return state
 
+    def _states_of(self, names: list[bytes]) -> dict:
+        """``_state`` of many names in one index query for those not remembered; not
+        remembered themselves (a million-name listing would only churn the cache)."""
+        self._check_version()
+        found, missing = {}, []
+        for name in names:
+            state = self._states.get(name, self)
+            if state is self:
+                missing.append(name)
+            else:
+                found[name] = state
+        if missing:
+            found.update(self.index.states(missing))
+        return found
+
+    def cache_keys(self, lower_paths):
+        names = [p.split(b"/", 2) for p in lower_paths]
+        if not all(len(parts) == 2 and parts[0] == b"store" for parts in names):
+            return super().cache_keys(lower_paths)
+        states = self._states_of([parts[1] for parts in names])
+        keys = []
+        for _, name in names:
+            state = states.get(name)
+            keys.append(b"%s\0%d\0" % (name, state[0])
+                        if state is not None and state[1] == 0 else None)
+        return keys
+
+    def entry_numbers(self, parent_tag, names):
+        if parent_tag != "store":
+            return [None] * len(names)
+        states = self._states_of(names)
+        # A lower id is never given to another path, and a path that leaves and comes
+        # back gets a new one: the number of an entry shown from the lower.
+        return [state[0] if state is not None and state[1] == 0 else None
+                for state in map(states.get, names)]
+
     def read_ahead(self, lower_path, count):
         # A walk of the store visits store paths in the order it lists them: by name.
         parts = lower_path.split(b"/")

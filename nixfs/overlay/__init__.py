@@ -1,7 +1,7 @@
 """The overlay model: two layers merged into one tree, with no knowledge of FUSE."""
 
 from .model import Overlay
-from .types import FIRST_HANDLE, Attr, Caller, DirHandle, Handle, NegativeEntry, SetAttr
+from .types import FIRST_HANDLE, Attr, Caller, DirHandle, Dirent, Handle, NegativeEntry, SetAttr
 
-__all__ = ["FIRST_HANDLE", "Attr", "Caller", "DirHandle", "Handle", "NegativeEntry", "Overlay",
+__all__ = ["FIRST_HANDLE", "Attr", "Caller", "DirHandle", "Dirent", "Handle", "NegativeEntry", "Overlay",
            "SetAttr"]

@@ -190,6 +190,27 @@ class ListingStore:
             self.conn.execute("delete from listings where key = ?", (key,))
             return None
 
+    def get_many(self, keys: list[bytes]) -> dict[bytes, Listing]:
+        """The kept listings of those of *keys* that have one (one query for all)."""
+        found, ask = {}, []
+        for key in keys:
+            if key in self.pending:
+                found[key] = self.pending[key]
+            elif key not in self._absent:
+                ask.append(key)
+        if ask:
+            marks = ",".join("?" * len(ask))
+            found.update(self.conn.execute(
+                f"select key, data from listings where key in ({marks})", ask))
+        out = {}
+        for key, data in found.items():
+            try:
+                out[key] = decode(data)
+            except (ValueError, struct.error, UnicodeError):
+                log.warning("a damaged cached listing was dropped")
+                self.conn.execute("delete from listings where key = ?", (key,))
+        return out
+
     def _put(self, key: bytes, data: bytes) -> None:
         self._absent.pop(key, None)
         self.pending[key] = data
@@ -255,6 +276,30 @@ class DirCache:
         self.loads += 1
         self._remember(path, key, listing)
         return listing
+
+    def get_many(self, paths: list[bytes], keys: list[bytes | None]) -> list[Listing | None]:
+        """``get`` of each path with its key (None: not kept), the on-disk copies in
+        one query: a store listing asks this of every store path."""
+        found: list[Listing | None] = [None] * len(paths)
+        load = []
+        for i, (path, key) in enumerate(zip(paths, keys)):
+            item = self._lru.get(path) if key is not None else None
+            if item is not None and item[0] == key:
+                self._lru.move_to_end(path)
+                self.hits += 1
+                found[i] = item[1]
+            elif key is not None:
+                load.append(i)
+        stored = self.store.get_many([keys[i] for i in load]) if self.store and load else {}
+        for i in load:
+            listing = stored.get(keys[i])
+            if listing is None:
+                self.misses += 1
+            else:
+                self.loads += 1
+                self._remember(paths[i], keys[i], listing)
+                found[i] = listing
+        return found
 
     def put(self, path: bytes, key: bytes, listing: Listing) -> None:
         self._remember(path, key, listing)

@@ -18,6 +18,9 @@ from collections.abc import Iterator
 
 ROOT_INO = 1
 DERIVED = True
+# Nodes the policy numbers (entry_numbers: a store path, after its lower id) get this
+# plus their number; all others count up from the root, far below it.
+NUMBERED_BASE = 1 << 48
 
 
 class Node:
@@ -76,15 +79,26 @@ class InodeTable:
     def __iter__(self) -> Iterator[Node]:
         return iter(self._nodes.values())
 
+    @staticmethod
+    def numbered(number: int | None) -> int | None:
+        """The inode number of a node the policy numbers *number*."""
+        return None if number is None else NUMBERED_BASE + number
+
     def get(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
 
     def child(self, parent: Node, name: bytes) -> Node | None:
         return parent.children.get(name) if parent.children else None
 
-    def add(self, parent: Node, name: bytes, kind: int, upper: bool, lower) -> Node:
-        node = Node(self._next, parent, name, kind, upper, lower)
-        self._next += 1
+    def add(self, parent: Node, name: bytes, kind: int, upper: bool, lower,
+            number: int | None = None) -> Node:
+        """A new node: numbered after *number* if given (and no other node has that
+        number now), else with the next number of our own."""
+        ino = self.numbered(number)
+        if ino is None or ino in self._nodes:
+            ino = self._next
+            self._next += 1
+        node = Node(ino, parent, name, kind, upper, lower)
         self._nodes[node.ino] = node
         self.attach(node, parent, name)
         return node

@@ -149,11 +149,10 @@ class Listings:
         """Split *names* of *node*'s lower into (name, stat) pairs known from kept
         listings (their ``.``) and the names still to stat."""
         base = self.dirs.lower_path(node)
+        paths = [base + b"/" + name if base else name for name in names]
+        listings = self.dircache.get_many(paths, self.policy.cache_keys(paths))
         known, unknown = [], []
-        for name in names:
-            path = base + b"/" + name if base else name
-            key = self.policy.cache_key(path)
-            listing = self.dircache.get(path, key) if key is not None else None
+        for name, listing in zip(names, listings):
             if listing is not None:
                 known.append((name, listing.stat(b".")))
             else:

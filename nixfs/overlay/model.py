@@ -55,7 +55,7 @@ class Overlay:
                  fd_cache: int = 1024, policy: LowerPolicy | None = None,
                  listings: ListingStore | None = None, immutable_ttl: float = 3600.0,
                  max_nodes: int = 100_000, notify: Notifier | None = None,
-                 state: UpperState | None = None):
+                 state: UpperState | None = None, nodeless_listings: bool = False):
         self.upper = UpperLayer(upper, name="upper")
         self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
                                 timeout=lower_timeout)
@@ -81,8 +81,10 @@ class Overlay:
         self._orphans = orphans = Orphans(dirs, up, low, copying, lock)
         self._names = names = Names(dirs, up, low, inodes, nodes, kept, orphans, policy, lock,
                                     Shown(owner, ttl, immutable_ttl), readonly=readonly)
+        # *nodeless_listings*: the adapter can send listing entries without nodes; those
+        # of a listing past half the node budget go so (overlay/readdir.py).
         self._reader = reader = DirReader(dirs, up, low, inodes, nodes, names, kept, policy,
-                                              handles)
+                                          handles, max_nodes // 2 if nodeless_listings else None)
         self._creating = Creating(dirs, up, inodes, nodes, names, copying, policy, lock,
                                   privileged=privileged)
         self._removing = Removing(dirs, up, inodes, nodes, names, reader, copying, orphans,
@@ -132,6 +134,7 @@ class Overlay:
             "lower_timeout_s": self.lower.timeout or 0,
             "copy_ups": self._copying.copy_ups, "stale_answers": self._names.stale_answers,
             "nodes": len(self.inodes), "nodes_trimmed": self._nodes.trims,
+            "entries_without_node": self._reader.nodeless_sent,
             "open_dir_fds": len(self._dirs.fds),
             "shared_lower_files": len(self._files.lower_files),
             "node_file_fds": len(self._files.file_fds),

@@ -42,7 +42,9 @@ class Nodes:
         return node
 
     def new_node(self, parent: Node, name: bytes, kind: int, upper: bool, lower) -> Node:
-        node = self.inodes.add(parent, name, kind, upper, lower)
+        number = (self.policy.entry_numbers(parent.tag, [name])[0]
+                  if parent.tag is not None and lower is not None else None)
+        node = self.inodes.add(parent, name, kind, upper, lower, number)
         if parent.tag is not None and kind == stat.S_IFDIR:
             node.tag = self.policy.tag(parent.tag, name)
         self._made_since_trim += 1

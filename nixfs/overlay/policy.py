@@ -43,6 +43,17 @@ class LowerPolicy:
         mounts; it must change whenever the path's content may.  None: do not keep."""
         return None
 
+    def cache_keys(self, lower_paths: list[bytes]) -> list[bytes | None]:
+        """``cache_key`` of each of *lower_paths* (the entries of one directory)."""
+        return [self.cache_key(p) for p in lower_paths]
+
+    def entry_numbers(self, parent_tag: str | None, names: list[bytes]) -> list[int | None]:
+        """For each lower entry *names* of a directory with *parent_tag*, a number that
+        stays the same exactly as long as the entry is the same lower object, or None.
+        The overlay numbers such an entry's node after it, so that a listing can tell
+        the kernel a name's inode number without making its node (see readdir)."""
+        return [None] * len(names)
+
     def read_ahead(self, lower_path: bytes, count: int) -> list[bytes]:
         """Up to *count* lower paths a walk will likely want after the immutable
         *lower_path*, to be fetched in the background (none by default)."""

@@ -21,7 +21,7 @@ from .listings import Listings
 from .names import Names
 from .nodes import Nodes
 from .policy import LowerPolicy
-from .types import Attr, DirHandle, Entry, OpenTable, err
+from .types import Attr, DirHandle, Dirent, Entry, OpenTable, err
 
 
 # A lower entry whose stat a listing has not learnt yet (see DirReader._stat_unstated).
@@ -43,13 +43,20 @@ def _shown_lower(listing: Listing) -> list[Entry]:
 
 
 class DirReader:
+    """*nodeless_over*: a listing of more entries than this is sent without nodes
+    where it can (None: never; the adapter says whether it can send such entries).
+    Nodes past the budget are trimmed again anyway, at the cost of a round trip each,
+    and a million-path store is listed whole by Nix's garbage collector."""
+
     def __init__(self, dirs: Descriptors, upper: UpperLayer, lower: LowerLayer, inodes: InodeTable,
                  nodes: Nodes, names: Names, listings: Listings, policy: LowerPolicy,
-                 handles: OpenTable):
+                 handles: OpenTable, nodeless_over: int | None = None):
         self.dirs, self.upper, self.lower, self.inodes = dirs, upper, lower, inodes
         self.nodes, self.names, self.listings = nodes, names, listings
         self.policy, self.handles = policy, handles
         self.root = inodes.root
+        self.nodeless_over = nodeless_over
+        self.nodeless_sent = 0
 
     async def merged_entries(self, node: Node, *, with_stats: bool) -> list[Entry]:
         """The merged entries of a directory, upper first."""
@@ -133,19 +140,26 @@ class DirReader:
             if kept is not None:
                 return DirHandle(self.handles.number(), node, _shown_lower(kept), True)
         entries = await self.merged_entries(node, with_stats=True)
-        return DirHandle(self.handles.number(), node, entries, fixed)
+        nodeless = self.nodeless_over is not None and len(entries) > self.nodeless_over
+        return DirHandle(self.handles.number(), node, entries, fixed, nodeless)
 
     async def opendir(self, node: Node) -> DirHandle:
         dh = await self.list_dir(node)
         self.handles.add(dh)
         return dh
 
-    async def readdir_entry(self, dh: DirHandle, index: int) -> tuple[Node, Attr] | None:
-        """The node of entry *index* (not yet referenced), or None if it is gone."""
+    async def readdir_entry(self, dh: DirHandle, index: int) -> tuple[Node, Attr] | Dirent | None:
+        """The node of entry *index* (not yet referenced), or None if it is gone; in a
+        listing sent without nodes, a Dirent where the entry's number is known."""
         entry = dh.entries[index]
         if entry.lower_st is UNSTATED:
             await self._stat_unstated(dh, index)
         parent = dh.node
+        if dh.nodeless:
+            dirent = self._dirent(parent, entry)
+            if dirent is not None:
+                self.nodeless_sent += 1
+                return dirent
         child = self.inodes.child(parent, entry.name)
         if dh.fixed and entry.upper_st is None and self.policy.immutable(parent.tag):
             # In an immutable lower-only directory the listing's stat is the object's:
@@ -176,6 +190,18 @@ class DirReader:
             return None
         return node, self.names.attr(node, st)
 
+    def _dirent(self, parent: Node, entry: Entry) -> Dirent | None:
+        """The entry as a Dirent, with the number its node has or will have; None
+        where that is not known (an upper-only entry, or the number taken)."""
+        child = self.inodes.child(parent, entry.name)
+        if child is not None:
+            return Dirent(child.ino, child.kind)
+        st = entry.upper_st or entry.lower_st
+        ino = self.inodes.numbered(entry.number)
+        if st is None or ino is None or self.inodes.get(ino) is not None:
+            return None
+        return Dirent(ino, stat.S_IFMT(st.st_mode))
+
     async def _stat_unstated(self, dh: DirHandle, index: int) -> None:
         """Learn the lower stats of the unstated entries among the next STAT_CHUNK from
         *index*: from kept listings where they are known, else in one lower call.  An
@@ -189,9 +215,12 @@ class DirReader:
                     found.update(await self.lower.stat_names(fd, unknown))
             except (FileNotFoundError, NotADirectoryError):
                 pass  # the lower directory is gone: so are its entries
-        for e in chunk:
+        numbers = (self.policy.entry_numbers(dh.node.tag, [e.name for e in chunk])
+                   if dh.nodeless else [None] * len(chunk))
+        for e, number in zip(chunk, numbers):
             st = found.get(e.name)
             e.lower_st = None if st is None or fmt.is_kernel_whiteout(st) else st
+            e.number = number
 
     def releasedir(self, fh: int) -> None:
         self.handles.pop(fh)

@@ -77,14 +77,25 @@ class Entry:
     name: bytes
     upper_st: os.stat_result | None
     lower_st: os.stat_result | None
+    number: int | None = None  # the policy's number for it, in a listing sent without nodes
+
+
+@dataclass(slots=True)
+class Dirent:
+    """An entry of a listing sent without a node: the kernel learns the name, its
+    inode number (the one a lookup of it will give) and its type, and keeps nothing."""
+    ino: int
+    mode: int
 
 
 class DirHandle:
-    __slots__ = ("fh", "node", "entries", "fixed")
+    __slots__ = ("fh", "node", "entries", "fixed", "nodeless")
 
-    def __init__(self, fh: int, node: Node, entries: list[Entry], fixed: bool = False):
+    def __init__(self, fh: int, node: Node, entries: list[Entry], fixed: bool = False,
+                 nodeless: bool = False):
         self.fh, self.node, self.entries = fh, node, entries
         self.fixed = fixed  # a listing that cannot change: the kernel may keep it
+        self.nodeless = nodeless  # its entries go without nodes where they can (readdir)
 
 
 class OpenTable:

@@ -69,6 +69,37 @@ def test_gc_frees_upper_and_never_touches_lower(store):
         assert store.valid(store.paths["liba"])
 
 
+def test_a_store_listed_without_nodes_is_collected_right(tmp_path):
+    """A store listing past half the node budget sends its lower paths without nodes
+    (pyfuse3's patch 09): each entry's inode number is the one a stat of it gives,
+    the listing makes no nodes, and Nix's collector, which lists the store, frees the
+    upper's garbage and keeps every lower path."""
+    from nixfs.fuse import features
+    from relharness import status, synthetic_store
+    if not features.FEATURES.readdir_without_node:
+        pytest.skip("pyfuse3 without nixfs' patch 09 (scripts/build-pyfuse3)")
+    names = synthetic_store(tmp_path / "L/nix", count=150)
+    upper, root = tmp_path / "upper", tmp_path / "M"
+    upper.mkdir()
+    (root / "nix").mkdir(parents=True)
+    with NixfsMount(tmp_path / "L/nix", upper, root / "nix", "max_nodes=100"):
+        junk = tmp_path / "junk.txt"
+        junk.write_text("garbage")
+        added = nix(root, "nix-store", "--add", str(junk)).stdout.strip()
+        before = status(root / "nix")
+        listed = {e.name: e.inode() for e in os.scandir(root / "nix/store")}
+        after = status(root / "nix")
+        assert set(names) | {os.path.basename(added)} <= set(listed)
+        assert after["entries_without_node"] - before["entries_without_node"] >= len(names)
+        assert after["nodes"] < before["nodes"] + 10
+        for name in names[::7] + [os.path.basename(added)]:
+            assert os.lstat(root / "nix/store" / name).st_ino == listed[name], name
+        nix(root, "nix-store", "--gc")
+        assert not (root / "nix/store" / os.path.basename(added)).exists()
+        valid = nix(root, "nix-store", "-q", "--hash", *[f"/nix/store/{n}" for n in names])
+        assert len(valid.stdout.split()) == len(names)
+
+
 def test_store_view_hides_invalid_lower_entries(store):
     junk = ["aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-half-copied", ".nfs000000001", "x.lock",
             os.path.basename(store.paths["app"]) + ".lock"]

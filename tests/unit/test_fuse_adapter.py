@@ -140,7 +140,7 @@ async def test_getattr_and_mknod_answer_every_field(fs, ops):
 
 async def test_statfs_copies_every_field(fs, ops):
     out = await ops.statfs(CTX)
-    vfs = os.statvfs("/")
+    vfs = fs.statvfs
     for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                   "f_ffree", "f_favail", "f_namemax"):
         assert getattr(out, field) == getattr(vfs, field), field
@@ -206,6 +206,33 @@ async def test_an_entry_gone_meanwhile_is_left_out_unreported(fs):
     assert [n for n, _, _ in replies.sent[2:]] == [b"a", b"c"]
     assert [(n, i) for n, _, i in replies.sent[2:]] == [(b"a", 3), (b"c", 5)]  # offsets kept
     assert [node.name for node, in fs.called("entry_sent")] == [b"a", b"c"]
+
+
+class NodelessReplies(Replies):
+    """pyfuse3's readdir_reply_without_node beside Replies, into the same buffer."""
+
+    def without_node(self, token, name, ino, mode, next_id) -> bool:
+        assert token == "token" and stat.S_ISREG(mode)
+        if len(self.sent) == self.room:
+            return False
+        self.sent.append((name, ino, next_id))
+        return True
+
+
+async def test_entries_without_a_node_are_sent_so_and_never_counted(fs):
+    fs.nodeless = {b"a", b"c"}
+    replies = NodelessReplies(room=4)  # ".", "..", "a", "b": "c" waits for the next reply
+    ops = FuseOps(fs, ListingSnapshots(), readdir_reply=replies,
+                  readdir_reply_without_node=replies.without_node)
+    fh = await ops.opendir(ROOT_INO, CTX)
+    assert await ops.readdir(fh, 0, "token") is False
+    b, = [node for node, in fs.called("entry_sent")]
+    assert replies.sent[2:] == [(b"a", 1000, 3), (b"b", b.ino, 4)]
+    assert not fs.called("entry_refused")  # "c" was refused, but it has no node
+    replies.sent.clear()
+    assert await ops.readdir(fh, replies_next := 4, "token") is True  # b's next id
+    assert replies.sent == [(b"c", 1002, replies_next + 1)]
+    assert [node.name for node, in fs.called("entry_sent")] == [b"b"]
 
 
 async def test_dot_dot_of_a_subdirectory_is_its_parent(fs):

@@ -122,6 +122,61 @@ async def test_listing_an_immutable_directory_gives_what_lookups_give(lower, upp
         fs.close()
 
 
+class NumberedStore(FrozenStore):
+    """A store whose lower paths the policy names and numbers (as a Nix store's index
+    does with the lower database's ids)."""
+
+    def __init__(self, lower):
+        self.ids = {n: 10 + i for i, n in enumerate(sorted(os.listdir(lower / "store")))}
+
+    def lower_names(self, parent_tag):
+        return sorted(n.encode() for n in self.ids) if parent_tag == "store" else None
+
+    def entry_numbers(self, parent_tag, names):
+        if parent_tag != "store":
+            return [None] * len(names)
+        return [self.ids.get(os.fsdecode(n)) for n in names]
+
+
+async def test_a_long_listing_goes_without_nodes_numbered_as_lookups_number_them(tmp_path, upper):
+    """Past half the node budget a listing makes no nodes where the policy numbers
+    its entries: each says the inode number a lookup of it gives (then or later),
+    and an entry the policy does not number (upper-only) still gets its node."""
+    lower = tmp_path / "lower"
+    for i in range(12):
+        (lower / f"store/p{i:02}").mkdir(parents=True)
+    (upper / "store").mkdir()
+    (upper / "store/own").mkdir()
+    policy = NumberedStore(lower)
+    fs = Overlay(str(lower), str(upper), policy=policy, max_nodes=20, nodeless_listings=True)
+    try:
+        store = await walk(fs, "store")
+        known = await walk(fs, "store/p03")
+        nodes = len(fs.inodes)
+        dh = await fs.opendir(store)
+        assert dh.nodeless and len(dh.entries) == 13
+        sent = {dh.entries[i].name: await fs.readdir_entry(dh, i) for i in range(13)}
+        fs.releasedir(dh.fh)
+        own_node, _ = sent.pop(b"own")
+        assert own_node.upper and len(fs.inodes) == nodes + 1  # the one node made
+        assert sent[b"p03"].ino == known.ino and stat.S_ISDIR(sent[b"p03"].mode)
+        for name, dirent in sent.items():
+            node = await walk(fs, "store/" + name.decode())
+            assert node.ino == dirent.ino, name
+        assert fs.stats()["entries_without_node"] == 12
+    finally:
+        fs.close()
+    fs = Overlay(str(lower), str(upper), policy=policy, max_nodes=20)  # an adapter that cannot
+    try:
+        dh = await fs.opendir(await walk(fs, "store"))
+        assert not dh.nodeless
+        node, attr = await fs.readdir_entry(dh, 0)
+        assert attr.ino == node.ino
+        fs.releasedir(dh.fh)
+    finally:
+        fs.close()
+
+
 class AskLog(Notifier):
     def __init__(self):
         self.asked = []
