@@ -8,7 +8,8 @@ import os
 import pytest
 
 from nixfs.cow import cowmap
-from nixfs.cow.cowfile import CowFile, ReadOnlyFile
+from nixfs.cow.bases import base_opener
+from nixfs.cow.cowfile import CowFile
 from nixfs.overlay import Caller, Overlay, SetAttr
 
 ME = Caller(os.getuid(), os.getgid())
@@ -24,10 +25,9 @@ def layers(tmp_path):
     return lower, upper
 
 
-def make_cow(delta, base_path, base_rel: str, *, writes=()) -> None:
-    base = ReadOnlyFile.open(base_path) if not os.path.exists(cowmap.map_path(base_path)) \
-        else CowFile.open(base_path, cowmap.map_path(base_path), lambda rel: ReadOnlyFile.open(
-            os.path.join(os.path.dirname(os.path.dirname(base_path)), rel)), readonly=True)
+def make_cow(delta, lower, base_rel: str, *, writes=()) -> None:
+    """A COW file at *delta* over the lower's *base_rel* (itself one, or a plain file)."""
+    base = base_opener(lower)(base_rel)
     try:
         cow = CowFile.create(delta, cowmap.map_path(delta), base, base_path=base_rel)
         for offset, data in writes:
@@ -40,7 +40,7 @@ def make_cow(delta, base_path, base_rel: str, *, writes=()) -> None:
 @pytest.fixture
 def fs(layers):
     lower, upper = layers
-    make_cow(upper / "d/db", lower / "gen/base", "gen/base", writes=[(4096, b"new")])
+    make_cow(upper / "d/db", lower, "gen/base", writes=[(4096, b"new")])
     overlay = Overlay(str(lower), str(upper))
     yield overlay
     overlay.close()
@@ -102,8 +102,8 @@ async def test_a_damaged_map_is_an_error_and_can_still_be_unlinked(fs, layers):
 async def test_a_base_that_is_itself_a_cow_delta(layers):
     lower, upper = layers
     # gen/2 is a delta over gen/base (an incremental generation), the upper's over gen/2.
-    make_cow(lower / "gen/2", lower / "gen/base", "gen/base", writes=[(0, b"gen2")])
-    make_cow(upper / "d/db", lower / "gen/2", "gen/2", writes=[(8192, b"upper")])
+    make_cow(lower / "gen/2", lower, "gen/base", writes=[(0, b"gen2")])
+    make_cow(upper / "d/db", lower, "gen/2", writes=[(8192, b"upper")])
     before = {p.name: p.read_bytes() for p in (lower / "gen").iterdir()}
     fs = Overlay(str(lower), str(upper))
     try:
@@ -118,7 +118,7 @@ async def test_a_base_that_is_itself_a_cow_delta(layers):
 
 async def test_unlinked_while_held_it_is_served_until_forgotten(layers):
     lower, upper = layers
-    make_cow(upper / "d/db", lower / "gen/base", "gen/base")
+    make_cow(upper / "d/db", lower, "gen/base")
     fs = Overlay(str(lower), str(upper))
     d = await walk(fs, "d")
     node = await walk(fs, "d/db")
