@@ -133,9 +133,7 @@ class CowFiles:
             entry = self._by_file.get(key)
             if entry is None:
                 entry = await self._open(pfd, node.name, key)
-        if node.parent is None:  # unlinked while it was opened
-            return entry
-        entry.nodes.add(node.ino)
+        entry.nodes.add(node.ino)  # (also if it was unlinked meanwhile: it serves the orphan)
         self._by_node[node.ino] = entry
         return entry
 
