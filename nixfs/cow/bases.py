@@ -5,6 +5,8 @@ The overlay opens bases itself (with *at calls and O_NOFOLLOW on its layers); ev
 else (the VFS, publish, tests) opens them by path below a root with ``base_opener``.
 """
 
+import errno
+import functools
 import os
 
 from . import cowmap
@@ -21,13 +23,11 @@ class ReadOnlyFile:
     def __init__(self, fd: int):
         self._fd = fd
         self._size = os.fstat(fd).st_size
+        self.pread = functools.partial(os.pread, fd)  # (n, offset): straight to C, per page
 
     @classmethod
     def open(cls, path, dir_fd: int | None = None) -> "ReadOnlyFile":
         return cls(os.open(path, _RDONLY, dir_fd=dir_fd))
-
-    def pread(self, n: int, offset: int) -> bytes:
-        return os.pread(self._fd, n, offset)
 
     def size(self) -> int:
         return self._size
@@ -36,6 +36,11 @@ class ReadOnlyFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self.pread = _closed  # never a read of a descriptor number reused since
+
+
+def _closed(n: int, offset: int) -> bytes:
+    raise OSError(errno.EBADF, "COW base closed")
 
 
 def base_opener(root, max_depth: int = 16):

@@ -44,8 +44,11 @@ class CowFile:
 
     def __init__(self, fd: int, map_fd: int, m: CowMap, base, map_path, dir_fd, readonly):
         self._fd, self._map_fd, self._map, self._base = fd, map_fd, m, base
+        self._map_id = cowmap.file_id(map_fd)  # which map file this one is (path_id)
         self._map_path, self._dir_fd, self._readonly = map_path, dir_fd, readonly
         self._ps = m.page_size
+        self._shift = m.page_size.bit_length() - 1  # page sizes are powers of two
+        self._base_pread = base.pread if base is not None else None
         self._lock = threading.Lock()
         self._data_dirty = False  # delta written since its last fdatasync
         self._map_state = _CLEAN
@@ -115,18 +118,25 @@ class CowFile:
         return os.fstat(self._fd).st_blocks
 
     def pread(self, n: int, offset: int) -> bytes:
+        # The FUSE layer calls this for every page read: the one-page cases are inline.
         m = self._map
-        end = min(offset + n, m.size)
+        end = offset + n
+        if end > m.size:
+            end = m.size
         if offset >= end:
             return b""
-        ps = self._ps
-        first, last = offset // ps, (end - 1) // ps
+        shift = self._shift
+        first, last = offset >> shift, (end - 1) >> shift
         if first != last:
             return self._read_runs(m, offset, end, first, last)
         bits = m.bits
         if first >> 3 < len(bits) and bits[first >> 3] >> (first & 7) & 1:
-            return self._read_delta(offset, end)
-        return self._read_below(m, offset, end)
+            data = os.pread(self._fd, end - offset, offset)
+        elif end <= m.base_limit:
+            data = self._base_pread(end - offset, offset)
+        else:
+            return self._read_below(m, offset, end)
+        return data if len(data) == end - offset else data + bytes(end - offset - len(data))
 
     def _read_runs(self, m: CowMap, offset: int, end: int, first: int, last: int) -> bytes:
         """A read over several pages: one pread per run of pages from the same place."""
@@ -150,7 +160,7 @@ class CowFile:
         limit = m.base_limit
         if start >= limit:
             return bytes(stop - start)
-        data = self._base.pread(min(stop, limit) - start, start)
+        data = self._base_pread(min(stop, limit) - start, start)
         return data if len(data) == stop - start else data + bytes(stop - start - len(data))
 
     # -- writing -------------------------------------------------------------------------
@@ -244,7 +254,7 @@ class CowFile:
             os.fsync(self._map_fd)
             cowmap.sync_dir(os.path.dirname(os.fsencode(self._map_path)), self._dir_fd)
         self._map_state = _CLEAN
-        if cut and self._cut and cowmap.is_current(self._map_path, self._map_fd, self._dir_fd):
+        if cut and self._cut and self._map_is_current():
             if os.fstat(self._fd).st_size > self._map.size:
                 os.ftruncate(self._fd, self._map.size)
             self._cut = False
@@ -261,15 +271,20 @@ class CowFile:
                 self._map_state = _PUBLISHED
 
     def _replace_map(self, durable: bool) -> None:
-        new_fd = cowmap.write(self._map_path, self._map, self._dir_fd, durable=durable,
-                              keep_open=True)
+        self._hold_map(cowmap.write(self._map_path, self._map, self._dir_fd, durable=durable,
+                                    keep_open=True))
+
+    def _hold_map(self, map_fd: int) -> None:
         os.close(self._map_fd)
-        self._map_fd = new_fd
+        self._map_fd, self._map_id = map_fd, cowmap.file_id(map_fd)
+
+    def _map_is_current(self) -> bool:
+        return cowmap.path_id(self._map_path, self._dir_fd) == self._map_id
 
     def refresh(self) -> bool:
         """Take the map another process wrote since this one was read (True if there was
         one).  Only when this file has nothing unpublished: SQLite's locks guarantee it."""
-        if cowmap.is_current(self._map_path, self._map_fd, self._dir_fd):
+        if self._map_is_current():
             return False
         with self._lock:
             if self._map_state == _DIRTY:
@@ -283,8 +298,8 @@ class CowFile:
             except BaseException:
                 os.close(map_fd)
                 raise
-            os.close(self._map_fd)
-            self._map_fd, self._map = map_fd, m
+            self._hold_map(map_fd)
+            self._map = m
             self._cut = not self._readonly
         return True
 
@@ -308,6 +323,16 @@ class CowFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def remove(delta_path, map_path, dir_fd: int | None = None) -> None:
+    """Unlink a COW file: the delta first, so a crash in between leaves only a map (hidden,
+    and replaced by the next ``create``), never a delta that reads as damaged."""
+    os.unlink(delta_path, dir_fd=dir_fd)
+    try:
+        os.unlink(map_path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def _open_checked_base(m: CowMap, open_base, map_path):

@@ -153,7 +153,7 @@ def write(path, m: CowMap, dir_fd: int | None = None, durable: bool = True,
     """Replace the map at *path* whole.  *durable*: fsync the file and its directory, so
     the new map survives a power loss (without it, a killed process still leaves one of
     the two maps, since the rename is atomic).  *keep_open*: return a descriptor on the
-    new map (its inode number then tells a newer map from it: see ``is_current``)."""
+    new map (its inode number then tells a newer map from it: see ``path_id``)."""
     head, tail = os.path.split(os.fsencode(path))
     if not tail.startswith(MAP_PREFIX):
         raise ValueError(f"{os.fsdecode(path)}: not a COW map name")
@@ -190,13 +190,17 @@ def sync_dir(head: bytes, dir_fd: int | None) -> None:
         os.close(fd)
 
 
-def is_current(path, map_fd: int, dir_fd: int | None = None) -> bool:
-    """Whether the map at *path* is still the one open as *map_fd*.  A new map is a new
-    inode, and while *map_fd* holds the old one open its number cannot be reused, so
-    comparing inode numbers cannot miss a change (mtimes can: they are coarse)."""
+def file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def path_id(path, dir_fd: int | None = None) -> tuple[int, int] | None:
+    """Which map is at *path* now (None: none).  A new map is a new inode, and while the
+    old one is held open its number cannot be reused, so comparing this with ``file_id``
+    of the map one holds cannot miss a change (mtimes can: they are coarse)."""
     try:
         st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return False
-    held = os.fstat(map_fd)
-    return st.st_ino == held.st_ino and st.st_dev == held.st_dev
+        return None
+    return st.st_dev, st.st_ino
