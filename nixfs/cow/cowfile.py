@@ -53,6 +53,7 @@ class CowFile:
         self._data_dirty = False  # delta written since its last fdatasync
         self._map_state = _CLEAN
         self._cut = False  # the delta may extend past the size (a truncation, a crash)
+        self._owns_dir_fd = False
 
     # -- opening -------------------------------------------------------------------------
 
@@ -69,21 +70,29 @@ class CowFile:
         ref = BaseRef(base_path, size, base_sha256) if base is not None else None
         m = CowMap(page_size, size, size, ref, bytearray())
         cowmap.check(m, os.fsdecode(map_path))
-        fd = os.open(delta_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        if cowmap.path_id(delta_path, dir_fd) is not None:
+            raise FileExistsError(errno.EEXIST, "COW delta exists", os.fsdecode(delta_path))
+        # The map first: a crash before the delta exists leaves only a hidden map (the next
+        # create replaces it), never a delta without its map (an error to open).
+        map_fd = cowmap.write(map_path, m, dir_fd, durable=True, keep_open=True)
         try:
-            map_fd = cowmap.write(map_path, m, dir_fd, durable=True, keep_open=True)
+            fd = os.open(delta_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+            os.fsync(fd)
+            cowmap.sync_dir(os.path.dirname(os.fsencode(delta_path)), dir_fd)
         except BaseException:
-            os.close(fd)
+            os.close(map_fd)
             raise
         return cls(fd, map_fd, m, base, map_path, dir_fd, readonly=False)
 
     @classmethod
     def open(cls, delta_path, map_path, open_base, *, readonly: bool = False,
-             dir_fd: int | None = None) -> "CowFile":
-        """The COW file at *delta_path* with its map at *map_path*; its base is opened by
-        ``open_base(rel_path)`` (a CowFile or anything with pread/size/close).  A missing
-        or damaged map, a missing delta or a base of the wrong size is a CowError."""
+             dir_fd: int | None = None, owns_dir_fd: bool = False) -> "CowFile":
+        """The COW file at *delta_path* with its map at *map_path* (both relative to
+        *dir_fd* if given: it must stay open while the file is, and is closed with it if
+        *owns_dir_fd*); its base is opened by ``open_base(rel_path)`` (a CowFile or
+        anything with pread/size/close).  A missing or damaged map, a missing delta or a
+        base of the wrong size is a CowError."""
         map_fd = cowmap.open_map(map_path, dir_fd)
         try:
             m = cowmap.read_fd(map_fd, os.fsdecode(map_path))
@@ -102,6 +111,7 @@ class CowFile:
             raise
         cow = cls(fd, map_fd, m, base, map_path, dir_fd, readonly)
         cow._cut = not readonly
+        cow._owns_dir_fd = owns_dir_fd
         return cow
 
     # -- reading -------------------------------------------------------------------------
@@ -109,6 +119,15 @@ class CowFile:
     @property
     def readonly(self) -> bool:
         return self._readonly
+
+    @property
+    def base_ref(self) -> BaseRef | None:
+        """The base as the map names it (path, size, stated sha256): which generation."""
+        return self._map.base
+
+    @property
+    def page_size(self) -> int:
+        return self._ps
 
     def size(self) -> int:
         return self._map.size
@@ -142,9 +161,9 @@ class CowFile:
         """A read over several pages: one pread per run of pages from the same place."""
         parts, pos, page, ps = [], offset, first, self._ps
         while pos < end:
-            present = _has(m.bits, page)
+            present = cowmap.has_page(m.bits, page)
             nxt = page + 1
-            while nxt <= last and _has(m.bits, nxt) == present:
+            while nxt <= last and cowmap.has_page(m.bits, nxt) == present:
                 nxt += 1
             stop = min(nxt * ps, end)
             parts.append(self._read_delta(pos, stop) if present else self._read_below(m, pos, stop))
@@ -179,14 +198,14 @@ class CowFile:
                 self._zero_tail(m, old, offset)
             first, last = offset // ps, (end - 1) // ps
             parts, start = [data], offset
-            if offset % ps and not _has(m.bits, first):
+            if offset % ps and not cowmap.has_page(m.bits, first):
                 start = first * ps
                 parts.insert(0, self._read_below(m, start, offset))
             fill_end = min((last + 1) * ps, old)
-            if end < fill_end and not _has(m.bits, last):
+            if end < fill_end and not cowmap.has_page(m.bits, last):
                 parts.append(self._read_below(m, end, fill_end))
             self._write_parts(parts, start)
-            changed = _mark(m.bits, first, last)
+            changed = cowmap.mark_pages(m.bits, first, last)
             if end > old:
                 m.size, changed = end, True
             if changed:
@@ -202,7 +221,7 @@ class CowFile:
             if n < m.size:
                 m.size = n
                 m.base_limit = min(m.base_limit, n)
-                _clear_from(m.bits, -(-n // self._ps))
+                cowmap.clear_from(m.bits, -(-n // self._ps))
                 self._cut = True
             elif n > m.size:
                 self._zero_tail(m, m.size, n)
@@ -214,7 +233,7 @@ class CowFile:
     def _zero_tail(self, m: CowMap, old: int, new_end: int) -> None:
         """Growing from *old*: the delta's stale bytes past it in a present page go."""
         page = old // self._ps
-        if old % self._ps and _has(m.bits, page):
+        if old % self._ps and cowmap.has_page(m.bits, page):
             self._write_parts([bytes(min((page + 1) * self._ps, new_end) - old)], old)
 
     def _write_parts(self, parts: list, offset: int) -> None:
@@ -315,6 +334,8 @@ class CowFile:
                 os.close(self._fd)
                 os.close(self._map_fd)
                 self._fd = -1
+                if self._owns_dir_fd:
+                    os.close(self._dir_fd)
                 if self._base is not None:
                     self._base.close()
 
@@ -345,31 +366,3 @@ def _open_checked_base(m: CowMap, open_base, map_path):
         raise CowError(f"{os.fsdecode(map_path)}: COW base {m.base.path} is {size} bytes, "
                        f"the map expects {m.base.size} (the base changed)")
     return base
-
-
-def _has(bits: bytearray, page: int) -> bool:
-    i = page >> 3
-    return i < len(bits) and bool(bits[i] >> (page & 7) & 1)
-
-
-def _mark(bits: bytearray, first: int, last: int) -> bool:
-    """Set pages first..last; whether any was not set."""
-    need = (last >> 3) + 1
-    if len(bits) < need:
-        bits.extend(bytes(need - len(bits)))
-    changed = False
-    for page in range(first, last + 1):
-        i, bit = page >> 3, 1 << (page & 7)
-        if not bits[i] & bit:
-            bits[i] |= bit
-            changed = True
-    return changed
-
-
-def _clear_from(bits: bytearray, page: int) -> None:
-    """Clear every page from *page* on (the bitmap shrinks to what is left)."""
-    whole, spare = divmod(page, 8)
-    keep = whole + (spare > 0)
-    del bits[keep:]
-    if spare and len(bits) == keep:
-        bits[-1] &= (1 << spare) - 1

@@ -28,7 +28,7 @@ MAGIC = b"NIXFSCOW"
 VERSION = 1
 DEFAULT_PAGE_SIZE = 4096
 MAP_PREFIX = b".wh..wh..nixfs-cow."  # the map of DIR/NAME is DIR/.wh..wh..nixfs-cow.NAME
-TMP_PREFIX = b".wh..wh..nixfs-cowtmp."  # a map being written (never a map's own name)
+TMP_PREFIX = b".wh..wh..nixfs-cowtmp."  # + PID. + NAME: a map being written (not a map)
 _HEADER = struct.Struct("<8sHHIQQQ32sII")
 _HAS_BASE, _HAS_SHA = 1, 2
 _DIGEST = 32
@@ -157,7 +157,8 @@ def write(path, m: CowMap, dir_fd: int | None = None, durable: bool = True,
     head, tail = os.path.split(os.fsencode(path))
     if not tail.startswith(MAP_PREFIX):
         raise ValueError(f"{os.fsdecode(path)}: not a COW map name")
-    tmp = os.path.join(head, TMP_PREFIX + tail[len(MAP_PREFIX):])
+    # Per process: a map written unlocked (at a close) never meets another's temporary.
+    tmp = os.path.join(head, TMP_PREFIX + b"%d." % os.getpid() + tail[len(MAP_PREFIX):])
     data = encode(m)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644, dir_fd=dir_fd)
@@ -204,3 +205,33 @@ def path_id(path, dir_fd: int | None = None) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+# -- the bitmap (bit p%8 of byte p//8: page p is in the delta) ---------------------------
+
+def has_page(bits: bytearray, page: int) -> bool:
+    i = page >> 3
+    return i < len(bits) and bool(bits[i] >> (page & 7) & 1)
+
+
+def mark_pages(bits: bytearray, first: int, last: int) -> bool:
+    """Set pages first..last; whether any was not set."""
+    need = (last >> 3) + 1
+    if len(bits) < need:
+        bits.extend(bytes(need - len(bits)))
+    changed = False
+    for page in range(first, last + 1):
+        i, bit = page >> 3, 1 << (page & 7)
+        if not bits[i] & bit:
+            bits[i] |= bit
+            changed = True
+    return changed
+
+
+def clear_from(bits: bytearray, page: int) -> None:
+    """Clear every page from *page* on (the bitmap shrinks to what is left)."""
+    whole, spare = divmod(page, 8)
+    keep = whole + (spare > 0)
+    del bits[keep:]
+    if spare and len(bits) == keep:
+        bits[-1] &= (1 << spare) - 1

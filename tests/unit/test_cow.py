@@ -11,7 +11,7 @@ import pytest
 
 from cowops import PAGE, apply_cow, apply_plain, ops
 from nixfs.cow import cowmap
-from nixfs.cow.bases import ReadOnlyFile, base_opener
+from nixfs.cow.bases import ReadOnlyFile, base_opener, content_sha256
 from nixfs.cow.cowfile import CowFile, remove
 from nixfs.cow.cowmap import CowError
 
@@ -324,3 +324,44 @@ def test_reads_in_threads_while_one_writes(tmp_path):
             thread.join()
         cow.close()
     assert not bad
+
+
+def test_base_opener_follows_no_symlink_below_its_root(tmp_path):
+    base = _make_base(tmp_path, "base", 2 * PAGE, 9)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g/base").write_bytes(base)
+    os.symlink("g", tmp_path / "link")
+    os.symlink("base", tmp_path / "g/alias")
+    for rel in ("link/base", "g/alias"):
+        with pytest.raises(CowError, match="symlink"):
+            base_opener(tmp_path)(rel)
+    root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        opened = base_opener(root_fd)("g/base")
+        assert opened.pread(10, PAGE) == base[PAGE:PAGE + 10]
+        opened.close()
+        os.fstat(root_fd)  # still the caller's
+    finally:
+        os.close(root_fd)
+
+
+def test_a_lone_map_is_replaced_by_the_next_create(tmp_path):
+    """A crash in remove() (or in create, before the delta) leaves only the hidden map."""
+    _make_base(tmp_path, "base", PAGE, 1)
+    with _create(tmp_path, "f", "base") as cow:
+        cow.pwrite(b"old", 0)
+    os.unlink(tmp_path / "f")
+    with _create(tmp_path, "f", "base") as cow:
+        assert cow.pread(3, 0) == (tmp_path / "base").read_bytes()[:3]
+    with pytest.raises(FileExistsError):
+        _create(tmp_path, "f", "base")
+    assert cowmap.read(tmp_path / cowmap.map_name("f")).bits == bytearray()
+
+
+def test_content_sha256_is_the_logical_files(tmp_path):
+    _make_base(tmp_path, "base", 5 * PAGE, 2)
+    with _create(tmp_path, "f", "base") as cow:
+        cow.pwrite(b"w" * 100, 2 * PAGE - 50)
+        cow.truncate(4 * PAGE + 1)
+        want = hashlib.sha256(cow.pread(1 << 20, 0)).hexdigest()
+        assert content_sha256(cow, chunk=PAGE + 7) == want
