@@ -159,6 +159,12 @@ class CowFile:
 
     def _read_runs(self, m: CowMap, offset: int, end: int, first: int, last: int) -> bytes:
         """A read over several pages: one pread per run of pages from the same place."""
+        bits = m.bits
+        covering = bits[first >> 3:(last >> 3) + 1]  # whole bytes: may name pages around
+        if not covering.strip(b"\0"):
+            return self._read_below(m, offset, end)  # none in the delta (a fresh COW)
+        if (last >> 3) < len(bits) and not covering.strip(b"\xff"):
+            return self._read_delta(offset, end)  # all in the delta
         parts, pos, page, ps = [], offset, first, self._ps
         while pos < end:
             present = cowmap.has_page(m.bits, page)

@@ -128,6 +128,22 @@ def test_the_base_shows_nothing_past_a_truncation(tmp_path):
         assert cow.blocks() == 0
 
 
+def test_long_reads_across_whole_bitmap_bytes(tmp_path):
+    """Reads over many pages take a short cut where whole bitmap bytes say all or none:
+    the pages just past a full byte, and past the bitmap's end, still come from the base."""
+    base = _make_base(tmp_path, "base", 40 * PAGE, 12)
+    _create(tmp_path, "f", "base").close()
+    want = bytearray(base)
+    with _open(tmp_path, "f") as cow:
+        cow.pwrite(b"d" * 8 * PAGE, 0)  # pages 0-7: bitmap byte 0 full, nothing after it
+        want[:8 * PAGE] = b"d" * 8 * PAGE
+        cow.pwrite(b"e" * 8 * PAGE, 16 * PAGE)  # pages 16-23: byte 2 full, byte 1 empty
+        want[16 * PAGE:24 * PAGE] = b"e" * 8 * PAGE
+        for first, last in ((6, 9), (7, 8), (0, 7), (8, 15), (15, 24), (0, 39), (23, 39)):
+            off, n = first * PAGE + 3, (last - first) * PAGE
+            assert cow.pread(n, off) == bytes(want[off:off + n]), (first, last)
+
+
 def test_truncation_cuts_the_delta_at_fsync(tmp_path):
     _make_base(tmp_path, "base", 0, 0)
     _create(tmp_path, "f", "base").close()
