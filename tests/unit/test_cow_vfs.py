@@ -3,6 +3,7 @@ database (journals, WAL, VACUUM, checkpoints, reopening), two processes share it
 real locks, a killed writer loses nothing committed, and the base is never written."""
 
 import hashlib
+import os
 import random
 
 import apsw
@@ -305,3 +306,22 @@ def test_an_immutable_cow_database_needs_no_shm(base_db):
     conn.close()
     assert sorted(p.name for p in (base_db / "gen").iterdir()) == [
         ".wh..wh..nixfs-cow.g2.db", "base.db", "g2.db"]
+
+
+def test_a_cow_database_below_a_symlinked_folder(base_db):
+    """SQLite's unix VFS reports a resolved symlink as SQLITE_OK_SYMLINK, which apsw takes
+    for an error: the VFS resolves the path itself (fsck opens /proc/self/fd/N/NAME)."""
+    path = _cow(base_db)
+    (base_db / "alias").symlink_to("up")
+    conn = vfs.connect(base_db / "alias/db", base_root=base_db)
+    assert _rows(conn)[0][0] == ROWS
+    conn.close()
+    fd = os.open(base_db / "up", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        conn = vfs.connect(f"/proc/self/fd/{fd}/db", base_root=base_db)
+        with conn:
+            conn.execute("insert into t values (-9, x'09')")
+        conn.close()
+    finally:
+        os.close(fd)
+    assert _rows(vfs.connect(path, base_root=base_db))[0][0] == ROWS + 1
