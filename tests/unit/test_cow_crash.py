@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cowops import PAGE, apply_plain, ops
+from cowops import PAGE, ops
 from nixfs.cow import cowmap
 from nixfs.cow.bases import base_opener
 from nixfs.cow.cowfile import CowFile
