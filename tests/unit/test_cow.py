@@ -381,3 +381,15 @@ def test_content_sha256_is_the_logical_files(tmp_path):
         cow.truncate(4 * PAGE + 1)
         want = hashlib.sha256(cow.pread(1 << 20, 0)).hexdigest()
         assert content_sha256(cow, chunk=PAGE + 7) == want
+
+
+def test_failed_chain_opens_leave_no_descriptor_behind(tmp_path):
+    _make_base(tmp_path, "base", PAGE, 1)
+    _create(tmp_path, "c1", "base").close()
+    _create(tmp_path, "c2", "c1").close()
+    (tmp_path / "base").unlink()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(CowError, match="base missing"):
+            base_opener(tmp_path)("c2")
+    assert len(os.listdir("/proc/self/fd")) == before
