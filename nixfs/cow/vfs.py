@@ -47,6 +47,15 @@ _wal_open: dict[str, int] = {}
 _wal_lock = threading.Lock()
 
 
+def _forget_in_child() -> None:
+    global _wal_lock
+    _wal_lock = threading.Lock()
+    _wal_open.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)  # as shared.py's registry
+
+
 class CowVFSFile(apsw.VFSFile):
     """A COW main database file: the default VFS's file on the delta for locks and shared
     memory, the CowFile for the content."""
