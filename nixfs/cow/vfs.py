@@ -129,9 +129,11 @@ class WalFile(apsw.VFSFile):
             super().xClose()
         finally:
             with _wal_lock:
-                _wal_open[self._main] -= 1
-                if not _wal_open[self._main]:
-                    del _wal_open[self._main]
+                left = _wal_open.get(self._main, 1) - 1  # (none: opened before a fork)
+                if left:
+                    _wal_open[self._main] = left
+                else:
+                    _wal_open.pop(self._main, None)
 
 
 class CowVFS(apsw.VFS):
