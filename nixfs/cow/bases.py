@@ -74,8 +74,12 @@ def base_opener(root, max_depth: int = 16):
                     return ReadOnlyFile.open(name, dir_fd=dir_fd)
                 finally:
                     os.close(dir_fd)
-            return CowFile.open(name, map_name, lambda rel: open_base(rel, depth + 1),
-                                readonly=True, dir_fd=dir_fd, owns_dir_fd=True)
+            try:
+                return CowFile.open(name, map_name, lambda rel: open_base(rel, depth + 1),
+                                    readonly=True, dir_fd=dir_fd, owns_dir_fd=True)
+            except BaseException:
+                os.close(dir_fd)
+                raise
         except FileNotFoundError:
             raise CowError(f"{rel_path}: COW base missing (below {_name(root)})") from None
         except OSError as e:

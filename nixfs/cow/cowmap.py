@@ -181,9 +181,15 @@ def write(path, m: CowMap, dir_fd: int | None = None, durable: bool = True,
 
 
 def sync_dir(head: bytes, dir_fd: int | None) -> None:
+    """fsync the directory *head* (relative to *dir_fd*; b"": *dir_fd* itself, which may be
+    an O_PATH descriptor, as the layers open an unreadable directory: then it is opened)."""
     if dir_fd is not None and not head:
-        os.fsync(dir_fd)
-        return
+        try:
+            os.fsync(dir_fd)
+            return
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
     fd = os.open(head or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         os.fsync(fd)

@@ -47,6 +47,15 @@ _wal_open: dict[str, int] = {}
 _wal_lock = threading.Lock()
 
 
+def _forget_in_child() -> None:
+    global _wal_lock
+    _wal_lock = threading.Lock()
+    _wal_open.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)  # as shared.py's registry
+
+
 class CowVFSFile(apsw.VFSFile):
     """A COW main database file: the default VFS's file on the delta for locks and shared
     memory, the CowFile for the content."""
@@ -120,9 +129,11 @@ class WalFile(apsw.VFSFile):
             super().xClose()
         finally:
             with _wal_lock:
-                _wal_open[self._main] -= 1
-                if not _wal_open[self._main]:
-                    del _wal_open[self._main]
+                left = _wal_open.get(self._main, 1) - 1  # (none: opened before a fork)
+                if left:
+                    _wal_open[self._main] = left
+                else:
+                    _wal_open.pop(self._main, None)
 
 
 class CowVFS(apsw.VFS):

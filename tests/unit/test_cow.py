@@ -381,3 +381,31 @@ def test_content_sha256_is_the_logical_files(tmp_path):
         cow.truncate(4 * PAGE + 1)
         want = hashlib.sha256(cow.pread(1 << 20, 0)).hexdigest()
         assert content_sha256(cow, chunk=PAGE + 7) == want
+
+
+def test_failed_chain_opens_leave_no_descriptor_behind(tmp_path):
+    _make_base(tmp_path, "base", PAGE, 1)
+    _create(tmp_path, "c1", "base").close()
+    _create(tmp_path, "c2", "c1").close()
+    (tmp_path / "base").unlink()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(CowError, match="base missing"):
+            base_opener(tmp_path)("c2")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_directory_descriptor_opened_with_o_path(tmp_path):
+    """The layers open an unreadable directory with O_PATH: maps are still synced there."""
+    _make_base(tmp_path, "base", PAGE, 1)
+    dfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        opener = base_opener(tmp_path)
+        with CowFile.create("f", cowmap.map_name("f"), opener("base"), base_path="base",
+                            dir_fd=dfd) as cow:
+            cow.pwrite(b"p", 0)
+            cow.fsync()
+        with CowFile.open("f", cowmap.map_name("f"), opener, dir_fd=dfd) as cow:
+            assert cow.pread(1, 0) == b"p"
+    finally:
+        os.close(dfd)

@@ -325,3 +325,23 @@ def test_a_cow_database_below_a_symlinked_folder(base_db):
     finally:
         os.close(fd)
     assert _rows(vfs.connect(path, base_root=base_db))[0][0] == ROWS + 1
+
+
+def test_a_forked_child_starts_with_no_shared_files(base_db):
+    path = _cow(base_db)
+    conn = vfs.connect(path, base_root=base_db)
+    assert _rows(conn)[0][0] == ROWS and shared.open_count() == 1
+    pid = os.fork()
+    if pid == 0:  # the child: its own connection, its own CowFile
+        try:
+            child = vfs.connect(path, base_root=base_db)
+            ok = shared.open_count() == 1 and _rows(child)[0][0] == ROWS
+            child.close()
+            os._exit(0 if ok and shared.open_count() == 0 else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert shared.open_count() == 1
+    conn.close()
+    assert shared.open_count() == 0
