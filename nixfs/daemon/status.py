@@ -53,7 +53,8 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
         **_keys(model, "copy_ups", "stale_answers", "nodes", "nodes_trimmed",
                 "entries_without_node"),
         "rss_bytes": _rss(),
-        **_keys(model, "open_dir_fds", "shared_lower_files", "node_file_fds", "cache"),
+        **_keys(model, "open_dir_fds", "shared_lower_files", "node_file_fds", "cache",
+                "cow_files"),
         "upper_bytes": tree_size(cfg.upper),
         "db_sync_lag_s": None,
     }

@@ -1,0 +1,113 @@
+"""What a COW file's base can be: a plain read-only file, or a COW file (a chain), found
+by the path its map records relative to a root.
+
+The overlay opens bases itself (with *at calls and O_NOFOLLOW on its layers); everything
+else (the VFS, publish, tests) opens them by path below a root with ``base_opener``.
+"""
+
+import errno
+import functools
+import hashlib
+import os
+
+from . import cowmap
+from .cowfile import CowFile
+from .cowmap import CowError
+
+_RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ReadOnlyFile:
+    """A plain file as a base (pread and size, like a CowFile's); the size is read once,
+    because a base never changes."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+        self.pread = functools.partial(os.pread, fd)  # (n, offset): straight to C, per page
+
+    @classmethod
+    def open(cls, path, dir_fd: int | None = None) -> "ReadOnlyFile":
+        return cls(os.open(path, _RDONLY, dir_fd=dir_fd))
+
+    def size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self.pread = _closed  # never a read of a descriptor number reused since
+
+
+def _closed(n: int, offset: int) -> bytes:
+    raise OSError(errno.EBADF, "COW base closed")
+
+
+def content_sha256(f, chunk: int = 1 << 20) -> str:
+    """The sha256 (hex) of the logical content of *f* (a CowFile or a ReadOnlyFile): what a
+    manifest states of a file, whatever its delta and base hold."""
+    digest, size = hashlib.sha256(), f.size()
+    for offset in range(0, size, chunk):
+        digest.update(f.pread(min(chunk, size - offset), offset))
+    return digest.hexdigest()
+
+
+def base_opener(root, max_depth: int = 16):
+    """An ``open_base`` for paths relative to *root* (a directory's path, or a descriptor
+    on it that stays the caller's): a file with a map beside it opens as a read-only
+    CowFile over its own base (a chain), else as a plain file.  No symlink below *root* is
+    followed, as in the layers (each directory is opened with O_NOFOLLOW)."""
+
+    def open_base(rel_path: str, depth: int = 0):
+        parts = rel_path.split("/")
+        if not rel_path or rel_path.startswith("/") or {"", ".", ".."} & set(parts):
+            raise CowError(f"{rel_path!r}: a COW base must be a plain path inside its root")
+        if depth >= max_depth:
+            raise CowError(f"{rel_path}: COW chain deeper than {max_depth}")
+        dir_fd = _open_parent(root, parts[:-1], rel_path)
+        name, map_name = parts[-1], cowmap.map_name(parts[-1])
+        try:
+            if cowmap.path_id(map_name, dir_fd) is None:
+                try:
+                    return ReadOnlyFile.open(name, dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
+            try:
+                return CowFile.open(name, map_name, lambda rel: open_base(rel, depth + 1),
+                                    readonly=True, dir_fd=dir_fd, owns_dir_fd=True)
+            except BaseException:
+                os.close(dir_fd)
+                raise
+        except FileNotFoundError:
+            raise CowError(f"{rel_path}: COW base missing (below {_name(root)})") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CowError(f"{rel_path}: COW base is a symlink (below {_name(root)})") from None
+            raise
+
+    return open_base
+
+
+def _open_parent(root, dirs: list[str], rel_path: str) -> int:
+    """A descriptor on the directory holding *rel_path* (the caller closes it)."""
+    fd = os.dup(root) if isinstance(root, int) else \
+        os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in dirs:
+            inner = os.open(part, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, FileNotFoundError):
+            raise CowError(f"{rel_path}: COW base missing (below {_name(root)})") from None
+        if isinstance(e, OSError) and e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CowError(f"{rel_path}: COW base's directory is a symlink or a file") from None
+        raise
+    return fd
+
+
+def _name(root) -> str:
+    return f"descriptor {root}" if isinstance(root, int) else os.fsdecode(root)
