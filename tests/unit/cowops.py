@@ -2,12 +2,21 @@
 
 The differential tests (test_cow.py) and the crash tests (test_cow_crash.py, whose child
 process runs this file) share them: offsets cluster at page edges, at the size and at the
-base's end, where an off-by-one would hide in the middle of a page.
+base's end, where an off-by-one would hide in the middle of a page.  Every COW file test
+makes its files with the helpers here.
 """
 
 import os
 import random
 import sys
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _CHECKOUT not in sys.path:  # (run as the crash test's child)
+    sys.path.insert(0, _CHECKOUT)
+
+from nixfs.cow import cowmap  # noqa: E402
+from nixfs.cow.bases import base_opener  # noqa: E402
+from nixfs.cow.cowfile import CowFile  # noqa: E402
 
 PAGE = 512
 
@@ -25,6 +34,23 @@ def _offset(rng: random.Random, size: int, base_size: int, page: int) -> int:
     if kind == 3:
         return max(0, base_size + rng.randint(-3, 3))
     return rng.randrange(max(size, 1))
+
+
+def make_base(directory, name: str, size: int, seed: int) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    (directory / name).write_bytes(data)
+    return data
+
+
+def create(directory, name: str, base_name: str | None, page: int = PAGE) -> CowFile:
+    base = base_opener(directory)(base_name) if base_name else None
+    return CowFile.create(directory / name, directory / cowmap.map_name(name), base,
+                          base_path=base_name, page_size=page)
+
+
+def open_cow(directory, name: str, **kw) -> CowFile:
+    return CowFile.open(directory / name, directory / cowmap.map_name(name),
+                        base_opener(directory), **kw)
 
 
 def ops(seed: int, base_size: int, count: int = 300, page: int = PAGE):
@@ -81,9 +107,6 @@ def apply_cow(cow, op: str, args) -> bytes | None:
 def child(directory: str, seed: int, base_size: int, count: int) -> None:
     """The crash test's child: run the ops on DIR/f (COW over DIR/base), say "synced N"
     after the Nth fsync has returned, and "done" at the end; then wait to be killed."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from nixfs.cow.bases import base_opener
-    from nixfs.cow.cowfile import CowFile
     path = os.path.join(directory, "f")
     cow = CowFile.open(path, os.path.join(directory, ".wh..wh..nixfs-cow.f"), base_opener(directory))
     synced = 0

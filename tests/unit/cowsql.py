@@ -3,7 +3,7 @@
 Run as ``cowsql.py DB ROOT``: it opens DB through nixfs.cow.vfs.connect (bases below ROOT)
 and then reads one statement a line from stdin, answering each with one line: ``ok`` and
 the rows as JSON, or ``error`` and the message.  ``Remote`` is the parent's end.
-``cowsql.py DB ROOT JOURNAL`` is the crash loop's writer (``loop``).
+``cowsql.py DB ROOT JOURNAL SYNCHRONOUS`` is the crash loop's writer (``loop``).
 """
 
 import json
@@ -57,16 +57,17 @@ def main(db: str, root: str) -> None:
     conn.close()
 
 
-def loop(db: str, root: str, journal: str) -> None:
+def loop(db: str, root: str, journal: str, synchronous: str) -> None:
     """The crash loop's writer: transaction N inserts row N and deletes row N-100, and says
-    "committed N" once COMMIT has returned (synchronous=full: it is durable).  Every 23rd
+    "committed N" once COMMIT has returned (a killed process must keep it, also with
+    synchronous=off: only a power loss may take that).  Every 23rd
     also checkpoints (WAL) and every 37th VACUUMs (the file shrinks and grows)."""
     sys.path.insert(0, _CHECKOUT)
     from nixfs.cow import vfs
     conn = vfs.connect(db, base_root=root)
     conn.setbusytimeout(10_000)
     conn.execute(f"pragma journal_mode={journal}").fetchall()
-    conn.execute("pragma synchronous=full").fetchall()
+    conn.execute(f"pragma synchronous={synchronous}").fetchall()
     conn.execute("pragma cache_size=20").fetchall()  # spill: writes reach the file mid-transaction
     n = conn.execute("select n from meta").fetchall()[0][0]
     while True:
@@ -84,6 +85,6 @@ def loop(db: str, root: str, journal: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 3:
-        loop(sys.argv[1], sys.argv[2], sys.argv[3])
+        loop(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         main(sys.argv[1], sys.argv[2])

@@ -30,9 +30,9 @@ def _base(root: Path) -> Path:
     return path
 
 
-def _run_and_kill(path: Path, root: Path, journal: str, commits: int) -> int:
+def _run_and_kill(path: Path, root: Path, modes: tuple[str, str], commits: int) -> int:
     """The last transaction the writer reported committed before it was killed."""
-    writer = subprocess.Popen([sys.executable, str(WRITER), str(path), str(root), journal],
+    writer = subprocess.Popen([sys.executable, str(WRITER), str(path), str(root), *modes],
                               stdout=subprocess.PIPE, text=True)
     last, seen = 0, 0
     try:
@@ -61,13 +61,14 @@ def _check(path: Path, root: Path, committed: int) -> int:
     return n
 
 
-@pytest.mark.parametrize("journal", ["delete", "wal"])
-def test_kill_the_writer_again_and_again(tmp_path, journal):
+@pytest.mark.parametrize("modes", [("delete", "full"), ("wal", "full"), ("delete", "off"),
+                                   ("wal", "off")])
+def test_kill_the_writer_again_and_again(tmp_path, modes):
     path = _base(tmp_path)
     base_bytes = (tmp_path / "base.db").read_bytes()
     done = 0
     for commits in KILLS:
-        committed = _run_and_kill(path, tmp_path, journal, commits)
+        committed = _run_and_kill(path, tmp_path, modes, commits)
         assert committed > done
         done = _check(path, tmp_path, committed)
     assert (tmp_path / "base.db").read_bytes() == base_bytes  # the base never written
