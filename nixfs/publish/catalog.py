@@ -39,12 +39,13 @@ ALL = 1 << 62  # read_listing's budget: every directory of a path
 class Catalog:
     """Writing listings of store paths into a ListingStore file (new or a copy)."""
 
-    def __init__(self, store_root: str, path: str, *, bulk: bool = True):
+    def __init__(self, store_root: str, path: str, *, cow: bool = False):
+        """*cow*: the file at *path* is a COW file over another generation's."""
         self.layer = Layer(store_root, name="lower")
         self.store_fd = self.layer.open_dir_path(b"store")
-        self.listings = ListingStore(path)
-        if bulk:  # a new file nobody reads yet: no journal
-            self.listings.conn.execute("pragma journal_mode=off").fetchall()
+        self.listings = ListingStore(path, cow_root=store_root if cow else None)
+        # A file nobody reads yet: no journal (a publish that dies leaves it unused).
+        self.listings.conn.execute("pragma journal_mode=off").fetchall()
         self.paths = self.directories = self.skipped = 0
 
     def close(self) -> None:
