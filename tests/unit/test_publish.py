@@ -419,3 +419,32 @@ def test_follow_publishes_each_change_and_stops_on_sigterm(tmp_path):
     assert proc.returncode == 0, err
     assert gens.numbers() == [1, 2, 3] and gens.complete() == [1, 2, 3]
     assert find_usable(str(root)).count == 302
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the publish as another user")
+def test_an_ordinary_user_publishes_with_write_access_to_var_nixfs_alone():
+    import tempfile
+    top = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="nixfs-publish-user-"))
+    try:
+        os.chmod(top, 0o755)
+        root = top / "S"
+        make_store(root)
+        subprocess.run(["chmod", "-R", "a+rX,go-w", str(top)], check=True)
+        (root / "var/nixfs").mkdir()
+        os.chown(root / "var/nixfs", 65534, 65534)
+        db_dir = root / "var/nix/db"
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in db_dir.iterdir())
+        env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setuid(65534)
+
+        proc = subprocess.run([sys.executable, "-m", "nixfs", "publish", str(root)], env=env,
+                              preexec_fn=as_nobody, cwd="/", capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in db_dir.iterdir()) == before
+        assert find_usable(str(root)).number == 1
+        assert os.stat(Generations(str(root)).manifest(1)).st_uid == 65534
+    finally:
+        subprocess.run(["rm", "-rf", str(top)])
