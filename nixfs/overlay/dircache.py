@@ -22,8 +22,9 @@ import struct
 from collections import OrderedDict
 from typing import NamedTuple
 
-import apsw
 import cachetools
+
+from ..cow import vfs as cow_vfs
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,10 @@ class ListingStore:
 
     FILE = "listings.sqlite"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, cow_root: str | None = None):
+        """*cow_root*: where the base of a copy-on-write file at *path* is."""
         self.path = path
-        self.conn = apsw.Connection(path)
+        self.conn = cow_vfs.connect(path, base_root=cow_root)
         self.conn.setbusytimeout(10_000)
         self.conn.execute("pragma journal_mode=wal").fetchall()
         self.conn.execute("pragma synchronous=off").fetchall()  # a lost write is a refetch
