@@ -85,7 +85,7 @@ class NixStorePolicy(LowerPolicy):
         keys = []
         for _, name in names:
             state = states.get(name)
-            keys.append(b"%s\0%d\0" % (name, state[0])
+            keys.append(listing_key(name, state[0], b"")
                         if state is not None and state[1] == 0 else None)
         return keys
 
