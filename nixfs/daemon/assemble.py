@@ -81,6 +81,8 @@ def assemble(cfg: MountConfig) -> Daemon:
                             "folder", len(recovered))
             store = _prepare_store(cfg, lower, log_file) if is_nix_store(cfg) else None
             if store is not None:
+                # After the overlay let go of every file (it closes first), at a clean end.
+                closing.callback(store.sync.keep_own_rows)
                 until_overlay.callback(store.listings.close)
             snapshots = ListingSnapshots()
             overlay = _open_overlay(cfg, owner, state, store, KernelNotifier(snapshots))
@@ -159,9 +161,11 @@ class _Store:
     index), its listing store, and the worker of the service built after it."""
 
     def __init__(self, cfg: MountConfig, lower: pin.PinnedDir, sync, state_dir: str, log_file):
+        self.sync = sync
         self.finish_pending = sync.unfinished()
         self.policy = NixStorePolicy(sync.index)
-        self.listings = ListingStore(os.path.join(state_dir, ListingStore.FILE))
+        self.listings = ListingStore(os.path.join(state_dir, ListingStore.FILE),
+                                     cow_root=lower.via)
         self.worker = SyncWorker(lower.via, cfg.upper, state_dir,
                                  cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
 
@@ -169,14 +173,14 @@ class _Store:
         """The service that follows the lower store through *overlay*; it hides in the
         database what the policy hears was removed through the mount."""
         return StoreService(self.worker, overlay, self.policy.removed_paths(),
-                            finish_pending=self.finish_pending)
+                            finish_pending=self.finish_pending, generation=self.sync.generation)
 
 
 def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file) -> _Store:
     """A Nix store's merged database prepared (in the upper directly: nothing can use it
     before the mount), and the parts built on it."""
     state_dir = upperformat.state_dir(cfg.upper)
-    sync = StoreSync(lower.via, cfg.upper, state_dir)
+    sync = StoreSync(lower.via, cfg.upper, state_dir, generation=cfg.generation)
     try:
         sync.prepare()
     except SchemaError as e:

@@ -15,6 +15,7 @@ with nothing), a whiteout of the wrong type becomes an empty file.
 import os
 import stat
 
+from ..cow import cowmap
 from ..overlay import upperformat as fmt
 from ..overlay.layers import O_DIR, O_DIR_PATH, open_dir_path
 from ..overlay.state import remove_tree
@@ -163,6 +164,12 @@ class TreeCheck:
         if name == fmt.REDIRECT_TMP or (in_store and name.endswith(fmt.TMP_SUFFIX)):
             report.add("stray-temporary", path, "a temporary file of an interrupted write",
                        fix=remove(ufd, name))
+        elif name.startswith(cowmap.MAP_PREFIX):
+            # The map of a copy-on-write file beside it (the database's, over a published
+            # generation): checked with the database; one with no file is left over.
+            if lstat_or_none(ufd, name[len(cowmap.MAP_PREFIX):]) is None:
+                report.add("stray-temporary", path, "the map of a copy-on-write file that "
+                           "is gone", severity=HARMLESS, fix=remove(ufd, name))
         elif name.startswith(fmt.WHITEOUT_PREFIX + fmt.WHITEOUT_PREFIX):
             report.add("unknown-marker", path, "a marker nixfs does not know (left alone)",
                        severity=NOTE)

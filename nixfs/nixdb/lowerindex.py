@@ -17,6 +17,7 @@ import os
 
 import apsw
 
+from ..cow.connect import connect
 from .schema import STORE_DIR
 
 CA_FOLLOWED = ("Realisations", "BuildTraceV3")  # the ca tables nixfs follows (carows)
@@ -48,13 +49,16 @@ create index if not exists paths_not_shown on paths(state) where state != 0;
 class LowerIndex:
     FILE = "lower-index.sqlite"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, cow_root: str | None = None):
+        """*cow_root*: where the base of an index built over a published generation is
+        (the lower; ``fromgeneration``)."""
         self.path = path
-        self.conn = self._open(path)
+        self.cow_root = cow_root
+        self.conn = self._open(path, cow_root)
 
     @staticmethod
-    def _open(path: str) -> apsw.Connection:
-        conn = apsw.Connection(path)
+    def _open(path: str, cow_root: str | None) -> apsw.Connection:
+        conn = connect(path, base_root=cow_root)
         conn.setbusytimeout(60_000)
         conn.execute("pragma journal_mode=wal").fetchall()
         conn.execute("pragma synchronous=normal").fetchall()
@@ -91,8 +95,8 @@ class LowerIndex:
     def reader(self) -> "LowerIndex":
         """A second connection, for another thread."""
         other = LowerIndex.__new__(LowerIndex)
-        other.path = self.path
-        other.conn = self._open(self.path)
+        other.path, other.cow_root = self.path, self.cow_root
+        other.conn = self._open(self.path, self.cow_root)
         return other
 
     def close(self) -> None:

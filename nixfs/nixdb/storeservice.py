@@ -28,8 +28,10 @@ class StoreService:
     (``NixStorePolicy.removed_paths``)."""
 
     def __init__(self, worker, overlay, whiteouts: trio.MemoryReceiveChannel, *,
-                 finish_pending: bool = False, interval: float = 0.5):
+                 finish_pending: bool = False, generation: dict | None = None,
+                 interval: float = 0.5):
         self.worker = worker
+        self.generation = generation  # the published generation the database is built over
         self.finish_pending = finish_pending
         self.overlay = overlay
         self.interval = interval
@@ -62,7 +64,7 @@ class StoreService:
         return {"last_sync_age_s": round(time.time() - last, 1) if last else None,
                 "sync_errors": self.errors, "last_sync_error": self.last_error,
                 "upper_copies_dropped": self.duplicates,
-                "first_build_finishing": self.finish_pending}
+                "first_build_finishing": self.finish_pending, "generation": self.generation}
 
     async def sync_now(self) -> None:
         """``nixfs sync``: a round now, however long until the next."""
