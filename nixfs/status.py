@@ -30,6 +30,13 @@ def _generation_line(g: dict | None) -> str:
             f"(manifest sha256 {g['manifest_sha256'][:16]}...)")
 
 
+def _cow_line(c: dict) -> str:
+    base = c["base"]
+    return (f"  copy-on-write files: {c['open']} open ({c['opened']} opened), reads {c['read']} "
+            f"({base['reads']} from their bases, {_human(base['bytes'])}), writes {c['write']}, "
+            f"truncations {c['truncate']}, fsyncs {c['fsync']}")
+
+
 def render(s: dict) -> str:
     lines = [f"{s['mountpoint']}  (pid {s['pid']}, up {s['uptime_s']} s)",
              f"  lower  {s['lower']}", f"  upper  {s['upper']}  ({_human(s['upper_bytes'])})",
@@ -46,6 +53,8 @@ def render(s: dict) -> str:
              f"from disk {s['cache']['loaded_from_disk']}, fetched {s['cache']['misses']}"
              + ("" if s["cache"]["hit_ratio"] is None
                 else f" (hit ratio {100 * s['cache']['hit_ratio']:.0f}%)")]
+    if s.get("cow_files", {}).get("opened"):  # (absent from a daemon before them)
+        lines.append(_cow_line(s["cow_files"]))
     if "nix" in s:
         n = s["nix"]
         lines += [f"  Nix store: {n['lower_paths']} lower paths ({n['lower_paths_not_shown']} "

@@ -52,7 +52,8 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
                                  else {"done": 0, "failed": 0}),
         **_keys(model, "copy_ups", "stale_answers", "nodes", "nodes_trimmed"),
         "rss_bytes": _rss(),
-        **_keys(model, "open_dir_fds", "shared_lower_files", "node_file_fds", "cache"),
+        **_keys(model, "open_dir_fds", "shared_lower_files", "node_file_fds", "cache",
+                "cow_files"),
         "upper_bytes": tree_size(cfg.upper),
         "db_sync_lag_s": None,
     }

@@ -14,6 +14,7 @@ import trio
 
 from . import upperformat as fmt
 from .copying import CopyUp
+from .cowfiles import CowFiles
 from .descriptors import Descriptors
 from .inodes import Node
 from .lowerlayer import LowerLayer
@@ -34,7 +35,9 @@ def _new_times(changes: SetAttr, st) -> tuple[int, int]:
 class Attributes:
     def __init__(self, dirs: Descriptors, upper: UpperLayer, lower: LowerLayer, nodes: Nodes,
                  names: Names, listings: Listings, copying: CopyUp, orphans: Orphans,
-                 lock: trio.Lock, *, owner: tuple[int, int] | None, readonly: bool):
+                 lock: trio.Lock, cows: CowFiles, *, owner: tuple[int, int] | None,
+                 readonly: bool):
+        self.cows = cows
         self.dirs, self.upper, self.lower, self.nodes, self.names = dirs, upper, lower, nodes, names
         self.listings, self.copying, self.orphans, self.lock = listings, copying, orphans, lock
         self.owner, self.readonly = owner, readonly
@@ -47,8 +50,11 @@ class Attributes:
         async with self.lock:
             await self.copying.copy_up(node, truncate=changes.size == 0)
             fd_for_size = handle.fd if handle is not None and handle.upper else None
+            cow = await self.cows.of(node) if changes.size is not None and node.upper else None
+            if cow is not None:
+                await self.cows.truncate(cow, changes.size)
             with self.dirs.upper_object(node) as (pfd, name):
-                if changes.size is not None:
+                if changes.size is not None and cow is None:
                     if node.is_dir:
                         raise err(errno.EISDIR)
                     if fd_for_size is not None:
@@ -69,7 +75,7 @@ class Attributes:
                 if changes.atime_ns is not None or changes.mtime_ns is not None:
                     self.upper.utime(pfd, name, _new_times(changes, self.upper.lstat(pfd, name)))
                 st = self.upper.lstat(pfd, name)
-            return self.names.attr(node, st)
+            return self.names.attr(node, await self.names.shown_stat(node, st))
 
     def _new_owner(self, changes: SetAttr) -> tuple[int, int] | None:
         """The (uid, gid) to give the upper object (-1: unchanged), or None for no chown."""
@@ -89,7 +95,10 @@ class Attributes:
         if node.kind != stat.S_IFREG:
             raise err(errno.ENOENT, "removed")
         fd = await self.orphans.writable(node)
-        if changes.size is not None:
+        cow = self.cows.known(node)
+        if changes.size is not None and cow is not None:
+            await self.cows.truncate(cow, changes.size)
+        elif changes.size is not None:
             self.upper.ftruncate(fd, changes.size)
         ids = self._new_owner(changes)
         if ids is not None:
@@ -98,7 +107,7 @@ class Attributes:
             self.upper.fchmod(fd, stat.S_IMODE(changes.mode))
         if changes.atime_ns is not None or changes.mtime_ns is not None:
             self.upper.futime(fd, _new_times(changes, self.upper.fstat(fd)))
-        return self.names.attr(node, self.upper.fstat(fd))
+        return self.names.attr(node, self.cows.stat(node, self.upper.fstat(fd)))
 
     async def getxattr(self, node: Node, name: bytes) -> bytes:
         key = os.fsdecode(name)

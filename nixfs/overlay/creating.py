@@ -14,6 +14,7 @@ import trio
 
 from . import upperformat as fmt
 from .copying import CopyUp
+from .cowfiles import CowFiles
 from .descriptors import Descriptors
 from .inodes import InodeTable, Node
 from .upperlayer import UpperLayer
@@ -24,9 +25,10 @@ from .types import PASS_FLAGS, Attr, Caller, err
 
 class Creating:
     def __init__(self, dirs: Descriptors, upper: UpperLayer, inodes: InodeTable, nodes: Nodes,
-                 names: Names, copying: CopyUp, policy: LowerPolicy, lock: trio.Lock, *,
-                 privileged: bool):
+                 names: Names, copying: CopyUp, policy: LowerPolicy, lock: trio.Lock,
+                 cows: CowFiles, *, privileged: bool):
         self.dirs, self.upper, self.inodes = dirs, upper, inodes
+        self.cows = cows
         self.nodes, self.names = nodes, names
         self.copying, self.policy, self.lock = copying, policy, lock
         self.privileged = privileged
@@ -44,6 +46,8 @@ class Creating:
                 hides_lower = self.clear_kernel_whiteout(pfd, name) or (
                     parent.lower is not None and fmt.has_whiteout(pfd, name))
                 opaque = hides_lower and stat.S_ISDIR(mode)
+                if stat.S_ISREG(mode):
+                    fmt.drop_stale_cow_map(pfd, name)
                 result = make(pfd, name)
                 try:
                     self._set_owner(pfd, name, caller)
@@ -145,6 +149,7 @@ class Creating:
         async with self.lock:
             if await self.names.exists(new_parent, new_name):
                 raise err(errno.EEXIST)
+            await self.cows.check_movable(node)
             if not node.upper:
                 refused = self.policy.link_lower_errno(new_parent.tag)
                 if refused:
@@ -156,6 +161,7 @@ class Creating:
             with self.dirs.upper_fd(node.parent) as sfd, self.dirs.upper_fd(new_parent) as dfd, \
                     self.dirs.writable(dfd):
                 self.clear_kernel_whiteout(dfd, new_name)
+                fmt.drop_stale_cow_map(dfd, new_name)
                 self.upper.link(sfd, node.name, dfd, new_name)
                 st = self.upper.lstat(dfd, new_name)
             self.inodes.attach(node, new_parent, new_name)

@@ -6,7 +6,8 @@ file's is shared by every reader).  By node: when the kernel keeps opens (the
 adapter answers open with ENOSYS), reads and writes name the node, and a
 descriptor per node and use is kept instead; a lower file is copied up at its
 first write.  A node unlinked while held reads and writes its orphan's
-descriptor.  Small upper reads and writes are made inline (the upper is local);
+descriptor.  A copy-on-write upper file is served by its CowFile instead (cowfiles),
+whichever way it is reached.  Small upper reads and writes are made inline (the upper is local);
 larger ones, and every lower one, in worker threads.
 """
 
@@ -17,6 +18,7 @@ import stat
 import trio
 
 from .copying import CopyUp
+from .cowfiles import CowFiles
 from .descriptors import Descriptors
 from .fdcache import FdCache, FdEntry
 from .inodes import Node
@@ -35,9 +37,10 @@ INLINE_IO = 64 * 1024
 
 class FileData:
     def __init__(self, dirs: Descriptors, upper: UpperLayer, lower: LowerLayer, nodes: Nodes,
-                 copying: CopyUp, orphans: Orphans, handles: OpenTable, lock: trio.Lock, *,
-                 readonly: bool):
+                 copying: CopyUp, orphans: Orphans, handles: OpenTable, lock: trio.Lock,
+                 cows: CowFiles, *, readonly: bool):
         self.dirs, self.upper, self.lower, self.nodes = dirs, upper, lower, nodes
+        self.cows = cows
         self.copying, self.orphans, self.handles, self.lock = copying, orphans, handles, lock
         self.readonly = readonly
         self.lower_files = SharedFds(256)
@@ -48,7 +51,7 @@ class FileData:
 
     def close(self) -> None:
         for h in self.handles.take_all():
-            if isinstance(h, Handle) and h.shared is None:
+            if isinstance(h, Handle) and h.shared is None and h.cow is None:
                 os.close(h.fd)
         self.lower_files.close()
         self.file_fds.clear()
@@ -60,7 +63,9 @@ class FileData:
     # By open file.
 
     def new_handle(self, node: Node, fd: int, upper: bool, flags: int) -> Handle:
-        h = Handle(self.handles.number(), node, fd, upper, flags)
+        return self._add(Handle(self.handles.number(), node, fd, upper, flags))
+
+    def _add(self, h: Handle) -> Handle:
         self.handles.add(h)
         return h
 
@@ -73,6 +78,13 @@ class FileData:
                 raise err(errno.EROFS)
             async with self.lock:
                 await self.copying.copy_up(node, truncate=bool(flags & os.O_TRUNC))
+                cow = await self.cows.of(node)
+                if cow is not None and flags & os.O_TRUNC:
+                    await self.cows.truncate(cow, 0)
+        else:
+            cow = await self.cows.of(node) if node.upper else None
+        if cow is not None:
+            return self._add(Handle(self.handles.number(), node, -1, True, flags, cow=cow))
         if (not writing and node.kind == stat.S_IFREG and self.nodes.immutable(node)
                 and flags & PASS_FLAGS & ~os.O_LARGEFILE == os.O_RDONLY):
             key, fd = await self._shared_lower_fd(node)
@@ -101,6 +113,8 @@ class FileData:
             return await self.lower.open(pfd, node.name, flags)
 
     async def read(self, h: Handle, offset: int, size: int) -> bytes:
+        if h.cow is not None:
+            return await self.cows.pread(h.cow, size, offset)
         if not h.upper and h.node.upper:
             # Copied up since it was opened: read the copy, as kernel overlayfs does.
             fd = await self._open_top(h.node, h.flags & PASS_FLAGS & ~os.O_TRUNC)
@@ -111,17 +125,21 @@ class FileData:
         return await self.lower.pread(h.fd, size, offset)
 
     async def write(self, h: Handle, offset: int, data: bytes) -> int:
+        if h.cow is not None:
+            return await self.cows.pwrite(h.cow, data, offset)
         if not h.upper:
             raise err(errno.EBADF)
         return await self._upper_pwrite(h.fd, data, offset)
 
     async def fsync(self, h: Handle, datasync: bool) -> None:
-        if h.upper:
+        if h.cow is not None:
+            await self.cows.fsync(h.cow)
+        elif h.upper:
             await self._sync_fd(h.fd, datasync)
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh)
-        if isinstance(h, Handle):
+        if isinstance(h, Handle) and h.cow is None:  # (a CowFile outlives its handles)
             self._close_handle_fd(h)
 
     def _close_handle_fd(self, h: Handle) -> None:
@@ -135,6 +153,9 @@ class FileData:
     async def read_node(self, node: Node, offset: int, size: int) -> bytes:
         if node.is_dir:
             raise err(errno.EISDIR)
+        cow = await self._cow(node)
+        if cow is not None:
+            return await self.cows.pread(cow, size, offset)
         if node.parent is None:  # unlinked while the kernel holds it
             fd = self.orphans.fd(node)
             if self.orphans.is_lower(node):
@@ -164,6 +185,9 @@ class FileData:
         if not node.upper and node.parent is not None:
             async with self.lock:
                 await self.copying.copy_up(node)
+        cow = await self._cow(node)
+        if cow is not None:
+            return await self.cows.pwrite(cow, data, offset)
         if node.parent is None:  # unlinked while the kernel holds it (or during the copy)
             return await self._upper_pwrite(await self.orphans.writable(node), data, offset)
         entry = self._kept_file_fd(node, "w")
@@ -174,7 +198,10 @@ class FileData:
 
     async def fsync_node(self, node: Node, datasync: bool) -> None:
         # A lower file (orphaned or not) was never written: nothing of ours to sync.
-        if node.parent is None:
+        cow = await self._cow(node)
+        if cow is not None:
+            await self.cows.fsync(cow)
+        elif node.parent is None:
             if not self.orphans.is_lower(node):
                 await self._sync_fd(self.orphans.fd(node), datasync)
         elif node.upper:
@@ -183,6 +210,12 @@ class FileData:
                 await self._sync_fd(entry.fd, datasync)
             finally:
                 self.file_fds.release(entry)
+
+    async def _cow(self, node: Node):
+        """*node*'s CowEntry if it is a copy-on-write file (orphaned or not), else None."""
+        if node.parent is None:
+            return self.cows.known(node)
+        return await self.cows.of(node) if node.upper else None
 
     def keep_by_node(self, h: Handle) -> None:
         """Make a new file's open descriptor (read-write) the one its node's reads and

@@ -28,6 +28,7 @@ import trio
 
 from .attributes import Attributes
 from .copying import CopyUp
+from .cowfiles import CowFiles
 from .creating import Creating
 from .descriptors import Descriptors
 from .dircache import DirCache, ListingStore
@@ -79,23 +80,25 @@ class Overlay:
                                          lower_threads=lower_threads)
         self._copying = copying = CopyUp(dirs, up, low, self.state, notify, privileged=privileged)
         self._orphans = orphans = Orphans(dirs, up, low, copying, lock)
+        self._cows = cows = CowFiles(dirs, up, low, self.state, readonly=readonly)
         self._names = names = Names(dirs, up, low, inodes, nodes, kept, orphans, policy, lock,
-                                    Shown(owner, ttl, immutable_ttl), readonly=readonly)
+                                    Shown(owner, ttl, immutable_ttl), cows, readonly=readonly)
         self._reader = reader = DirReader(dirs, up, low, inodes, nodes, names, kept, policy,
                                               handles)
-        self._creating = Creating(dirs, up, inodes, nodes, names, copying, policy, lock,
+        self._creating = Creating(dirs, up, inodes, nodes, names, copying, policy, lock, cows,
                                   privileged=privileged)
         self._removing = Removing(dirs, up, inodes, nodes, names, reader, copying, orphans,
-                                  policy, lock, self.state, readonly=readonly)
+                                  policy, lock, self.state, cows, readonly=readonly)
         self._attributes = Attributes(dirs, up, low, nodes, names, kept, copying, orphans, lock,
-                                      owner=owner, readonly=readonly)
+                                      cows, owner=owner, readonly=readonly)
         self._files = files = FileData(dirs, up, low, nodes, copying, orphans, handles, lock,
-                                       readonly=readonly)
+                                       cows, readonly=readonly)
         self._outside = Outside(dirs, up, inodes, nodes, names, kept, files.lower_files, policy,
                                 notify, lock, self.state)
 
     def close(self) -> None:
         self._files.close()
+        self._cows.close()
         if self.dircache.store is not None:
             self.dircache.store.close()
         self._orphans.close()
@@ -111,6 +114,7 @@ class Overlay:
         self._nodes.dropped(node)
         self._dirs.forget(node)
         self._files.dropped(node)
+        self._cows.dropped(node)
         self._orphans.dropped(node)
 
     # What the model is plugged into (given to the constructor, read by the daemon).
@@ -136,6 +140,7 @@ class Overlay:
             "shared_lower_files": len(self._files.lower_files),
             "node_file_fds": len(self._files.file_fds),
             "cache": self.dircache.stats(),
+            "cow_files": self._cows.stats(),
         }
 
     @property

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from . import upperformat as fmt
+from .cowfiles import CowFiles
 from .descriptors import Descriptors
 from .inodes import DERIVED, InodeTable, Node
 from .lowerlayer import LowerLayer
@@ -44,8 +45,9 @@ class Shown:
 class Names:
     def __init__(self, dirs: Descriptors, upper: UpperLayer, lower: LowerLayer, inodes: InodeTable,
                  nodes: Nodes, listings: Listings, orphans: Orphans, policy: LowerPolicy,
-                 lock: trio.Lock, shown: Shown, *, readonly: bool):
+                 lock: trio.Lock, shown: Shown, cows: CowFiles, *, readonly: bool):
         self.dirs, self.upper, self.lower, self.inodes = dirs, upper, lower, inodes
+        self.cows = cows
         self.nodes, self.listings, self.orphans = nodes, listings, orphans
         self.policy, self.lock, self.shown = policy, lock, shown
         self.readonly = readonly
@@ -184,11 +186,13 @@ class Names:
             node = self.inodes.by_upper_ino(st.st_ino)
             if node is not None:
                 self.inodes.attach(node, parent, name)
-                return node, st
+                return node, await self.shown_stat(node, st)
         node = self.nodes.new_node(parent, name, found.kind, found.upper_st is not None,
                                    found.lower)
         if found.upper_st is not None and st.st_nlink > 1 and not node.is_dir:
             self.inodes.register_upper_ino(node, st.st_ino)
+        if found.upper_st is not None:
+            st = await self.shown_stat(node, st)
         return node, st
 
     async def live_child(self, parent: Node, name: bytes,
@@ -228,10 +232,11 @@ class Names:
         if node is self.root:
             return self.upper.fstat(self.upper.root_fd)
         if node.parent is None:
-            return self.orphans.stat(node)
+            return self.cows.stat(node, self.orphans.stat(node))
         if node.upper:
             with self.dirs.upper_fd(node.parent) as pfd:
-                return self.upper.lstat(pfd, node.name)
+                st = self.upper.lstat(pfd, node.name)
+            return await self.shown_stat(node, st)
         # During a lower outage a directory already known answers with what the lower last
         # said of it, so path walks through it (the kernel revalidates every ttl) go on.
         known = self._known_dirs.get(node.ino)
@@ -248,6 +253,11 @@ class Names:
         if st is None:
             raise err(errno.ENOENT, "gone from the lower")
         return st
+
+    async def shown_stat(self, node: Node, st: os.stat_result) -> os.stat_result:
+        """The stat an upper object shows, from its layer's *st*: a copy-on-write file's
+        is its logical size (its delta's is not)."""
+        return await self.cows.shown(node, st)
 
     def attr(self, node: Node, st: os.stat_result) -> Attr:
         if node.kind == stat.S_IFDIR and not node.upper:

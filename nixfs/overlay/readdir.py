@@ -169,7 +169,7 @@ class DirReader:
             if st is not None and not stat.S_ISDIR(st.st_mode) and st.st_nlink == 1:
                 node = self.nodes.new_node(parent, entry.name, stat.S_IFMT(st.st_mode), True,
                                            None)
-                return node, self.names.attr(node, st)
+                return node, self.names.attr(node, await self.names.shown_stat(node, st))
         try:
             node, st = await self.names.live_child(parent, entry.name, entry.lower_st)
         except FileNotFoundError:

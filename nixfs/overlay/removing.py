@@ -4,7 +4,8 @@ Each holds the change lock.  A name that would uncover a lower entry gets a
 whiteout; a renamed directory with lower entries records where they are (a
 redirect), or is made opaque where it lands on a lower entry of its own.  The
 order of steps follows kernel overlayfs, so a change that fails leaves the same
-(invisible) copy-ups; a node the kernel still holds is kept as an orphan.
+(invisible) copy-ups; a node the kernel still holds is kept as an orphan.  A
+copy-on-write file is never renamed (EXDEV) and leaves with its map (cowfiles).
 """
 
 import errno
@@ -14,6 +15,7 @@ import trio
 
 from . import upperformat as fmt
 from .copying import CopyUp
+from .cowfiles import CowFiles
 from .descriptors import Descriptors
 from .inodes import InodeTable, Node
 from .upperlayer import UpperLayer
@@ -30,8 +32,10 @@ from ..libc import RENAME_EXCHANGE, RENAME_NOREPLACE
 class Removing:
     def __init__(self, dirs: Descriptors, upper: UpperLayer, inodes: InodeTable, nodes: Nodes,
                  names: Names, reader: DirReader, copying: CopyUp, orphans: Orphans,
-                 policy: LowerPolicy, lock: trio.Lock, state: UpperState, *, readonly: bool):
+                 policy: LowerPolicy, lock: trio.Lock, state: UpperState, cows: CowFiles, *,
+                 readonly: bool):
         self.dirs, self.upper, self.inodes = dirs, upper, inodes
+        self.cows = cows
         self.nodes, self.names = nodes, names
         self.reader, self.copying, self.orphans = reader, copying, orphans
         self.policy, self.lock, self.state = policy, lock, state
@@ -83,20 +87,27 @@ class Removing:
             raise err(errno.EROFS)
 
     async def _remove(self, parent: Node, name: bytes, node: Node) -> None:
-        cover = await self.names.lower_has(parent, name)
-        await self.copying.copy_up(parent)
-        await self.orphans.keep(node)
-        hid_lower = cover
-        with self.dirs.upper_fd(parent) as pfd, self.dirs.writable(pfd):
-            if cover and fmt.whiteout_fits(name):
-                fmt.make_whiteout(pfd, name)
-                cover = False
-            if node.upper and node.is_dir:
-                self._discard_upper(pfd, name)
-            elif node.upper and not cover:
-                self.upper.unlink(pfd, name)
-            if cover:
-                self._kernel_whiteout(pfd, name)
+        cow = not node.is_dir and self.cows.is_cow(node)
+        entry = await self.cows.before_unlink(node) if cow else None
+        try:
+            cover = await self.names.lower_has(parent, name)
+            await self.copying.copy_up(parent)
+            await self.orphans.keep(node)
+            hid_lower = cover
+            with self.dirs.upper_fd(parent) as pfd, self.dirs.writable(pfd):
+                if cover and fmt.whiteout_fits(name):
+                    fmt.make_whiteout(pfd, name)
+                    cover = False
+                if node.upper and node.is_dir:
+                    self._discard_upper(pfd, name)
+                elif cow:  # (its name is short enough for a .wh. whiteout)
+                    self.cows.remove(pfd, name, entry)
+                elif node.upper and not cover:
+                    self.upper.unlink(pfd, name)
+                if cover:
+                    self._kernel_whiteout(pfd, name)
+        finally:
+            self.cows.unlinked(entry)
         self.nodes.unlink(node, parent, name)
         if hid_lower and parent.tag is not None:
             self.policy.whiteout_made(parent.tag, name)
@@ -114,6 +125,7 @@ class Removing:
                 dst, _ = await self.names.child(new_parent, new_name)
             except FileNotFoundError:
                 dst = None
+            await self.cows.check_movable(src, dst)
             if flags & RENAME_EXCHANGE:
                 if dst is None:
                     raise err(errno.ENOENT)
@@ -154,6 +166,8 @@ class Removing:
                 self.dirs.writable(ofd), self.dirs.writable(nfd):
             if src.is_dir and not same_place:
                 self._mark_moved_dir(src, redirect, cover_new)
+            if not src.is_dir:
+                fmt.drop_stale_cow_map(nfd, new_name)
             short = fmt.whiteout_fits(old_name)
             if cover_old and short:
                 fmt.make_whiteout(ofd, old_name)

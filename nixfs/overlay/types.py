@@ -63,12 +63,13 @@ class SetAttr:
 
 class Handle:
     """An open file: a descriptor in the layer the node lived in when opened."""
-    __slots__ = ("fh", "node", "fd", "upper", "flags", "shared")
+    __slots__ = ("fh", "node", "fd", "upper", "flags", "shared", "cow")
 
     def __init__(self, fh: int, node: Node, fd: int, upper: bool, flags: int,
-                 shared: bytes | None = None):
+                 shared: bytes | None = None, cow=None):
         self.fh, self.node, self.fd, self.upper, self.flags = fh, node, fd, upper, flags
         self.shared = shared  # the SharedFds key, if the descriptor is shared
+        self.cow = cow  # a copy-on-write file's CowEntry (then no descriptor: fd is -1)
 
 
 @dataclass(slots=True)

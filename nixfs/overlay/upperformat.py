@@ -9,6 +9,8 @@ nixfs writes a format that needs no privileges (the OCI layer convention):
   the path from the lower root, as raw bytes with no newline) whose entries the
   directory merges with.  It is written when a
   directory that has lower entries is renamed, and travels with the directory.
+- ``.wh..wh..nixfs-cow.NAME`` beside ``NAME``: ``NAME`` is a copy-on-write delta, this
+  its map (nixfs/cow owns the map's format; overlay/cowfiles serves the pair as one file).
 
 It also reads what kernel overlayfs writes: character devices 0/0 as whiteouts,
 ``trusted.overlay.opaque``/``user.overlay.opaque`` = ``y`` and
@@ -23,10 +25,15 @@ import itertools
 import os
 import stat
 
+from ..cow.cowmap import MAP_PREFIX
+
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 REDIRECT_MARKER = b".wh..wh..nixfs-redirect"
 REDIRECT_TMP = REDIRECT_MARKER + b".tmp"  # a redirect being written outside the work folder
+# ``.wh..wh..nixfs-cow.NAME`` beside ``NAME``: NAME is a copy-on-write delta over a base
+# in the lower, this its map (nixfs/cow; served as one ordinary file by overlay/cowfiles).
+COW_MAP_PREFIX = MAP_PREFIX
 STATE_DIR = b".nixfs"
 # A file being written beside its final name, renamed there once complete (the GC root's
 # store file, nixdb/gcroot.py): a crash can leave one behind.
@@ -59,6 +66,22 @@ def is_reserved(name: bytes) -> bool:
 
 def whiteout_name(name: bytes) -> bytes:
     return WHITEOUT_PREFIX + name
+
+
+def cow_map_name(name: bytes) -> bytes:
+    """The name of the map of a COW file named *name*, beside it."""
+    return COW_MAP_PREFIX + name
+
+
+def drop_stale_cow_map(dirfd: int, name: bytes) -> None:
+    """Remove a COW map left beside *name* with no delta (an unlink of a COW file removes
+    the delta first, then its map: a crash in between leaves one), before a new file
+    takes the name, which it would otherwise claim as a COW."""
+    if len(COW_MAP_PREFIX) + len(name) <= NAME_MAX:
+        try:
+            os.unlink(cow_map_name(name), dir_fd=dirfd)
+        except FileNotFoundError:
+            pass
 
 
 def whiteout_fits(name: bytes) -> bool:
