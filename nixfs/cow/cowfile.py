@@ -15,7 +15,12 @@ crash, and unsynced writes may be lost (the old content shows, from base or delt
 A truncation is made durable like any other change: in memory until ``fsync()``, and the
 delta is cut only after the new map is on disk (cutting first would let a crash show zeros
 where the old map still promises delta pages).  So delta bytes at or past the logical size
-are unspecified, never read, and zeroed when the file grows over them again.
+are unspecified, never read, and zeroed when the file grows over them again.  The cut is
+made at an ``fsync()`` whose map is the current one, never at ``close()`` (a closing
+SQLite connection holds no lock, and another process may be growing the file).
+
+Several processes may open one COW file when SQLite's locks order their writes (vfs.py):
+``publish()`` writes the map without syncing, ``refresh()`` takes another's newer map.
 
 Thread-safety: ``pread`` may run in any number of threads at once, also while one writes;
 ``pwrite``, ``truncate``, ``fsync``, ``refresh`` and ``close`` take one lock.
@@ -29,54 +34,8 @@ from . import cowmap
 from .cowmap import BaseRef, CowError, CowMap
 
 _RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_RDWR = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
 _CLEAN, _PUBLISHED, _DIRTY = 0, 1, 2  # the map on disk: durable, written unsynced, stale
-
-
-class ReadOnlyFile:
-    """A plain file as a base (pread and size, like a CowFile's); the size is read once,
-    because a base never changes."""
-
-    def __init__(self, fd: int):
-        self._fd = fd
-        self._size = os.fstat(fd).st_size
-
-    @classmethod
-    def open(cls, path, dir_fd: int | None = None) -> "ReadOnlyFile":
-        return cls(os.open(path, _RDONLY, dir_fd=dir_fd))
-
-    def pread(self, n: int, offset: int) -> bytes:
-        return os.pread(self._fd, n, offset)
-
-    def size(self) -> int:
-        return self._size
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def base_opener(root, max_depth: int = 16):
-    """An ``open_base`` for paths relative to the directory *root*: a file with a map
-    beside it opens as a (read-only) CowFile over its own base, else as a plain file."""
-    root = os.fsencode(root)
-
-    def open_base(rel_path: str, depth: int = 0):
-        parts = rel_path.split("/")
-        if rel_path.startswith("/") or ".." in parts or not rel_path:
-            raise CowError(f"{rel_path!r}: a COW base must be a path inside {os.fsdecode(root)}")
-        if depth >= max_depth:
-            raise CowError(f"{rel_path}: COW chain deeper than {max_depth}")
-        path = os.path.join(root, os.fsencode(rel_path))
-        mpath = cowmap.map_path(path)
-        if not os.path.lexists(mpath):
-            try:
-                return ReadOnlyFile.open(path)
-            except FileNotFoundError:
-                raise CowError(f"{os.fsdecode(path)}: COW base missing") from None
-        return CowFile.open(path, mpath, lambda rel: open_base(rel, depth + 1), readonly=True)
-
-    return open_base
 
 
 class CowFile:
@@ -126,8 +85,7 @@ class CowFile:
         try:
             m = cowmap.read_fd(map_fd, os.fsdecode(map_path))
             try:
-                fd = os.open(delta_path, (_RDONLY if readonly else os.O_RDWR | os.O_NOFOLLOW
-                                          | os.O_CLOEXEC), dir_fd=dir_fd)
+                fd = os.open(delta_path, _RDONLY if readonly else _RDWR, dir_fd=dir_fd)
             except FileNotFoundError:
                 raise CowError(f"{os.fsdecode(delta_path)}: COW delta missing") from None
         except BaseException:
@@ -144,6 +102,10 @@ class CowFile:
         return cow
 
     # -- reading -------------------------------------------------------------------------
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
 
     def size(self) -> int:
         return self._map.size
@@ -269,14 +231,20 @@ class CowFile:
         with self._lock:
             self._sync()
 
-    def _sync(self) -> None:
+    def _sync(self, cut: bool = True) -> None:
         if self._data_dirty:
             os.fdatasync(self._fd)
             self._data_dirty = False
-        if self._map_state != _CLEAN:
+        if self._map_state == _DIRTY:
             self._replace_map(durable=True)
-            self._map_state = _CLEAN
-        if self._cut:
+        elif self._map_state == _PUBLISHED:
+            # Made durable where it is, not written again: another process may have
+            # replaced it since (building on it, under SQLite's locks), and a rename now
+            # would put the older map back.
+            os.fsync(self._map_fd)
+            cowmap.sync_dir(os.path.dirname(os.fsencode(self._map_path)), self._dir_fd)
+        self._map_state = _CLEAN
+        if cut and self._cut and cowmap.is_current(self._map_path, self._map_fd, self._dir_fd):
             if os.fstat(self._fd).st_size > self._map.size:
                 os.ftruncate(self._fd, self._map.size)
             self._cut = False
@@ -327,7 +295,7 @@ class CowFile:
                 return
             try:
                 if not self._readonly and (self._data_dirty or self._map_state != _CLEAN):
-                    self._sync()
+                    self._sync(cut=False)  # unlocked: another process may be growing it
             finally:
                 os.close(self._fd)
                 os.close(self._map_fd)

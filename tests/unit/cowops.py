@@ -79,7 +79,8 @@ def child(directory: str, seed: int, base_size: int, count: int) -> None:
     """The crash test's child: run the ops on DIR/f (COW over DIR/base), say "synced N"
     after the Nth fsync has returned, and "done" at the end; then wait to be killed."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from nixfs.cow.cowfile import CowFile, base_opener
+    from nixfs.cow.bases import base_opener
+    from nixfs.cow.cowfile import CowFile
     path = os.path.join(directory, "f")
     cow = CowFile.open(path, os.path.join(directory, ".wh..wh..nixfs-cow.f"), base_opener(directory))
     synced = 0

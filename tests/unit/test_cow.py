@@ -10,7 +10,8 @@ import pytest
 
 from cowops import PAGE, apply_cow, apply_plain, ops
 from nixfs.cow import cowmap
-from nixfs.cow.cowfile import CowFile, ReadOnlyFile, base_opener
+from nixfs.cow.bases import ReadOnlyFile, base_opener
+from nixfs.cow.cowfile import CowFile
 from nixfs.cow.cowmap import CowError
 
 
@@ -221,3 +222,33 @@ def test_a_read_only_base_file(tmp_path):
     base = ReadOnlyFile.open(tmp_path / "b")
     assert (base.size(), base.pread(10, 1)) == (3, b"bc")
     base.close()
+
+
+def test_a_stale_writer_closing_never_undoes_a_newer_map(tmp_path):
+    """Two openers of one delta (two processes, as SQLite's locks order them): the first
+    publishes a change; the second takes it, grows the file and syncs; the first, closing
+    with its older map, neither cuts the delta to its size nor puts its map back."""
+    base = _make_base(tmp_path, "base", 2 * PAGE, 8)
+    _create(tmp_path, "f", "base").close()
+    first, second = _open(tmp_path, "f"), _open(tmp_path, "f")
+    first.pwrite(b"y", 0)
+    first.publish()
+    assert second.refresh()
+    second.pwrite(b"z" * 4 * PAGE, 2 * PAGE)
+    second.fsync()
+    first.close()
+    second.close()
+    with _open(tmp_path, "f") as cow:
+        assert cow.pread(7 * PAGE, 0) == b"y" + base[1:] + b"z" * 4 * PAGE
+
+
+def test_refresh_refuses_to_drop_unwritten_changes(tmp_path):
+    _make_base(tmp_path, "base", 2 * PAGE, 8)
+    _create(tmp_path, "f", "base").close()
+    first, second = _open(tmp_path, "f"), _open(tmp_path, "f")
+    first.pwrite(b"a", 0)
+    second.pwrite(b"b", PAGE)
+    first.fsync()
+    with pytest.raises(CowError, match="unwritten changes"):
+        second.refresh()
+    first.close()

@@ -12,7 +12,8 @@ import pytest
 
 from cowops import PAGE, apply_plain, ops
 from nixfs.cow import cowmap
-from nixfs.cow.cowfile import CowFile, base_opener
+from nixfs.cow.bases import base_opener
+from nixfs.cow.cowfile import CowFile
 
 CHILD = Path(__file__).with_name("cowops.py")
 COUNT = 400
