@@ -7,7 +7,8 @@ from . import __version__
 from .config import MountConfig, RunConfig, parse_options
 from .usage import UsageError
 
-COMMANDS = ("mount", "umount", "run", "status", "sync", "unhide", "gc", "promote", "fsck")
+COMMANDS = ("mount", "umount", "run", "status", "sync", "unhide", "gc", "promote", "fsck",
+            "publish")
 
 FSCK_EPILOG = """exit codes: 0 clean (no damage; redundant leftovers may be listed, and --repair
 tidies them), 1 damage found and all of it repaired, 4 damage left (found without --repair, or
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"nixfs {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in (_mount_args, _run_args, _umount_args, _status_args, _sync_args, _unhide_args,
-                _gc_args, _promote_args, _fsck_args):
+                _gc_args, _promote_args, _fsck_args, _publish_args):
         add(sub)
     return p
 
@@ -135,6 +136,57 @@ def _fsck_args(sub) -> None:
     fs.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     fs.add_argument("--no-nix", dest="nix", action="store_false",
                     help="skip the Nix database checks (the upper of a --no-nix mount)")
+
+
+PUBLISH_EPILOG = """Generations go to STORE/var/nixfs/generations/N (only that directory is
+written; no root needed); the newest complete one is what nixfs mount and nixfs run of the
+store use.  Without --list, a new generation is written if the store's database changed
+since the newest one (or with --force).  exit codes: 0 done, 1 the store's database could
+not be read or written, 2 bad arguments."""
+
+
+def _publish_args(sub) -> None:
+    pu = sub.add_parser("publish", help="publish a generation of a shared store for "
+                                        "fresh uppers to start from",
+                        description="Write an immutable generation of a Nix store: its "
+                                    "database with nixfs' GC root, the lower index and the "
+                                    "catalog of its listings.",
+                        epilog=PUBLISH_EPILOG)
+    pu.add_argument("store", metavar="STORE", help="the store directory (holding store/ "
+                                                    "and var/nix), e.g. /nix")
+    pu.add_argument("--list", action="store_true", help="list the generations and do nothing else")
+    pu.add_argument("--json", action="store_true", help="machine-readable output")
+    pu.add_argument("--keep", type=_count, metavar="N",
+                    help="then remove all but the newest N generations (and their bases)")
+    pu.add_argument("--force", action="store_true",
+                    help="publish even if nothing changed since the newest generation")
+    pu.add_argument("--full", action="store_true",
+                    help="write the generation whole, not copy-on-write over the newest")
+    pu.add_argument("--follow", action="store_true",
+                    help="keep publishing whenever the store's database changes, until "
+                         "SIGINT or SIGTERM")
+    pu.add_argument("--interval", type=_seconds, default=2.0, metavar="S",
+                    help="with --follow: how often to look at the database (2 s)")
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a count of generations (1 or more): {text!r}")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = -1.0
+    if not 0.01 <= s <= 86400:
+        raise argparse.ArgumentTypeError(f"not an interval in seconds: {text!r}")
+    return s
 
 
 def _is_helper_call(argv: list[str]) -> bool:
@@ -302,6 +354,11 @@ def _fsck(args) -> int:
     return report.exit_code
 
 
+def _publish(args) -> int:
+    from .publish.command import publish_command
+    return publish_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
@@ -317,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"mount": _mount, "run": _run, "umount": _umount, "status": _status, "sync": _sync,
                 "unhide": _unhide, "gc": _gc, "promote": _promote,
-                "fsck": _fsck}[args.command](args)
+                "fsck": _fsck, "publish": _publish}[args.command](args)
     except (UsageError, SchemaError, PromoteError) as e:
         print(f"nixfs: {e}", file=sys.stderr)
         return 2

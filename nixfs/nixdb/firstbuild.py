@@ -40,7 +40,7 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int) -> LowerInde
     for path in (tmp_db, tmp_index, tmp_index + "-wal", tmp_index + "-shm"):
         if os.path.exists(path):
             os.unlink(path)
-    _clone(files.lower_db, tmp_db)
+    clone(files.lower_db, tmp_db)
     t_clone = time.monotonic()
     LowerIndex.create_from(tmp_index, tmp_db)  # every lower path, shown
     t_index = time.monotonic()
@@ -53,8 +53,9 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int) -> LowerInde
     return LowerIndex(files.index_path, cow_root=files.lower)
 
 
-def _clone(lower_db: str, dest: str) -> None:
-    """A consistent copy of the lower database at *dest* (not yet synced)."""
+def clone(lower_db: str, dest: str) -> None:
+    """A consistent copy of the lower database at *dest* (not yet synced), read without
+    a lock; SnapshotError if it kept changing, SchemaError for a shape nixfs cannot follow."""
     for attempt in range(CLONE_ATTEMPTS):
         with Snapshot(lower_db) as snap:
             snap.clone_to(dest, sync=False)

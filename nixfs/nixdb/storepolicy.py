@@ -25,6 +25,13 @@ from .lowerindex import LowerIndex
 UPPER_ONLY = {b"db", b"temproots", b"daemon-socket", b"gc.lock", b"userpool"}
 
 
+def listing_key(name: bytes, lower_id: int, rel: bytes) -> bytes:
+    """The cache key of the listing at *rel* (b"" for the path itself) in the store path
+    *name* with id *lower_id*: valid exactly as long as the path is (its id changes if
+    it leaves and comes back).  Published catalogs use the same keys."""
+    return b"%s\0%d\0%s" % (name, lower_id, rel)
+
+
 class NixStorePolicy(LowerPolicy):
     def __init__(self, index: LowerIndex):
         self.index = index
@@ -99,8 +106,7 @@ class NixStorePolicy(LowerPolicy):
         state = self._state(parts[1])
         if state is None or state[1] != 0:
             return None
-        # Valid exactly as long as this path is: its id changes if it leaves and comes back.
-        return b"%s\0%d\0%s" % (parts[1], state[0], parts[2] if len(parts) > 2 else b"")
+        return listing_key(parts[1], state[0], parts[2] if len(parts) > 2 else b"")
 
     def link_lower_errno(self, dest_tag):
         # nix-store --optimise links every file of every valid path into store/.links; for

@@ -1,0 +1,94 @@
+"""Where the generations of a store live, which of them are complete, and who writes.
+
+Everything that names a generation's directory or file goes through here:
+``STORE/var/nixfs/generations/N/`` with N decimal and never reused (the next
+number is one past every directory there, complete or not), complete once its
+``manifest.json`` exists.  One publisher at a time holds ``.lock`` there (an
+flock: a second one waits, a dead one's lock goes with its process).
+"""
+
+import fcntl
+import os
+from contextlib import contextmanager
+
+GENERATIONS = "var/nixfs/generations"  # relative to STORE: the maps' base paths are too
+MANIFEST = "manifest.json"
+DB, INDEX, CATALOG = "db.sqlite", "lower-index.sqlite", "listings.sqlite"
+FILES = (DB, INDEX, CATALOG)
+LOCK = ".lock"
+
+
+class Generations:
+    """The generations directory of the store at *store* (holding store/ and var/nix)."""
+
+    def __init__(self, store: str):
+        self.store = store
+        self.root = os.path.join(store, GENERATIONS)
+
+    def dir(self, number: int) -> str:
+        return os.path.join(self.root, str(number))
+
+    def file(self, number: int, name: str) -> str:
+        return os.path.join(self.dir(number), name)
+
+    def manifest(self, number: int) -> str:
+        return self.file(number, MANIFEST)
+
+    @staticmethod
+    def rel(number: int, name: str) -> str:
+        """A generation file's path relative to the store (as a COW map names its base)."""
+        return f"{GENERATIONS}/{number}/{name}"
+
+    def numbers(self) -> list[int]:
+        """Every generation directory's number, complete or not, ascending."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit() and n == str(int(n))
+                      and os.path.isdir(os.path.join(self.root, n)))
+
+    def complete(self) -> list[int]:
+        """The numbers of complete generations (with a manifest), ascending."""
+        return [n for n in self.numbers() if os.path.isfile(self.manifest(n))]
+
+    def newest(self) -> int | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def make_next(self) -> int:
+        """Make the next generation's (empty) directory; its number."""
+        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        existing = self.numbers()
+        number = existing[-1] + 1 if existing else 1
+        while True:
+            try:
+                os.mkdir(self.dir(number), 0o755)
+                return number
+            except FileExistsError:
+                number += 1
+
+    @contextmanager
+    def locked(self):
+        """Hold the publisher's lock (waiting for another publisher to finish)."""
+        os.makedirs(self.root, mode=0o755, exist_ok=True)
+        fd = os.open(os.path.join(self.root, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory by name."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def map_name(name: str) -> str:
+    """The COW map beside a generation file *name* (issue 20's naming)."""
+    return f".wh..wh..nixfs-cow.{name}"
