@@ -102,6 +102,12 @@ class CowVFS(apsw.VFS):
     def __init__(self):
         super().__init__(VFS_NAME, _DEFAULT)
 
+    def xFullPathname(self, name: str) -> str:
+        # SQLite's unix VFS resolves symlinks here and says so (SQLITE_OK_SYMLINK), which
+        # apsw takes for an error: a path through a symlink (fsck's /proc/self/fd/N/...,
+        # an upper below a symlinked folder) would not open.  Resolve them alike.
+        return os.path.realpath(name)
+
     def xOpen(self, name, flags):
         if isinstance(name, apsw.URIFilename) and flags[0] & apsw.SQLITE_OPEN_MAIN_DB:
             path = name.filename()

@@ -22,7 +22,8 @@ from harness import REPO, NixfsMount, kill_daemon, run_nixfs
 from nixlower import Store, built_lower  # noqa: F401 (a fixture)
 
 sys.path.insert(0, str(REPO))
-from nixfs.cow.cowfile import CowFile, ReadOnlyFile  # noqa: E402
+from nixfs.cow.bases import ReadOnlyFile  # noqa: E402
+from nixfs.cow.cowfile import CowFile  # noqa: E402
 from nixfs.cow import cowmap  # noqa: E402
 
 BASE_REL = "gen/1/db.sqlite"  # the base, relative to the lower root
