@@ -25,7 +25,7 @@ import stat
 
 import apsw
 
-from ..cow.connect import connect
+from ..cow.vfs import connect
 from ..nixdb import gcroot, upperstore
 from ..nixdb.files import StoreFiles
 from ..nixdb.lowerindex import BROKEN, SHOWN, LowerIndex

@@ -10,7 +10,7 @@ import stat
 
 import apsw
 
-from ..cow.connect import connect
+from ..cow.vfs import connect
 from ..overlay import upperformat as fmt
 from ..overlay.layers import O_DIR
 from ..overlay.state import FORMAT_VERSION

@@ -11,7 +11,9 @@ delta read with the wrong map.  SQLite's own files beside it (``-wal``, ``-shm``
 import os
 
 from ..cow import cowmap
-from ..cow.cowfile import CowFile, base_opener
+from ..cow.bases import base_opener
+from ..cow.cowfile import CowFile
+from ..publish.generations import Generations
 
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
@@ -26,13 +28,14 @@ def is_cow(path: str) -> bool:
 
 
 def create_over(lower: str, generation, name: str, delta_path: str) -> None:
-    """A new, empty COW file at *delta_path* over the generation's file *name* (its map
-    names the base by its path in the lower, its size and the sha256 the manifest states)."""
-    rel = f"{generation.path}/{name}"
+    """A new, empty COW file at *delta_path* over the file *name* of the published
+    *generation* (publish.verify.Generation): its map names the base by its path in the
+    lower, its size and the sha256 the manifest states."""
+    rel = Generations.rel(generation.number, name)
     base = base_opener(lower)(rel)
     try:
         CowFile.create(delta_path, map_path(delta_path), base, base_path=rel,
-                       base_sha256=generation.sha256(name)).close()
+                       base_sha256=generation.manifest["files"][name]["sha256"]).close()
     finally:
         base.close()
 

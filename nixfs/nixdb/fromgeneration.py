@@ -21,9 +21,11 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 from ..overlay import upperformat as fmt
+from ..overlay.dircache import ListingStore
+from ..publish.generations import CATALOG, DB, GENERATIONS, INDEX, MANIFEST
+from ..publish.verify import Generation, find_usable
 from . import cowfiles, gcroot, ownrows
 from .files import StoreFiles
 from .lowerindex import BROKEN, LowerIndex
@@ -34,28 +36,10 @@ from .upperstore import UpperStore
 
 log = logging.getLogger(__name__)
 
-GENERATIONS = "var/nixfs/generations"  # in the lower, where ``nixfs publish`` writes them
-DB, INDEX, LISTINGS = "db.sqlite", "lower-index.sqlite", "listings.sqlite"  # a generation's
 
-
-@dataclass(frozen=True)
-class Generation:
-    """A generation that passed its check: its number and its manifest."""
-    number: int
-    manifest: dict
-
-    @property
-    def path(self) -> str:
-        """Its directory, relative to the lower (as the upper's maps name their bases)."""
-        return f"{GENERATIONS}/{self.number}"
-
-    @property
-    def manifest_sha256(self) -> str:
-        return self.manifest["sha256"]
-
-    def sha256(self, name: str) -> str:
-        """The sha256 of the content of its file *name*, as the manifest states it."""
-        return self.manifest["files"][name]["sha256"]
+def listings_path(files: StoreFiles) -> str:
+    """The upper's listings (a cache; over a generation, a COW file over its catalog)."""
+    return os.path.join(files.state_dir, ListingStore.FILE)
 
 
 def record_path(files: StoreFiles) -> str:
@@ -77,12 +61,10 @@ def recorded(files: StoreFiles) -> dict | None:
 
 def newest(files: StoreFiles, setting: str) -> Generation | None:
     """The lower's newest generation that passes its check, or None: none published,
-    ``-o generation=off``, or none usable (one warning line)."""
+    ``-o generation=off``, or none usable (``find_usable`` says why in one warning)."""
     if setting == "off" or not os.path.isdir(os.path.join(files.lower, GENERATIONS)):
         return None
-    from ..publish import verify
-    found = verify.newest_usable(files.lower)
-    return None if found is None else Generation(*found)
+    return find_usable(files.lower, files.lower_db)
 
 
 def newer(files: StoreFiles, setting: str, current: dict | None) -> Generation | None:
@@ -114,7 +96,7 @@ def replacing(files: StoreFiles, setting: str, current: dict) -> Generation | No
 
 def present(files: StoreFiles, current: dict) -> bool:
     """Whether the generation *current* names is still there, unchanged."""
-    manifest = os.path.join(files.lower, GENERATIONS, str(current["generation"]), "manifest.json")
+    manifest = os.path.join(files.lower, GENERATIONS, str(current["generation"]), MANIFEST)
     try:
         with open(manifest) as f:
             return json.load(f).get("sha256") == current["manifest_sha256"]
@@ -127,7 +109,7 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int,
     """Build the upper's database, index and listings over *generation*; returns the index."""
     t0 = time.monotonic()
     os.makedirs(files.merged_dir, exist_ok=True)
-    tmp = {name: os.path.join(files.work, f"generation.{name}") for name in (DB, INDEX, LISTINGS)}
+    tmp = {name: os.path.join(files.work, f"generation.{name}") for name in (DB, INDEX, CATALOG)}
     for path in tmp.values():
         cowfiles.remove(path)
     for name, path in tmp.items():
@@ -179,7 +161,7 @@ def _install(files: StoreFiles, tmp: dict, version: int, generation: Generation)
     cowfiles.install(tmp[DB], files.merged_db)
     with open(os.path.join(files.merged_dir, "schema"), "w") as f:
         f.write(str(version))
-    cowfiles.install(tmp[LISTINGS], os.path.join(files.state_dir, LISTINGS))
+    cowfiles.install(tmp[CATALOG], listings_path(files))
     _write_record(files, generation)
     gcroot.install_files(files.upper)
     for directory in (files.merged_dir, files.state_dir):
@@ -196,7 +178,7 @@ def forget(files: StoreFiles) -> None:
         os.unlink(record_path(files))
     except FileNotFoundError:
         pass
-    listings = os.path.join(files.state_dir, LISTINGS)
+    listings = listings_path(files)
     if cowfiles.is_cow(listings):
         cowfiles.remove(listings)
 

@@ -17,7 +17,7 @@ import os
 
 import apsw
 
-from ..cow.connect import connect
+from ..cow.vfs import connect
 from .schema import STORE_DIR
 
 CA_FOLLOWED = ("Realisations", "BuildTraceV3")  # the ca tables nixfs follows (carows)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import apsw
 
-from ..cow.connect import connect
+from ..cow.vfs import connect
 from .schema import check_tables, quote
 
 COLUMNS = ("path", "hash", "registrationTime", "deriver", "narSize", "ultimate", "sigs", "ca")

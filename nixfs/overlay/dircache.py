@@ -26,7 +26,7 @@ import apsw
 import cachetools
 
 from ..cow import cowmap
-from ..cow.connect import connect
+from ..cow.vfs import connect
 
 log = logging.getLogger(__name__)
 
