@@ -4,7 +4,8 @@ Walks the upper once with ``*at`` calls (never following a symlink) beside the
 lower directory each upper directory merges with, and reports what a crash or
 a hand edit can leave: temporaries outside the work folder, whiteouts and
 markers of the wrong type, whiteouts and opaque markers with nothing below
-them in the lower, and redirects that point nowhere.
+them in the lower, redirects that point nowhere, and copy-on-write maps that
+are damaged or have no delta beside them.
 
 Repairs touch only the upper and keep the merged view as it was: a redundant
 whiteout goes, a redirect that points nowhere goes (replaced by an opaque
@@ -164,12 +165,11 @@ class TreeCheck:
         if name == fmt.REDIRECT_TMP or (in_store and name.endswith(fmt.TMP_SUFFIX)):
             report.add("stray-temporary", path, "a temporary file of an interrupted write",
                        fix=remove(ufd, name))
-        elif name.startswith(cowmap.MAP_PREFIX):
-            # The map of a copy-on-write file beside it (the database's, over a published
-            # generation): checked with the database; one with no file is left over.
-            if lstat_or_none(ufd, name[len(cowmap.MAP_PREFIX):]) is None:
-                report.add("stray-temporary", path, "the map of a copy-on-write file that "
-                           "is gone", severity=HARMLESS, fix=remove(ufd, name))
+        elif name.startswith(fmt.COW_MAP_PREFIX):
+            self._cow_map(ufd, path, name)
+        elif name.startswith(cowmap.TMP_PREFIX):
+            report.add("stray-temporary", path, "a COW map of an interrupted write",
+                       severity=HARMLESS, fix=remove(ufd, name))
         elif name.startswith(fmt.WHITEOUT_PREFIX + fmt.WHITEOUT_PREFIX):
             report.add("unknown-marker", path, "a marker nixfs does not know (left alone)",
                        severity=NOTE)
@@ -188,6 +188,24 @@ class TreeCheck:
         else:
             return False
         return True
+
+    def _cow_map(self, ufd: int, path: bytes, name: bytes) -> None:
+        """The map of a copy-on-write file: its delta beside it, and readable.  One with
+        no delta is what a crash in the middle of an unlink leaves (nothing shows it)."""
+        delta = name[len(fmt.COW_MAP_PREFIX):]
+        st = lstat_or_none(ufd, delta)
+        if st is None:
+            self.report.add("stale-cow-map", path, "a COW map with no delta beside it",
+                            severity=HARMLESS, fix=remove(ufd, name))
+            return
+        try:
+            cowmap.read(name, ufd)
+        except cowmap.CowError as e:
+            self.report.add("cow-map-damaged", path, f"{e.strerror} (reads of the file fail)")
+            return
+        if not stat.S_ISREG(st.st_mode):
+            self.report.add("cow-map-damaged", path, "the COW map of something that is not "
+                            "a regular file")
 
     def _subdir(self, cfd: int, path: bytes, ccand: int | None, hidden: bool):
         """The upper directory *cfd* with the lower ones it merges with: *ccand*, the

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 
 import trio
 
@@ -60,6 +61,7 @@ class CowEntry:
         self.moving: trio.Event | None = None  # set while the files move (unlink)
         self.orphan: bytes | None = None  # its folder in the work folder, once unlinked
         self.closed = False
+        self.closing = threading.Lock()
         self.nodes: set[int] = set()
 
 
@@ -72,6 +74,7 @@ class CowFiles:
         self._by_file: dict[tuple[int, int], CowEntry] = {}  # the delta's (st_dev, st_ino)
         self._opening: dict[tuple[int, int], trio.Event] = {}
         self._orphans: set[CowEntry] = set()  # unlinked, still held
+        self._broken: set[tuple[int, int]] = set()  # files that failed to open (logged)
         self.bases = BaseStats()
         self.counts = {"read": 0, "write": 0, "truncate": 0, "fsync": 0, "opened": 0}
 
@@ -145,7 +148,8 @@ class CowFiles:
                                                     self.readonly)
             except BaseException as e:
                 os.close(dir_fd)
-                if isinstance(e, CowError):
+                if isinstance(e, CowError) and key not in self._broken:
+                    self._broken.add(key)  # (said once; every use fails)
                     log.error("%s", e)
                 raise
         finally:
@@ -162,20 +166,22 @@ class CowFiles:
             return
         entry.nodes.discard(node.ino)
         if entry.orphan is not None and not entry.nodes:
-            self._orphans.discard(entry)
             try:
                 trio.lowlevel.spawn_system_task(self._close_orphan, entry)
             except RuntimeError:  # not in the event loop (the mount is ending)
                 self._close_entry(entry)
+                self._orphans.discard(entry)
 
     async def _close_orphan(self, entry: CowEntry) -> None:
         await entry.idle.wait()
         await trio.to_thread.run_sync(self._close_entry, entry)
+        self._orphans.discard(entry)  # (until here, the end of the mount closes it)
 
     def _close_entry(self, entry: CowEntry) -> None:
-        if entry.closed:
-            return
-        entry.closed = True
+        with entry.closing:  # (from a worker thread, or at the end of the mount)
+            if entry.closed:
+                return
+            entry.closed = True
         try:
             entry.cow.close()
             if entry.orphan is not None:
@@ -193,9 +199,14 @@ class CowFiles:
         return with_size(st, entry.cow.size(), entry.cow.blocks())
 
     async def shown(self, node: Node, st: os.stat_result) -> os.stat_result:
-        """``stat`` for a node that may not have been looked at yet."""
+        """``stat`` for a node that may not have been looked at yet.  One that cannot be
+        opened (a damaged map, its base out of reach) shows its delta's stat: its name
+        can still be removed, and every read of it fails (EIO), never reads zeros."""
         if node.upper and node.kind == stat.S_IFREG:
-            await self.of(node)
+            try:
+                await self.of(node)
+            except OSError:
+                pass
         return self.stat(node, st)
 
     # The file's data: each call in a worker thread of the lower.

@@ -46,7 +46,7 @@ class Creating:
                 hides_lower = self.clear_kernel_whiteout(pfd, name) or (
                     parent.lower is not None and fmt.has_whiteout(pfd, name))
                 opaque = hides_lower and stat.S_ISDIR(mode)
-                if stat.S_ISREG(mode):
+                if not stat.S_ISDIR(mode):  # (a file made by create may come without S_IFREG)
                     fmt.drop_stale_cow_map(pfd, name)
                 result = make(pfd, name)
                 try:

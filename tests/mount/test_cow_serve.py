@@ -251,6 +251,26 @@ def test_unlink_of_a_cow_file_over_a_lower_name_whites_it_out(tmp_path):
     assert sorted(os.listdir(upper / "data")) == [".wh.db.sqlite"]
 
 
+def fsck_json(lower, upper, *args) -> dict:
+    return json.loads(run_nixfs("fsck", "--lower", lower, "--upper", upper, "--json",
+                                *args).stdout)
+
+
+def test_fsck_knows_cow_maps(cow_layers):
+    lower, upper, mnt = cow_layers
+    assert fsck_json(lower, upper)["findings"] == []  # a COW file and its map: all well
+    stale = upper / "data" / ".wh..wh..nixfs-cow.gone"  # its delta's unlink was the last step
+    stale.write_bytes(b"")
+    found = [(f["kind"], f["severity"]) for f in fsck_json(lower, upper)["findings"]]
+    assert found == [("stale-cow-map", "harmless")]
+    fsck_json(lower, upper, "--repair")
+    assert not stale.exists()
+    map_path(upper / DB_REL).write_bytes(b"NIXFSCOW but no more")
+    report = fsck_json(lower, upper)
+    assert report["exit_code"] == 4
+    assert [f["kind"] for f in report["findings"]] == ["cow-map-damaged"]
+
+
 def test_nix_queries_and_registers_through_a_cow_db(tmp_path, built_lower):  # noqa: F811
     """Nix 2.8 on a COW db.sqlite over the lower's own (a plain overlay, --no-nix: what is
     tested is the file, as a generation client's mount will give it to Nix)."""
@@ -331,6 +351,9 @@ def test_kill_9_of_the_daemon_while_a_cow_db_is_written(cow_layers):
                 writer.kill()
                 writer.wait()
             m.force_unmount()
+        if round_ % 2:  # what a kill leaves, nixfs fsck finds nothing wrong with
+            report = fsck_json(lower, upper)
+            assert report["exit_code"] == 0, report
     with NixfsMount(lower, upper, mnt):
         check = sqlite(mnt / DB_REL, "pragma integrity_check;\nselect max(n) from log;").split()
         assert check[0] == "ok" and int(check[1]) >= committed, (check, committed)
