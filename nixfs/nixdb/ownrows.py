@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # tables' own definitions, so columns a Nix added travel too).
 COPIED_TABLES = ("ValidPaths", "Refs", "DerivationOutputs")
 # What reading a database can fail with, besides SQLite's own errors: a base that is
-# gone or damaged (a copy-on-write file's), a shape nixfs cannot read.
-READ_ERRORS = (apsw.Error, SchemaError, OSError, ValueError)
+# gone or damaged (a copy-on-write file's CowError is an OSError), a shape nixfs cannot read.
+READ_ERRORS = (apsw.Error, SchemaError, OSError)
 
 
 def select_own(conn, upper_store: UpperStore) -> list:
@@ -136,8 +136,8 @@ def _copy(conn, own_ids: list[int], dest: str) -> int:
 
 
 def _copy_rows(conn, out, table: str, key: str, ids) -> None:
-    cols = ", ".join(quote(c) for c in table_columns(conn, table))
-    marks = ", ".join("?" * len(table_columns(conn, table)))
+    columns = table_columns(conn, table)
+    cols, marks = ", ".join(map(quote, columns)), ", ".join("?" * len(columns))
     for i in ids:
         out.executemany(f"insert into {quote(table)} ({cols}) values ({marks})",
                         conn.execute(f"select {cols} from {quote(table)} where {quote(key)} = ?",
