@@ -107,6 +107,20 @@ class StoreService:
         """Stop following; returns once no request is under way (the mount still answers)."""
         self._scope.cancel()
         await self._stopped.wait()
+        with trio.move_on_after(10):
+            await self._keep_own_rows()
+
+    async def _keep_own_rows(self) -> None:
+        """Over a generation, copy the upper's own rows aside before the mount ends
+        (``ownrows``): read through the mount, whose bases stay open even if the
+        generation was pruned meanwhile, for the next mount to rebase with."""
+        if self.generation is None:
+            return
+        try:
+            await self.worker.call("keep_own_rows")
+        except (OSError, WorkerError) as e:
+            log.warning("cannot copy the upper's own database rows aside: %s",
+                        str(e).strip().splitlines()[-1])
 
     async def pause(self, seconds: float) -> None:
         """Hold all database work (an unmount is coming): the worker keeps nothing open
@@ -123,6 +137,7 @@ class StoreService:
         with trio.move_on_after(seconds):
             while self._busy:
                 await trio.sleep(0.01)
+            await self._keep_own_rows()
 
     async def step(self, force: bool = False) -> None:
         """One round: hide what was removed through the mount, then follow the lower."""

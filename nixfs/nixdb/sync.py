@@ -92,13 +92,17 @@ class StoreSync:
         self.generation = fromgeneration.recorded(self.files)
         self._catch_up(version)
 
-    def keep_own_rows(self) -> None:
-        """At a clean unmount of an upper over a generation: copy the upper's own rows
-        aside (``ownrows``), for a next mount that finds that generation pruned."""
-        if fromgeneration.recorded(self.files) is None:
+    def keep_own_rows(self, through_mount: str | None = None) -> None:
+        """At the end of a mount of an upper over a generation: copy the upper's own rows
+        aside (``ownrows``), for a next mount that finds that generation pruned.  The
+        worker reads them *through_mount* before the mount ends (its bases are open there,
+        pruned or not); the daemon, once it ended, from the upper (if the base is there)."""
+        current = fromgeneration.recorded(self.files)
+        if current is None or (through_mount is None and
+                               not fromgeneration.present(self.files, current)):
             return
         try:
-            count = ownrows.write(self.files, self.upper_store)
+            count = ownrows.write(self.files, self.upper_store, through_mount)
         except ownrows.READ_ERRORS as e:
             log.warning("cannot copy the upper's own database rows aside (%s): should its "
                         "generation be pruned, they come from the database as long as it "

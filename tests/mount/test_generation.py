@@ -240,3 +240,21 @@ def test_a_fresh_upper_walks_the_store_from_the_catalog(store, tmp_path):
     asked = walk_lower_calls(store, over)
     learnt = walk_lower_calls(store, copied, "generation=off")
     assert asked * 10 < learnt, (asked, learnt)  # here 2 against 39
+
+
+def test_a_base_pruned_while_mounted_keeps_serving_and_rebases_after(store):
+    """A running mount keeps its base open; its unmount copies the upper's rows aside
+    through the mount, so the next mount rebases with them although the base is gone."""
+    publish(store)
+    with store.mount():
+        mine = own_build(store, "mine")
+        lower_add(store, "newer")
+        publish(store, "--full", "--keep", "1")
+        assert generations(store) == [2]
+        lower_paths_valid(store)
+        assert store.valid(mine)
+        assert store.q("--verify", "--check-contents").returncode == 0
+    with store.mount():
+        assert store.valid(mine)
+        lower_paths_valid(store)
+    assert recorded(store.upper) == 2
