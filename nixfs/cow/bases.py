@@ -5,6 +5,9 @@ The overlay opens bases itself (with *at calls and O_NOFOLLOW on its layers); ev
 else (the VFS, publish, tests) opens them by path below a root with ``base_opener``.
 """
 
+import errno
+import functools
+import hashlib
 import os
 
 from . import cowmap
@@ -12,6 +15,7 @@ from .cowfile import CowFile
 from .cowmap import CowError
 
 _RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ReadOnlyFile:
@@ -21,13 +25,11 @@ class ReadOnlyFile:
     def __init__(self, fd: int):
         self._fd = fd
         self._size = os.fstat(fd).st_size
+        self.pread = functools.partial(os.pread, fd)  # (n, offset): straight to C, per page
 
     @classmethod
     def open(cls, path, dir_fd: int | None = None) -> "ReadOnlyFile":
         return cls(os.open(path, _RDONLY, dir_fd=dir_fd))
-
-    def pread(self, n: int, offset: int) -> bytes:
-        return os.pread(self._fd, n, offset)
 
     def size(self) -> int:
         return self._size
@@ -36,26 +38,76 @@ class ReadOnlyFile:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+            self.pread = _closed  # never a read of a descriptor number reused since
+
+
+def _closed(n: int, offset: int) -> bytes:
+    raise OSError(errno.EBADF, "COW base closed")
+
+
+def content_sha256(f, chunk: int = 1 << 20) -> str:
+    """The sha256 (hex) of the logical content of *f* (a CowFile or a ReadOnlyFile): what a
+    manifest states of a file, whatever its delta and base hold."""
+    digest, size = hashlib.sha256(), f.size()
+    for offset in range(0, size, chunk):
+        digest.update(f.pread(min(chunk, size - offset), offset))
+    return digest.hexdigest()
 
 
 def base_opener(root, max_depth: int = 16):
-    """An ``open_base`` for paths relative to the directory *root*: a file with a map
-    beside it opens as a (read-only) CowFile over its own base, else as a plain file."""
-    root = os.fsencode(root)
+    """An ``open_base`` for paths relative to *root* (a directory's path, or a descriptor
+    on it that stays the caller's): a file with a map beside it opens as a read-only
+    CowFile over its own base (a chain), else as a plain file.  No symlink below *root* is
+    followed, as in the layers (each directory is opened with O_NOFOLLOW)."""
 
     def open_base(rel_path: str, depth: int = 0):
         parts = rel_path.split("/")
-        if rel_path.startswith("/") or ".." in parts or not rel_path:
-            raise CowError(f"{rel_path!r}: a COW base must be a path inside {os.fsdecode(root)}")
+        if not rel_path or rel_path.startswith("/") or {"", ".", ".."} & set(parts):
+            raise CowError(f"{rel_path!r}: a COW base must be a plain path inside its root")
         if depth >= max_depth:
             raise CowError(f"{rel_path}: COW chain deeper than {max_depth}")
-        path = os.path.join(root, os.fsencode(rel_path))
-        mpath = cowmap.map_path(path)
-        if not os.path.lexists(mpath):
+        dir_fd = _open_parent(root, parts[:-1], rel_path)
+        name, map_name = parts[-1], cowmap.map_name(parts[-1])
+        try:
+            if cowmap.path_id(map_name, dir_fd) is None:
+                try:
+                    return ReadOnlyFile.open(name, dir_fd=dir_fd)
+                finally:
+                    os.close(dir_fd)
             try:
-                return ReadOnlyFile.open(path)
-            except FileNotFoundError:
-                raise CowError(f"{os.fsdecode(path)}: COW base missing") from None
-        return CowFile.open(path, mpath, lambda rel: open_base(rel, depth + 1), readonly=True)
+                return CowFile.open(name, map_name, lambda rel: open_base(rel, depth + 1),
+                                    readonly=True, dir_fd=dir_fd, owns_dir_fd=True)
+            except BaseException:
+                os.close(dir_fd)
+                raise
+        except FileNotFoundError:
+            raise CowError(f"{rel_path}: COW base missing (below {_name(root)})") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CowError(f"{rel_path}: COW base is a symlink (below {_name(root)})") from None
+            raise
 
     return open_base
+
+
+def _open_parent(root, dirs: list[str], rel_path: str) -> int:
+    """A descriptor on the directory holding *rel_path* (the caller closes it)."""
+    fd = os.dup(root) if isinstance(root, int) else \
+        os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in dirs:
+            inner = os.open(part, _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, FileNotFoundError):
+            raise CowError(f"{rel_path}: COW base missing (below {_name(root)})") from None
+        if isinstance(e, OSError) and e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CowError(f"{rel_path}: COW base's directory is a symlink or a file") from None
+        raise
+    return fd
+
+
+def _name(root) -> str:
+    return f"descriptor {root}" if isinstance(root, int) else os.fsdecode(root)

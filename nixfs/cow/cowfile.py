@@ -44,12 +44,16 @@ class CowFile:
 
     def __init__(self, fd: int, map_fd: int, m: CowMap, base, map_path, dir_fd, readonly):
         self._fd, self._map_fd, self._map, self._base = fd, map_fd, m, base
+        self._map_id = cowmap.file_id(map_fd)  # which map file this one is (path_id)
         self._map_path, self._dir_fd, self._readonly = map_path, dir_fd, readonly
         self._ps = m.page_size
+        self._shift = m.page_size.bit_length() - 1  # page sizes are powers of two
+        self._base_pread = base.pread if base is not None else None
         self._lock = threading.Lock()
         self._data_dirty = False  # delta written since its last fdatasync
         self._map_state = _CLEAN
         self._cut = False  # the delta may extend past the size (a truncation, a crash)
+        self._owns_dir_fd = False
 
     # -- opening -------------------------------------------------------------------------
 
@@ -66,21 +70,29 @@ class CowFile:
         ref = BaseRef(base_path, size, base_sha256) if base is not None else None
         m = CowMap(page_size, size, size, ref, bytearray())
         cowmap.check(m, os.fsdecode(map_path))
-        fd = os.open(delta_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+        if cowmap.path_id(delta_path, dir_fd) is not None:
+            raise FileExistsError(errno.EEXIST, "COW delta exists", os.fsdecode(delta_path))
+        # The map first: a crash before the delta exists leaves only a hidden map (the next
+        # create replaces it), never a delta without its map (an error to open).
+        map_fd = cowmap.write(map_path, m, dir_fd, durable=True, keep_open=True)
         try:
-            map_fd = cowmap.write(map_path, m, dir_fd, durable=True, keep_open=True)
+            fd = os.open(delta_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+            os.fsync(fd)
+            cowmap.sync_dir(os.path.dirname(os.fsencode(delta_path)), dir_fd)
         except BaseException:
-            os.close(fd)
+            os.close(map_fd)
             raise
         return cls(fd, map_fd, m, base, map_path, dir_fd, readonly=False)
 
     @classmethod
     def open(cls, delta_path, map_path, open_base, *, readonly: bool = False,
-             dir_fd: int | None = None) -> "CowFile":
-        """The COW file at *delta_path* with its map at *map_path*; its base is opened by
-        ``open_base(rel_path)`` (a CowFile or anything with pread/size/close).  A missing
-        or damaged map, a missing delta or a base of the wrong size is a CowError."""
+             dir_fd: int | None = None, owns_dir_fd: bool = False) -> "CowFile":
+        """The COW file at *delta_path* with its map at *map_path* (both relative to
+        *dir_fd* if given: it must stay open while the file is, and is closed with it if
+        *owns_dir_fd*); its base is opened by ``open_base(rel_path)`` (a CowFile or
+        anything with pread/size/close).  A missing or damaged map, a missing delta or a
+        base of the wrong size is a CowError."""
         map_fd = cowmap.open_map(map_path, dir_fd)
         try:
             m = cowmap.read_fd(map_fd, os.fsdecode(map_path))
@@ -99,6 +111,7 @@ class CowFile:
             raise
         cow = cls(fd, map_fd, m, base, map_path, dir_fd, readonly)
         cow._cut = not readonly
+        cow._owns_dir_fd = owns_dir_fd
         return cow
 
     # -- reading -------------------------------------------------------------------------
@@ -106,6 +119,15 @@ class CowFile:
     @property
     def readonly(self) -> bool:
         return self._readonly
+
+    @property
+    def base_ref(self) -> BaseRef | None:
+        """The base as the map names it (path, size, stated sha256): which generation."""
+        return self._map.base
+
+    @property
+    def page_size(self) -> int:
+        return self._ps
 
     def size(self) -> int:
         return self._map.size
@@ -115,26 +137,39 @@ class CowFile:
         return os.fstat(self._fd).st_blocks
 
     def pread(self, n: int, offset: int) -> bytes:
+        # The FUSE layer calls this for every page read: the one-page cases are inline.
         m = self._map
-        end = min(offset + n, m.size)
+        end = offset + n
+        if end > m.size:
+            end = m.size
         if offset >= end:
             return b""
-        ps = self._ps
-        first, last = offset // ps, (end - 1) // ps
+        shift = self._shift
+        first, last = offset >> shift, (end - 1) >> shift
         if first != last:
             return self._read_runs(m, offset, end, first, last)
         bits = m.bits
         if first >> 3 < len(bits) and bits[first >> 3] >> (first & 7) & 1:
-            return self._read_delta(offset, end)
-        return self._read_below(m, offset, end)
+            data = os.pread(self._fd, end - offset, offset)
+        elif end <= m.base_limit:
+            data = self._base_pread(end - offset, offset)
+        else:
+            return self._read_below(m, offset, end)
+        return data if len(data) == end - offset else data + bytes(end - offset - len(data))
 
     def _read_runs(self, m: CowMap, offset: int, end: int, first: int, last: int) -> bytes:
         """A read over several pages: one pread per run of pages from the same place."""
+        bits = m.bits
+        covering = bits[first >> 3:(last >> 3) + 1]  # whole bytes: may name pages around
+        if not covering.strip(b"\0"):
+            return self._read_below(m, offset, end)  # none in the delta (a fresh COW)
+        if (last >> 3) < len(bits) and not covering.strip(b"\xff"):
+            return self._read_delta(offset, end)  # all in the delta
         parts, pos, page, ps = [], offset, first, self._ps
         while pos < end:
-            present = _has(m.bits, page)
+            present = cowmap.has_page(m.bits, page)
             nxt = page + 1
-            while nxt <= last and _has(m.bits, nxt) == present:
+            while nxt <= last and cowmap.has_page(m.bits, nxt) == present:
                 nxt += 1
             stop = min(nxt * ps, end)
             parts.append(self._read_delta(pos, stop) if present else self._read_below(m, pos, stop))
@@ -150,7 +185,7 @@ class CowFile:
         limit = m.base_limit
         if start >= limit:
             return bytes(stop - start)
-        data = self._base.pread(min(stop, limit) - start, start)
+        data = self._base_pread(min(stop, limit) - start, start)
         return data if len(data) == stop - start else data + bytes(stop - start - len(data))
 
     # -- writing -------------------------------------------------------------------------
@@ -169,14 +204,14 @@ class CowFile:
                 self._zero_tail(m, old, offset)
             first, last = offset // ps, (end - 1) // ps
             parts, start = [data], offset
-            if offset % ps and not _has(m.bits, first):
+            if offset % ps and not cowmap.has_page(m.bits, first):
                 start = first * ps
                 parts.insert(0, self._read_below(m, start, offset))
             fill_end = min((last + 1) * ps, old)
-            if end < fill_end and not _has(m.bits, last):
+            if end < fill_end and not cowmap.has_page(m.bits, last):
                 parts.append(self._read_below(m, end, fill_end))
             self._write_parts(parts, start)
-            changed = _mark(m.bits, first, last)
+            changed = cowmap.mark_pages(m.bits, first, last)
             if end > old:
                 m.size, changed = end, True
             if changed:
@@ -192,7 +227,7 @@ class CowFile:
             if n < m.size:
                 m.size = n
                 m.base_limit = min(m.base_limit, n)
-                _clear_from(m.bits, -(-n // self._ps))
+                cowmap.clear_from(m.bits, -(-n // self._ps))
                 self._cut = True
             elif n > m.size:
                 self._zero_tail(m, m.size, n)
@@ -204,7 +239,7 @@ class CowFile:
     def _zero_tail(self, m: CowMap, old: int, new_end: int) -> None:
         """Growing from *old*: the delta's stale bytes past it in a present page go."""
         page = old // self._ps
-        if old % self._ps and _has(m.bits, page):
+        if old % self._ps and cowmap.has_page(m.bits, page):
             self._write_parts([bytes(min((page + 1) * self._ps, new_end) - old)], old)
 
     def _write_parts(self, parts: list, offset: int) -> None:
@@ -244,7 +279,7 @@ class CowFile:
             os.fsync(self._map_fd)
             cowmap.sync_dir(os.path.dirname(os.fsencode(self._map_path)), self._dir_fd)
         self._map_state = _CLEAN
-        if cut and self._cut and cowmap.is_current(self._map_path, self._map_fd, self._dir_fd):
+        if cut and self._cut and self._map_is_current():
             if os.fstat(self._fd).st_size > self._map.size:
                 os.ftruncate(self._fd, self._map.size)
             self._cut = False
@@ -261,15 +296,20 @@ class CowFile:
                 self._map_state = _PUBLISHED
 
     def _replace_map(self, durable: bool) -> None:
-        new_fd = cowmap.write(self._map_path, self._map, self._dir_fd, durable=durable,
-                              keep_open=True)
+        self._hold_map(cowmap.write(self._map_path, self._map, self._dir_fd, durable=durable,
+                                    keep_open=True))
+
+    def _hold_map(self, map_fd: int) -> None:
         os.close(self._map_fd)
-        self._map_fd = new_fd
+        self._map_fd, self._map_id = map_fd, cowmap.file_id(map_fd)
+
+    def _map_is_current(self) -> bool:
+        return cowmap.path_id(self._map_path, self._dir_fd) == self._map_id
 
     def refresh(self) -> bool:
         """Take the map another process wrote since this one was read (True if there was
         one).  Only when this file has nothing unpublished: SQLite's locks guarantee it."""
-        if cowmap.is_current(self._map_path, self._map_fd, self._dir_fd):
+        if self._map_is_current():
             return False
         with self._lock:
             if self._map_state == _DIRTY:
@@ -283,8 +323,8 @@ class CowFile:
             except BaseException:
                 os.close(map_fd)
                 raise
-            os.close(self._map_fd)
-            self._map_fd, self._map = map_fd, m
+            self._hold_map(map_fd)
+            self._map = m
             self._cut = not self._readonly
         return True
 
@@ -300,6 +340,8 @@ class CowFile:
                 os.close(self._fd)
                 os.close(self._map_fd)
                 self._fd = -1
+                if self._owns_dir_fd:
+                    os.close(self._dir_fd)
                 if self._base is not None:
                     self._base.close()
 
@@ -308,6 +350,16 @@ class CowFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def remove(delta_path, map_path, dir_fd: int | None = None) -> None:
+    """Unlink a COW file: the delta first, so a crash in between leaves only a map (hidden,
+    and replaced by the next ``create``), never a delta that reads as damaged."""
+    os.unlink(delta_path, dir_fd=dir_fd)
+    try:
+        os.unlink(map_path, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def _open_checked_base(m: CowMap, open_base, map_path):
@@ -320,31 +372,3 @@ def _open_checked_base(m: CowMap, open_base, map_path):
         raise CowError(f"{os.fsdecode(map_path)}: COW base {m.base.path} is {size} bytes, "
                        f"the map expects {m.base.size} (the base changed)")
     return base
-
-
-def _has(bits: bytearray, page: int) -> bool:
-    i = page >> 3
-    return i < len(bits) and bool(bits[i] >> (page & 7) & 1)
-
-
-def _mark(bits: bytearray, first: int, last: int) -> bool:
-    """Set pages first..last; whether any was not set."""
-    need = (last >> 3) + 1
-    if len(bits) < need:
-        bits.extend(bytes(need - len(bits)))
-    changed = False
-    for page in range(first, last + 1):
-        i, bit = page >> 3, 1 << (page & 7)
-        if not bits[i] & bit:
-            bits[i] |= bit
-            changed = True
-    return changed
-
-
-def _clear_from(bits: bytearray, page: int) -> None:
-    """Clear every page from *page* on (the bitmap shrinks to what is left)."""
-    whole, spare = divmod(page, 8)
-    keep = whole + (spare > 0)
-    del bits[keep:]
-    if spare and len(bits) == keep:
-        bits[-1] &= (1 << spare) - 1

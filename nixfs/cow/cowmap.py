@@ -28,7 +28,7 @@ MAGIC = b"NIXFSCOW"
 VERSION = 1
 DEFAULT_PAGE_SIZE = 4096
 MAP_PREFIX = b".wh..wh..nixfs-cow."  # the map of DIR/NAME is DIR/.wh..wh..nixfs-cow.NAME
-TMP_PREFIX = b".wh..wh..nixfs-cowtmp."  # a map being written (never a map's own name)
+TMP_PREFIX = b".wh..wh..nixfs-cowtmp."  # + PID. + NAME: a map being written (not a map)
 _HEADER = struct.Struct("<8sHHIQQQ32sII")
 _HAS_BASE, _HAS_SHA = 1, 2
 _DIGEST = 32
@@ -153,11 +153,12 @@ def write(path, m: CowMap, dir_fd: int | None = None, durable: bool = True,
     """Replace the map at *path* whole.  *durable*: fsync the file and its directory, so
     the new map survives a power loss (without it, a killed process still leaves one of
     the two maps, since the rename is atomic).  *keep_open*: return a descriptor on the
-    new map (its inode number then tells a newer map from it: see ``is_current``)."""
+    new map (its inode number then tells a newer map from it: see ``path_id``)."""
     head, tail = os.path.split(os.fsencode(path))
     if not tail.startswith(MAP_PREFIX):
         raise ValueError(f"{os.fsdecode(path)}: not a COW map name")
-    tmp = os.path.join(head, TMP_PREFIX + tail[len(MAP_PREFIX):])
+    # Per process: a map written unlocked (at a close) never meets another's temporary.
+    tmp = os.path.join(head, TMP_PREFIX + b"%d." % os.getpid() + tail[len(MAP_PREFIX):])
     data = encode(m)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o644, dir_fd=dir_fd)
@@ -180,9 +181,15 @@ def write(path, m: CowMap, dir_fd: int | None = None, durable: bool = True,
 
 
 def sync_dir(head: bytes, dir_fd: int | None) -> None:
+    """fsync the directory *head* (relative to *dir_fd*; b"": *dir_fd* itself, which may be
+    an O_PATH descriptor, as the layers open an unreadable directory: then it is opened)."""
     if dir_fd is not None and not head:
-        os.fsync(dir_fd)
-        return
+        try:
+            os.fsync(dir_fd)
+            return
+        except OSError as e:
+            if e.errno != errno.EBADF:
+                raise
     fd = os.open(head or b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         os.fsync(fd)
@@ -190,13 +197,47 @@ def sync_dir(head: bytes, dir_fd: int | None) -> None:
         os.close(fd)
 
 
-def is_current(path, map_fd: int, dir_fd: int | None = None) -> bool:
-    """Whether the map at *path* is still the one open as *map_fd*.  A new map is a new
-    inode, and while *map_fd* holds the old one open its number cannot be reused, so
-    comparing inode numbers cannot miss a change (mtimes can: they are coarse)."""
+def file_id(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def path_id(path, dir_fd: int | None = None) -> tuple[int, int] | None:
+    """Which map is at *path* now (None: none).  A new map is a new inode, and while the
+    old one is held open its number cannot be reused, so comparing this with ``file_id``
+    of the map one holds cannot miss a change (mtimes can: they are coarse)."""
     try:
         st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
-        return False
-    held = os.fstat(map_fd)
-    return st.st_ino == held.st_ino and st.st_dev == held.st_dev
+        return None
+    return st.st_dev, st.st_ino
+
+
+# -- the bitmap (bit p%8 of byte p//8: page p is in the delta) ---------------------------
+
+def has_page(bits: bytearray, page: int) -> bool:
+    i = page >> 3
+    return i < len(bits) and bool(bits[i] >> (page & 7) & 1)
+
+
+def mark_pages(bits: bytearray, first: int, last: int) -> bool:
+    """Set pages first..last; whether any was not set."""
+    need = (last >> 3) + 1
+    if len(bits) < need:
+        bits.extend(bytes(need - len(bits)))
+    changed = False
+    for page in range(first, last + 1):
+        i, bit = page >> 3, 1 << (page & 7)
+        if not bits[i] & bit:
+            bits[i] |= bit
+            changed = True
+    return changed
+
+
+def clear_from(bits: bytearray, page: int) -> None:
+    """Clear every page from *page* on (the bitmap shrinks to what is left)."""
+    whole, spare = divmod(page, 8)
+    keep = whole + (spare > 0)
+    del bits[keep:]
+    if spare and len(bits) == keep:
+        bits[-1] &= (1 << spare) - 1

@@ -60,6 +60,18 @@ def release(cow: CowFile) -> None:
     raise ValueError("COW file not acquired here")
 
 
+def _forget_in_child() -> None:
+    """A forked child (the daemon forks at start) starts with no shared files: the parent's
+    are the parent's (its connections do not carry over a fork), and a lock some thread
+    held at the fork would never be released."""
+    global _lock
+    _lock = threading.Lock()
+    _open.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def open_count() -> int:
     """How many deltas the process has open (for stats and tests)."""
     with _lock:

@@ -15,7 +15,8 @@ and (not durably) where SQLite hands a change over without a sync — at
 ``SQLITE_FCNTL_SYNC`` (sent in place of the sync with synchronous=off, before a journal is
 finalised), at the end of a checkpoint's copying (``SQLITE_FCNTL_CKPT_DONE``) and at every
 unlock.  A reader takes a newer map when it locks the file, when a checkpoint starts and,
-because WAL readers take no file lock per transaction, at each read (one stat of the map).
+because WAL readers take no file lock per transaction, in WAL mode at each read (one stat
+of the map; in rollback mode the lock covers it).
 Memory-mapped I/O is never used: the VFS offers SQLite no xFetch (apsw's VFS files are
 version 2), so ``PRAGMA mmap_size`` stays 0.
 
@@ -40,6 +41,19 @@ _OPEN_FLAGS = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
 
 _registered = None
 _register_lock = threading.Lock()
+# COW databases (their paths) whose -wal this process has open: in WAL mode a reader takes
+# no file lock per transaction, so those reads look for a newer map each time.
+_wal_open: dict[str, int] = {}
+_wal_lock = threading.Lock()
+
+
+def _forget_in_child() -> None:
+    global _wal_lock
+    _wal_lock = threading.Lock()
+    _wal_open.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)  # as shared.py's registry
 
 
 class CowVFSFile(apsw.VFSFile):
@@ -48,6 +62,7 @@ class CowVFSFile(apsw.VFSFile):
 
     def __init__(self, name, flags, path: str, root: str):
         super().__init__(_DEFAULT, name, flags)
+        self._path = path
         try:
             readonly = bool(flags[1] & apsw.SQLITE_OPEN_READONLY
                             or flags[0] & apsw.SQLITE_OPEN_READONLY)
@@ -57,7 +72,8 @@ class CowVFSFile(apsw.VFSFile):
             raise
 
     def xRead(self, amount: int, offset: int) -> bytes:
-        self._cow.refresh()
+        if self._path in _wal_open:
+            self._cow.refresh()
         return self._cow.pread(amount, offset)
 
     def xWrite(self, data, offset: int) -> None:
@@ -65,6 +81,7 @@ class CowVFSFile(apsw.VFSFile):
 
     def xTruncate(self, newsize: int) -> None:
         self._cow.truncate(newsize)
+        self._cow.publish()  # a WAL checkpoint with synchronous=off truncates, then nothing
 
     def xSync(self, flags: int) -> None:
         self._cow.fsync()
@@ -98,6 +115,27 @@ class CowVFSFile(apsw.VFSFile):
             shared.release(self._cow)
 
 
+class WalFile(apsw.VFSFile):
+    """The -wal of a COW database: a plain file, counted while open (``_wal_open``)."""
+
+    def __init__(self, name, flags, main: str):
+        super().__init__(_DEFAULT, name, flags)
+        self._main = main
+        with _wal_lock:
+            _wal_open[main] = _wal_open.get(main, 0) + 1
+
+    def xClose(self) -> None:
+        try:
+            super().xClose()
+        finally:
+            with _wal_lock:
+                left = _wal_open.get(self._main, 1) - 1  # (none: opened before a fork)
+                if left:
+                    _wal_open[self._main] = left
+                else:
+                    _wal_open.pop(self._main, None)
+
+
 class CowVFS(apsw.VFS):
     def __init__(self):
         super().__init__(VFS_NAME, _DEFAULT)
@@ -116,7 +154,15 @@ class CowVFS(apsw.VFS):
                 if not root:
                     raise CowError(f"{path}: a COW database opened without {ROOT_PARAMETER}")
                 return CowVFSFile(name, flags, path, root)
+        elif flags[0] & apsw.SQLITE_OPEN_WAL:
+            main = _filename(name).removesuffix("-wal")
+            if os.path.lexists(cowmap.map_path(main)):
+                return WalFile(name, flags, main)
         return apsw.VFSFile(_DEFAULT, name, flags)
+
+
+def _filename(name) -> str:
+    return name.filename() if isinstance(name, apsw.URIFilename) else name
 
 
 def register() -> str:
@@ -132,18 +178,26 @@ def is_cow(path) -> bool:
     return os.path.lexists(cowmap.map_path(os.fsdecode(path)))
 
 
-def uri(path, base_root) -> str:
+def uri(path, base_root, immutable: bool = False) -> str:
     """A URI that opens *path* through the VFS with its bases below *base_root*."""
-    query = urllib.parse.urlencode({ROOT_PARAMETER: os.fsdecode(os.path.abspath(base_root))})
-    return "file:" + urllib.parse.quote(os.fsdecode(os.path.abspath(path))) + "?" + query
+    params = {ROOT_PARAMETER: os.fsdecode(os.path.abspath(base_root))}
+    if immutable:
+        params["immutable"] = "1"
+    return ("file:" + urllib.parse.quote(os.fsdecode(os.path.abspath(path))) + "?"
+            + urllib.parse.urlencode(params))
 
 
-def connect(path, *, base_root=None, flags: int = _OPEN_FLAGS, **kw) -> apsw.Connection:
+def connect(path, *, base_root=None, flags: int = _OPEN_FLAGS, immutable: bool = False,
+            **kw) -> apsw.Connection:
     """An apsw connection to *path*: through ``nixfs-cow`` if it is a COW file (its bases
-    below *base_root*), else a plain one.  A damaged COW file raises CowError here, with a
-    message naming what is wrong."""
+    below *base_root*), else a plain one.  *immutable*: the file never changes (a published
+    generation's): no locks, no -shm, also on a read-only share.  A damaged COW file
+    raises CowError here, with a message naming what is wrong."""
     path = os.fsdecode(path)
     if not is_cow(path):
+        if immutable:
+            return apsw.Connection("file:" + urllib.parse.quote(os.path.abspath(path))
+                                   + "?immutable=1", flags=flags | apsw.SQLITE_OPEN_URI, **kw)
         return apsw.Connection(path, flags=flags, **kw)
     if base_root is None:
         raise CowError(f"{path}: a COW database needs the root of its bases")
@@ -152,7 +206,7 @@ def connect(path, *, base_root=None, flags: int = _OPEN_FLAGS, **kw) -> apsw.Con
     readonly = bool(flags & apsw.SQLITE_OPEN_READONLY)
     holding = shared.acquire(path, opener, readonly=readonly)  # errors surface here, plainly
     try:
-        return apsw.Connection(uri(path, base_root), flags=flags | apsw.SQLITE_OPEN_URI,
-                               vfs=VFS_NAME, **kw)
+        return apsw.Connection(uri(path, base_root, immutable), vfs=VFS_NAME,
+                               flags=flags | apsw.SQLITE_OPEN_URI, **kw)
     finally:
         shared.release(holding)

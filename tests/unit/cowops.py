@@ -13,6 +13,8 @@ PAGE = 512
 
 
 def _offset(rng: random.Random, size: int, base_size: int, page: int) -> int:
+    """Where to act: anywhere, at a page edge, at the size, at the base's end (base_size is
+    where the base's bytes stop showing: its size, lowered by truncations)."""
     kind = rng.randrange(5)
     if kind == 0:
         return rng.randrange(size + 2 * page + 1)
@@ -29,23 +31,24 @@ def ops(seed: int, base_size: int, count: int = 300, page: int = PAGE):
     """Yield (op, args): write (offset, bytes), read (n, offset), truncate (n), fsync,
     reopen.  Sizes are tracked to aim offsets well."""
     rng = random.Random(seed)
-    size = base_size
+    size = limit = base_size
     for i in range(count):
         r = rng.random()
         if r < 0.40:
-            off = _offset(rng, size, base_size, page)
+            off = _offset(rng, size, limit, page)
             n = rng.choice((1, 2, page - 1, page, page + 1, 3 * page, rng.randrange(1, 4 * page)))
-            data = bytes(rng.getrandbits(8) for _ in range(n)) if n < 64 else \
-                rng.randbytes(n)
-            yield "write", (off, data)
+            yield "write", (off, rng.randbytes(n))
             size = max(size, off + n)
-        elif r < 0.70:
+        elif r < 0.60:
             yield "read", (rng.choice((1, page, page + 3, 5 * page, size + page)),
-                           _offset(rng, size, base_size, page))
+                           _offset(rng, size, limit, page))
+        elif r < 0.70:  # a read that ends just around where the base's bytes stop
+            n = rng.choice((1, 2, 7, page // 2, page, 2 * page))
+            yield "read", (n, max(0, limit + rng.randint(-1, 2) - n))
         elif r < 0.82:
-            n = _offset(rng, size, base_size, page) if rng.random() < 0.7 else size + rng.randrange(3 * page)
+            n = _offset(rng, size, limit, page) if rng.random() < 0.7 else size + rng.randrange(3 * page)
             yield "truncate", (n,)
-            size = n
+            size, limit = n, min(limit, n)
         elif r < 0.94:
             yield "fsync", ()
         else:

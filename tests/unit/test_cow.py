@@ -5,13 +5,14 @@ import hashlib
 import os
 import random
 import struct
+import threading
 
 import pytest
 
 from cowops import PAGE, apply_cow, apply_plain, ops
 from nixfs.cow import cowmap
-from nixfs.cow.bases import ReadOnlyFile, base_opener
-from nixfs.cow.cowfile import CowFile
+from nixfs.cow.bases import ReadOnlyFile, base_opener, content_sha256
+from nixfs.cow.cowfile import CowFile, remove
 from nixfs.cow.cowmap import CowError
 
 
@@ -60,7 +61,7 @@ def _same(cow: CowFile, ref: int, where: str) -> None:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_random_operations_read_as_a_plain_file(tmp_path, seed):
-    base_size = [0, 1, PAGE - 1, PAGE, PAGE + 1, 7 * PAGE + 100][seed % 6]
+    base_size = [0, 1, PAGE - 1, PAGE + 1, 7 * PAGE + 100, 20 * PAGE - 3][seed % 6]
     base = _make_base(tmp_path, "base", base_size, seed)
     (tmp_path / "ref").write_bytes(base)
     _create(tmp_path, "f", "base").close()
@@ -110,6 +111,37 @@ def test_a_write_past_the_end_leaves_zeros_not_old_delta_bytes(tmp_path):
         cow.truncate(PAGE + 1)
         cow.truncate(3 * PAGE)
         assert cow.pread(3 * PAGE, 0) == b"x" * 10 + bytes(3 * PAGE - 10)
+
+
+def test_the_base_shows_nothing_past_a_truncation(tmp_path):
+    """Cut to mid-page, grown again without writing: the base's bytes from the cut on are
+    zeros, in one-page reads (the fast path) and longer ones."""
+    base = _make_base(tmp_path, "base", 3 * PAGE, 6)
+    _create(tmp_path, "f", "base").close()
+    cut = PAGE + 10
+    with _open(tmp_path, "f") as cow:
+        cow.truncate(cut)
+        cow.truncate(3 * PAGE)
+        for n, off in ((1, cut), (1, cut - 1), (11, PAGE), (PAGE, PAGE), (2 * PAGE, 0)):
+            want = (base[:cut] + bytes(3 * PAGE))[off:off + n]
+            assert cow.pread(n, off) == want, (n, off)
+        assert cow.blocks() == 0
+
+
+def test_long_reads_across_whole_bitmap_bytes(tmp_path):
+    """Reads over many pages take a short cut where whole bitmap bytes say all or none:
+    the pages just past a full byte, and past the bitmap's end, still come from the base."""
+    base = _make_base(tmp_path, "base", 40 * PAGE, 12)
+    _create(tmp_path, "f", "base").close()
+    want = bytearray(base)
+    with _open(tmp_path, "f") as cow:
+        cow.pwrite(b"d" * 8 * PAGE, 0)  # pages 0-7: bitmap byte 0 full, nothing after it
+        want[:8 * PAGE] = b"d" * 8 * PAGE
+        cow.pwrite(b"e" * 8 * PAGE, 16 * PAGE)  # pages 16-23: byte 2 full, byte 1 empty
+        want[16 * PAGE:24 * PAGE] = b"e" * 8 * PAGE
+        for first, last in ((6, 9), (7, 8), (0, 7), (8, 15), (15, 24), (0, 39), (23, 39)):
+            off, n = first * PAGE + 3, (last - first) * PAGE
+            assert cow.pread(n, off) == bytes(want[off:off + n]), (first, last)
 
 
 def test_truncation_cuts_the_delta_at_fsync(tmp_path):
@@ -252,3 +284,128 @@ def test_refresh_refuses_to_drop_unwritten_changes(tmp_path):
     with pytest.raises(CowError, match="unwritten changes"):
         second.refresh()
     first.close()
+
+
+def test_relative_to_a_directory_descriptor(tmp_path):
+    """The overlay names the delta and map relative to its upper directory's descriptor
+    (and opens bases itself); a symlink in their place is never followed."""
+    base = _make_base(tmp_path, "base", 3 * PAGE, 4)
+    (tmp_path / "d").mkdir()
+    dfd = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        opener = lambda rel: ReadOnlyFile.open(tmp_path / rel)  # noqa: E731
+        with CowFile.create("f", cowmap.map_name("f"), opener("base"), base_path="base",
+                            page_size=PAGE, dir_fd=dfd) as cow:
+            cow.pwrite(b"q" * 3, PAGE - 1)
+        with CowFile.open("f", cowmap.map_name("f"), opener, dir_fd=dfd) as cow:
+            assert cow.pread(3 * PAGE, 0) == base[:PAGE - 1] + b"qqq" + base[PAGE + 2:]
+        assert sorted(os.listdir(tmp_path / "d")) == [cowmap.map_name("f"), "f"]
+        os.symlink(tmp_path / "d/f", tmp_path / "d/g")
+        os.symlink(tmp_path / "d" / cowmap.map_name("f"), tmp_path / "d" / cowmap.map_name("g"))
+        with pytest.raises(OSError):
+            CowFile.open("g", cowmap.map_name("g"), opener, dir_fd=dfd)
+        remove("f", cowmap.map_name("f"), dir_fd=dfd)
+        assert sorted(os.listdir(tmp_path / "d")) == sorted(["g", cowmap.map_name("g")])
+    finally:
+        os.close(dfd)
+
+
+def test_reads_in_threads_while_one_writes(tmp_path):
+    """Concurrent preads see each page whole, old or new, while a thread writes pages (the
+    readers watch the page being written: a bit set before its data would show holes)."""
+    pages = 2048
+    old_page, new_page = b"o" * PAGE, b"n" * PAGE
+    (tmp_path / "base").write_bytes(old_page * pages)
+    _create(tmp_path, "f", "base").close()
+    cow = _open(tmp_path, "f")
+    bad, stop, current = [], threading.Event(), [0]
+
+    def read():
+        while not stop.is_set():
+            page = current[0]
+            if cow.pread(PAGE, page * PAGE) not in (old_page, new_page):
+                bad.append(page)
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    try:
+        for page in random.Random(5).sample(range(pages), pages):
+            current[0] = page
+            cow.pwrite(new_page, page * PAGE)
+            if page % 64 == 0:
+                cow.fsync()
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join()
+        cow.close()
+    assert not bad
+
+
+def test_base_opener_follows_no_symlink_below_its_root(tmp_path):
+    base = _make_base(tmp_path, "base", 2 * PAGE, 9)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g/base").write_bytes(base)
+    os.symlink("g", tmp_path / "link")
+    os.symlink("base", tmp_path / "g/alias")
+    for rel in ("link/base", "g/alias"):
+        with pytest.raises(CowError, match="symlink"):
+            base_opener(tmp_path)(rel)
+    root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        opened = base_opener(root_fd)("g/base")
+        assert opened.pread(10, PAGE) == base[PAGE:PAGE + 10]
+        opened.close()
+        os.fstat(root_fd)  # still the caller's
+    finally:
+        os.close(root_fd)
+
+
+def test_a_lone_map_is_replaced_by_the_next_create(tmp_path):
+    """A crash in remove() (or in create, before the delta) leaves only the hidden map."""
+    _make_base(tmp_path, "base", PAGE, 1)
+    with _create(tmp_path, "f", "base") as cow:
+        cow.pwrite(b"old", 0)
+    os.unlink(tmp_path / "f")
+    with _create(tmp_path, "f", "base") as cow:
+        assert cow.pread(3, 0) == (tmp_path / "base").read_bytes()[:3]
+    with pytest.raises(FileExistsError):
+        _create(tmp_path, "f", "base")
+    assert cowmap.read(tmp_path / cowmap.map_name("f")).bits == bytearray()
+
+
+def test_content_sha256_is_the_logical_files(tmp_path):
+    _make_base(tmp_path, "base", 5 * PAGE, 2)
+    with _create(tmp_path, "f", "base") as cow:
+        cow.pwrite(b"w" * 100, 2 * PAGE - 50)
+        cow.truncate(4 * PAGE + 1)
+        want = hashlib.sha256(cow.pread(1 << 20, 0)).hexdigest()
+        assert content_sha256(cow, chunk=PAGE + 7) == want
+
+
+def test_failed_chain_opens_leave_no_descriptor_behind(tmp_path):
+    _make_base(tmp_path, "base", PAGE, 1)
+    _create(tmp_path, "c1", "base").close()
+    _create(tmp_path, "c2", "c1").close()
+    (tmp_path / "base").unlink()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(CowError, match="base missing"):
+            base_opener(tmp_path)("c2")
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_directory_descriptor_opened_with_o_path(tmp_path):
+    """The layers open an unreadable directory with O_PATH: maps are still synced there."""
+    _make_base(tmp_path, "base", PAGE, 1)
+    dfd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        opener = base_opener(tmp_path)
+        with CowFile.create("f", cowmap.map_name("f"), opener("base"), base_path="base",
+                            dir_fd=dfd) as cow:
+            cow.pwrite(b"p", 0)
+            cow.fsync()
+        with CowFile.open("f", cowmap.map_name("f"), opener, dir_fd=dfd) as cow:
+            assert cow.pread(1, 0) == b"p"
+    finally:
+        os.close(dfd)

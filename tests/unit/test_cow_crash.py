@@ -4,13 +4,14 @@ with SIGKILL; what it had fsync'ed reads back, the map stays valid, no page is g
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cowops import PAGE, apply_plain, ops
+from cowops import PAGE, ops
 from nixfs.cow import cowmap
 from nixfs.cow.bases import base_opener
 from nixfs.cow.cowfile import CowFile
@@ -120,3 +121,32 @@ def test_the_check_catches_a_lost_fsync(tmp_path):
     with pytest.raises(AssertionError):
         _check_recovered(tmp_path, base, seed, seen)
     assert os.path.exists(tmp_path / "f")
+
+
+def test_fsync_orders_the_delta_before_the_map(tmp_path, monkeypatch):
+    """What a power loss needs (a SIGKILL cannot show it): the delta's data is synced
+    before the new map is written, the map synced before its rename, the rename synced
+    (its directory) before fsync returns."""
+    (tmp_path / "base").write_bytes(bytes(4 * PAGE))
+    cow = CowFile.create(tmp_path / "f", tmp_path / cowmap.map_name("f"),
+                         base_opener(tmp_path)("base"), base_path="base", page_size=PAGE)
+    delta_ino = os.stat(tmp_path / "f").st_ino
+    calls = []
+
+    def kind(fd):
+        st = os.fstat(fd)
+        return "delta" if st.st_ino == delta_ino else "dir" if stat.S_ISDIR(st.st_mode) else "map"
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, real=real, name=name: (
+            calls.append((name, kind(fd))), real(fd))[1])
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda *a, **k: (calls.append(("rename", "map")),
+                                                         real_rename(*a, **k))[1])
+    cow.pwrite(b"x" * 10, PAGE + 5)
+    cow.fsync()
+    monkeypatch.undo()
+    cow.close()
+    synced = [c for c in calls if c[1] == "delta"]
+    assert synced and calls.index(synced[0]) < calls.index(("fsync", "map")) \
+        < calls.index(("rename", "map")) < calls.index(("fsync", "dir")), calls

@@ -3,6 +3,7 @@ database (journals, WAL, VACUUM, checkpoints, reopening), two processes share it
 real locks, a killed writer loses nothing committed, and the base is never written."""
 
 import hashlib
+import os
 import random
 
 import apsw
@@ -270,3 +271,77 @@ def test_a_commit_syncs_the_delta_and_the_map_as_asked(base_db, monkeypatch, syn
     else:
         assert calls == []
     conn.close()
+
+
+def test_a_shrinking_checkpoint_without_sync_is_seen_by_the_next_checkpointer(base_db, remote):
+    """WAL with synchronous=off (the listings): a checkpoint that shrinks the file syncs
+    nothing; the next checkpoint, in another process, builds on the shrunk map."""
+    path = _cow(base_db)
+    conn = vfs.connect(path, base_root=base_db)
+    conn.execute("pragma journal_mode=wal").fetchall()
+    conn.execute("pragma synchronous=off").fetchall()
+    with conn:
+        conn.execute("delete from t where k > 100")
+    conn.execute("vacuum")
+    conn.execute("pragma wal_checkpoint(truncate)").fetchall()
+    assert path.stat().st_size > 0
+    other = remote(path)
+    other.sql("pragma synchronous=off")
+    other.sql("insert into t select k + 1000, randomblob(100) from t")
+    other.sql("pragma wal_checkpoint(truncate)")
+    assert _rows(conn) == other.sql("select count(*), total(k), sum(length(v)) from t")
+    assert conn.execute("pragma integrity_check").fetchall() == [("ok",)]
+    conn.close()
+
+
+def test_an_immutable_cow_database_needs_no_shm(base_db):
+    """A published generation's file is opened immutable: no -wal, -shm or journal beside it
+    (a read-only share), even over a WAL-mode base."""
+    conn = apsw.Connection(str(base_db / "gen/base.db"))
+    conn.execute("pragma journal_mode=wal").fetchall()
+    conn.close()
+    path = _cow(base_db, "gen/g2.db")
+    conn = vfs.connect(path, base_root=base_db, flags=apsw.SQLITE_OPEN_READONLY, immutable=True)
+    assert _rows(conn)[0][0] == ROWS
+    conn.close()
+    assert sorted(p.name for p in (base_db / "gen").iterdir()) == [
+        ".wh..wh..nixfs-cow.g2.db", "base.db", "g2.db"]
+
+
+def test_a_cow_database_below_a_symlinked_folder(base_db):
+    """SQLite's unix VFS reports a resolved symlink as SQLITE_OK_SYMLINK, which apsw takes
+    for an error: the VFS resolves the path itself (fsck opens /proc/self/fd/N/NAME)."""
+    path = _cow(base_db)
+    (base_db / "alias").symlink_to("up")
+    conn = vfs.connect(base_db / "alias/db", base_root=base_db)
+    assert _rows(conn)[0][0] == ROWS
+    conn.close()
+    fd = os.open(base_db / "up", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        conn = vfs.connect(f"/proc/self/fd/{fd}/db", base_root=base_db)
+        with conn:
+            conn.execute("insert into t values (-9, x'09')")
+        conn.close()
+    finally:
+        os.close(fd)
+    assert _rows(vfs.connect(path, base_root=base_db))[0][0] == ROWS + 1
+
+
+def test_a_forked_child_starts_with_no_shared_files(base_db):
+    path = _cow(base_db)
+    conn = vfs.connect(path, base_root=base_db)
+    assert _rows(conn)[0][0] == ROWS and shared.open_count() == 1
+    pid = os.fork()
+    if pid == 0:  # the child: its own connection, its own CowFile
+        try:
+            child = vfs.connect(path, base_root=base_db)
+            ok = shared.open_count() == 1 and _rows(child)[0][0] == ROWS
+            child.close()
+            os._exit(0 if ok and shared.open_count() == 0 else 1)
+        finally:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert shared.open_count() == 1
+    conn.close()
+    assert shared.open_count() == 0
