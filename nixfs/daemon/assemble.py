@@ -20,6 +20,7 @@ from ..config import MountConfig
 from ..fuse.notifier import KernelNotifier
 from ..fuse.ops import FuseOps, ListingSnapshots
 from ..fuse.stale_attrs import StaleAttributes
+from ..nixdb import cowfiles
 from ..nixdb.schema import SchemaError
 from ..nixdb.snapshot import SnapshotError
 from ..nixdb.storepolicy import NixStorePolicy
@@ -164,8 +165,7 @@ class _Store:
         self.sync = sync
         self.finish_pending = sync.unfinished()
         self.policy = NixStorePolicy(sync.index)
-        self.listings = ListingStore(os.path.join(state_dir, ListingStore.FILE),
-                                     cow_root=lower.via)
+        self.listings = _listings(os.path.join(state_dir, ListingStore.FILE), lower.via)
         self.worker = SyncWorker(lower.via, cfg.upper, state_dir,
                                  cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
 
@@ -174,6 +174,17 @@ class _Store:
         database what the policy hears was removed through the mount."""
         return StoreService(self.worker, overlay, self.policy.removed_paths(),
                             finish_pending=self.finish_pending, generation=self.sync.generation)
+
+
+def _listings(path: str, lower: str) -> ListingStore:
+    """The upper's cached listings; a copy-on-write one whose map or base cannot be read
+    is a cache lost: made again, empty (one warning)."""
+    try:
+        return ListingStore(path, cow_root=lower)
+    except OSError as e:
+        log.warning("the cached listings %s cannot be read (%s): starting them afresh", path, e)
+        cowfiles.remove(path)
+        return ListingStore(path, cow_root=lower)
 
 
 def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file) -> _Store:

@@ -17,7 +17,7 @@ import time
 
 import apsw
 
-from . import cowfiles, fromgeneration, gcroot, ownrows
+from . import cowfiles, gcroot, genrecord, ownrows
 from .files import StoreFiles
 from .lowerindex import BROKEN, LowerIndex
 from .merged import MergedDb, open_db
@@ -114,7 +114,7 @@ def _install(files: StoreFiles, tmp_db: str, tmp_index: str, version: int) -> No
     with open(os.path.join(files.merged_dir, "schema"), "w") as f:
         f.write(str(version))
     gcroot.install_files(files.upper)
-    fromgeneration.forget(files)
+    genrecord.forget(files)
     for suffix in ("-wal", "-shm"):
         if os.path.exists(tmp_index + suffix):
             os.rename(tmp_index + suffix, files.index_path + suffix)

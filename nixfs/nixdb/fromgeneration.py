@@ -22,11 +22,9 @@ import logging
 import os
 import time
 
-from ..overlay import upperformat as fmt
-from ..overlay.dircache import ListingStore
 from ..publish.generations import CATALOG, DB, GENERATIONS, INDEX, MANIFEST
 from ..publish.verify import Generation, find_usable
-from . import cowfiles, gcroot, ownrows
+from . import cowfiles, gcroot, genrecord, ownrows
 from .files import StoreFiles
 from .lowerindex import BROKEN, LowerIndex
 from .merged import MergedDb, open_db
@@ -35,28 +33,6 @@ from .schema import STORE_DIR
 from .upperstore import UpperStore
 
 log = logging.getLogger(__name__)
-
-
-def listings_path(files: StoreFiles) -> str:
-    """The upper's listings (a cache; over a generation, a COW file over its catalog)."""
-    return os.path.join(files.state_dir, ListingStore.FILE)
-
-
-def record_path(files: StoreFiles) -> str:
-    return os.path.join(files.state_dir, os.fsdecode(fmt.GENERATION_FILE))
-
-
-def recorded(files: StoreFiles) -> dict | None:
-    """The generation the upper's database is built over, as recorded (None: a copy)."""
-    try:
-        with open(record_path(files)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        log.warning("the upper's generation record is unreadable (%s): rebuilding over the "
-                    "newest generation", e)
-        return {"generation": 0, "manifest_sha256": ""}
 
 
 def newest(files: StoreFiles, setting: str) -> Generation | None:
@@ -161,34 +137,10 @@ def _install(files: StoreFiles, tmp: dict, version: int, generation: Generation)
     cowfiles.install(tmp[DB], files.merged_db)
     with open(os.path.join(files.merged_dir, "schema"), "w") as f:
         f.write(str(version))
-    cowfiles.install(tmp[CATALOG], listings_path(files))
-    _write_record(files, generation)
+    cowfiles.install(tmp[CATALOG], genrecord.listings_path(files))
+    genrecord.write(files, generation.number, generation.manifest_sha256)
     gcroot.install_files(files.upper)
     for directory in (files.merged_dir, files.state_dir):
         cowfiles.sync(directory)
     cowfiles.install(tmp[INDEX], files.index_path)  # the commit point
     cowfiles.sync(files.state_dir)
-
-
-def forget(files: StoreFiles) -> None:
-    """The upper's database is a copy now: its generation record goes, and the listings
-    if they are a COW file (their base may be the generation that is gone; they are a
-    cache, learnt again)."""
-    try:
-        os.unlink(record_path(files))
-    except FileNotFoundError:
-        pass
-    listings = listings_path(files)
-    if cowfiles.is_cow(listings):
-        cowfiles.remove(listings)
-
-
-def _write_record(files: StoreFiles, generation: Generation) -> None:
-    tmp = os.path.join(files.work, "generation.record")
-    with open(tmp, "w") as f:
-        json.dump({"generation": generation.number, "manifest_sha256": generation.manifest_sha256,
-                   "built": int(time.time())}, f)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, record_path(files))

@@ -17,7 +17,7 @@ import os
 
 import apsw
 
-from ..cow.vfs import connect
+from ..cow import vfs as cow_vfs
 from .schema import STORE_DIR
 
 CA_FOLLOWED = ("Realisations", "BuildTraceV3")  # the ca tables nixfs follows (carows)
@@ -50,15 +50,15 @@ class LowerIndex:
     FILE = "lower-index.sqlite"
 
     def __init__(self, path: str, *, cow_root: str | None = None):
-        """*cow_root*: where the base of an index built over a published generation is
-        (the lower; ``fromgeneration``)."""
+        """*cow_root*: where the base of a copy-on-write index is (a published
+        generation's, or one over it), relative to which its map names it."""
         self.path = path
         self.cow_root = cow_root
         self.conn = self._open(path, cow_root)
 
     @staticmethod
-    def _open(path: str, cow_root: str | None) -> apsw.Connection:
-        conn = connect(path, base_root=cow_root)
+    def _open(path: str, cow_root: str | None = None) -> apsw.Connection:
+        conn = cow_vfs.connect(path, base_root=cow_root)
         conn.setbusytimeout(60_000)
         conn.execute("pragma journal_mode=wal").fetchall()
         conn.execute("pragma synchronous=normal").fetchall()

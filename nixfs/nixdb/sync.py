@@ -16,7 +16,7 @@ import os
 
 import apsw
 
-from . import firstbuild, fromgeneration, ownrows, rootfill
+from . import firstbuild, fromgeneration, genrecord, ownrows, rootfill
 from .files import StoreFiles
 from .follow import LowerChanges, LowerFollower, SyncResult
 from .hiding import Hiding
@@ -55,7 +55,7 @@ class StoreSync:
         Runs before the mount is live, when nothing else can have the files open.
         """
         version = read_schema_version(self.files.lower_db_dir)
-        current = fromgeneration.recorded(self.files)
+        current = genrecord.recorded(self.files)
         if current is not None and not fromgeneration.present(self.files, current):
             # Everything over it is unreadable: built anew, the upper's rows from its copy.
             self._build(version, fromgeneration.replacing(self.files, self.generation_setting,
@@ -89,7 +89,7 @@ class StoreSync:
             self.index = firstbuild.build(self.files, self.upper_store, version)
             return
         self.index = fromgeneration.build(self.files, self.upper_store, version, generation)
-        self.generation = fromgeneration.recorded(self.files)
+        self.generation = genrecord.recorded(self.files)
         self._catch_up(version)
 
     def keep_own_rows(self, through_mount: str | None = None) -> None:
@@ -97,7 +97,7 @@ class StoreSync:
         aside (``ownrows``), for a next mount that finds that generation pruned.  The
         worker reads them *through_mount* before the mount ends (its bases are open there,
         pruned or not); the daemon, once it ended, from the upper (if the base is there)."""
-        current = fromgeneration.recorded(self.files)
+        current = genrecord.recorded(self.files)
         if current is None or (through_mount is None and
                                not fromgeneration.present(self.files, current)):
             return

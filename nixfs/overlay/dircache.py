@@ -22,11 +22,9 @@ import struct
 from collections import OrderedDict
 from typing import NamedTuple
 
-import apsw
 import cachetools
 
-from ..cow import cowmap
-from ..cow.vfs import connect
+from ..cow import vfs as cow_vfs
 
 log = logging.getLogger(__name__)
 
@@ -145,44 +143,23 @@ def decode_xattrs(data: bytes) -> dict[bytes, dict[str, bytes]]:
 
 
 class ListingStore:
-    """The persistent half: ``listings(key, data)`` in a SQLite file.
-
-    Over a published generation the file is a copy-on-write file over the generation's
-    catalog (opened through the nixfs-cow VFS, its base in *cow_root*, the lower); one
-    whose map or base cannot be read is a cache lost, made again empty."""
+    """The persistent half: ``listings(key, data)`` in a SQLite file."""
 
     FILE = "listings.sqlite"
 
     def __init__(self, path: str, *, cow_root: str | None = None):
+        """*cow_root*: where the base of a copy-on-write file at *path* is."""
         self.path = path
-        self.conn = self._open(path, cow_root)
+        self.conn = cow_vfs.connect(path, base_root=cow_root)
+        self.conn.setbusytimeout(10_000)
+        self.conn.execute("pragma journal_mode=wal").fetchall()
+        self.conn.execute("pragma synchronous=off").fetchall()  # a lost write is a refetch
+        self.conn.execute("create table if not exists listings "
+                          "(key blob primary key, data blob not null) without rowid")
         self.pending: dict[bytes, bytes] = {}
         # Keys just found missing: a cold walk asks for each one twice or more (a
         # read-ahead checks before it fetches, a listing of the store for every path).
         self._absent: cachetools.LRUCache = cachetools.LRUCache(8192)
-
-    @staticmethod
-    def _open(path: str, cow_root: str | None) -> apsw.Connection:
-        try:
-            conn = connect(path, base_root=cow_root)
-        except OSError as e:  # the map or the base of a copy-on-write file
-            log.warning("the cached listings %s cannot be read (%s): starting them afresh",
-                        path, e)
-            for other in (path + "-wal", path + "-shm", cowmap.map_path(path), path):
-                try:
-                    os.unlink(other)
-                except FileNotFoundError:
-                    pass
-            conn = apsw.Connection(path)
-        conn.setbusytimeout(10_000)
-        conn.execute("pragma journal_mode=wal").fetchall()
-        # A lost write is a refetch; but a copy-on-write file keeps only what was synced
-        # (its map), so there the checkpoint syncs before the WAL is reused.
-        sync = "normal" if os.path.lexists(cowmap.map_path(path)) else "off"
-        conn.execute(f"pragma synchronous={sync}").fetchall()
-        conn.execute("create table if not exists listings "
-                     "(key blob primary key, data blob not null) without rowid")
-        return conn
 
     def get(self, key: bytes) -> Listing | None:
         return self._get(key, decode)

@@ -9,8 +9,8 @@ xattrs a mount keeps beside them: each directory's entries' (``put_xattrs``) and
 each store path's own (its key plus ``\\0self``, as ``Listings.lower_xattrs``).
 A client's walk of a path in the generation then asks the lower nothing.
 
-A whole catalog is written by several processes at once, each a range of names
-into a file of its own, appended in name order to the first one after (a walk of
+A whole catalog is written by several processes at once (one a CPU), each a range
+of names into a file of its own, appended in name order to the first one after (a walk of
 a million paths is a million directory reads, mostly the interpreter's time).
 The walk reads the store through descriptors, never following a symlink; a path
 that vanished meanwhile (a GC on the store) is left out and counted: the client
@@ -39,12 +39,13 @@ ALL = 1 << 62  # read_listing's budget: every directory of a path
 class Catalog:
     """Writing listings of store paths into a ListingStore file (new or a copy)."""
 
-    def __init__(self, store_root: str, path: str, *, bulk: bool = True):
+    def __init__(self, store_root: str, path: str, *, cow: bool = False):
+        """*cow*: the file at *path* is a COW file over another generation's."""
         self.layer = Layer(store_root, name="lower")
         self.store_fd = self.layer.open_dir_path(b"store")
-        self.listings = ListingStore(path)
-        if bulk:  # a new file nobody reads yet: no journal
-            self.listings.conn.execute("pragma journal_mode=off").fetchall()
+        self.listings = ListingStore(path, cow_root=store_root if cow else None)
+        # A file nobody reads yet: no journal (a publish that dies leaves it unused).
+        self.listings.conn.execute("pragma journal_mode=off").fetchall()
         self.paths = self.directories = self.skipped = 0
 
     def close(self) -> None:
@@ -66,7 +67,8 @@ class Catalog:
         for rel, listing in found.items():
             key = listing_key(name, lower_id, rel)
             self.listings.put(key, listing)
-            self.listings.put_xattrs(key, xmaps[rel])
+            if len(listing.entries) > 1:  # an empty one's entries' xattrs are never asked
+                self.listings.put_xattrs(key, xmaps[rel])
         self.listings.put_xattrs(listing_key(name, lower_id, b"") + b"\0self", {b".": own})
         self.paths += 1
         self.directories += len(found)
@@ -96,12 +98,16 @@ def write(store: str, index_path: str, dest: str, *, workers: int | None = None)
     workers = workers or max(2, os.cpu_count() or 1)
     bounds = _bounds(index_path, workers)
     parts = [dest] + [f"{dest}.part{i}" for i in range(1, len(bounds))]
-    procs = [_start_range(store, index_path, part, lo, hi)
-             for part, (lo, hi) in zip(parts[1:], bounds[1:])]
-    try:
+    if len(bounds) == 1:
         results = [_write_range(store, index_path, dest, *bounds[0])]
-    finally:
-        results += [_wait_range(p) for p in procs]
+    else:  # this process has the database to finish meanwhile (whole.py)
+        procs = [_start_range(store, index_path, part, lo, hi)
+                 for part, (lo, hi) in zip(parts, bounds)]
+        outcomes = [proc.communicate()[0] for proc in procs]  # every one, failed or not
+        failed = [proc.returncode for proc in procs if proc.returncode != 0]
+        if failed:
+            raise OSError(f"catalog workers failed (exit {', '.join(map(str, failed))})")
+        results = [json.loads(out) for out in outcomes]
     _append(dest, parts[1:])
     return {key: sum(r[key] for r in results) for key in results[0]}
 
@@ -129,13 +135,6 @@ def _start_range(store: str, index_path: str, part: str, lo, hi) -> subprocess.P
     args = json.dumps([os.getpid(), store, index_path, part, _hex(lo), _hex(hi)])
     return subprocess.Popen([sys.executable, "-m", __name__, args], env=env,
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-
-
-def _wait_range(proc: subprocess.Popen) -> dict:
-    out, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise OSError(f"a catalog worker failed (exit {proc.returncode})")
-    return json.loads(out)
 
 
 def _hex(name: bytes | None):

@@ -45,7 +45,7 @@ def publish_command(args) -> int:
 def _once(store: str, args, *, force: bool) -> None:
     done = publish(store, force=force, full=args.full)
     m = done.manifest
-    size = sum(f["delta_size"] for f in m["files"].values())
+    size = prune.describe(Generations(store), done.number)["bytes"]  # on disk (deltas sparse)
     if args.json:
         print(json.dumps({"generation": done.number, "new": done.new, "seconds":
                           round(done.seconds, 3), "paths": m["lower_db"]["count"],

@@ -18,6 +18,8 @@ import time
 
 import apsw
 
+from ..cow import cowmap
+from ..cow import vfs as cow_vfs
 from ..nixdb import gcroot
 from ..nixdb.firstbuild import clone
 from ..nixdb.merged import open_db
@@ -41,10 +43,11 @@ def copy_lower(lower_db: str, dest: str) -> None:
         conn.close()
 
 
-def bulk_connection(path: str, vfs: str | None = None) -> apsw.Connection:
-    """A connection for writing a file nobody reads yet: no journal, no syncs (a
-    publish that dies leaves an incomplete generation, never used)."""
-    conn = apsw.Connection(path, vfs=vfs) if vfs else apsw.Connection(path)
+def bulk_connection(path: str, cow_root: str | None = None) -> apsw.Connection:
+    """A connection for writing a file nobody reads yet (a COW one with its bases below
+    *cow_root*): no journal, no syncs (a publish that dies leaves an incomplete
+    generation, never used)."""
+    conn = cow_vfs.connect(path, base_root=cow_root)
     for pragma in ("journal_mode=off", "synchronous=off", "cache_size=-400000"):
         conn.execute(f"pragma {pragma}").fetchall()
     return conn
@@ -75,9 +78,10 @@ def _insert_root(conn) -> None:
                  f"({', '.join('?' * len(cols))})", (ROOT_ID,) + row.all_values())
 
 
-def settle(path: str, vfs: str | None = None) -> None:
-    """Leave the SQLite file at *path* in rollback mode with nothing beside it, on disk."""
-    conn = apsw.Connection(path, vfs=vfs) if vfs else apsw.Connection(path)
+def settle(path: str, cow_root: str | None = None) -> None:
+    """Leave the SQLite file at *path* in rollback mode with nothing beside it, on disk
+    (a COW file: its delta and its map)."""
+    conn = cow_vfs.connect(path, base_root=cow_root)
     try:
         conn.execute("pragma journal_mode=delete").fetchall()
     finally:
@@ -86,6 +90,8 @@ def settle(path: str, vfs: str | None = None) -> None:
         if os.path.exists(path + suffix):
             raise DbError(f"{path}{suffix} is left beside the generation's file")
     fsync_path(path)
+    if cow_root is not None:
+        fsync_path(cowmap.map_path(path))
 
 
 # ---------------------------------------------------------------------- incremental

@@ -18,6 +18,9 @@ from .generations import MANIFEST, fsync_path
 
 FORMAT = 1
 SAMPLE_STEP = 1000  # the id sample: the rows whose id is a multiple of this
+# What a file entry's sha256 is of (the field sha256_kind): a whole file's content, or
+# a COW file's identity (incremental.identity_sha256: its map and its delta's pages).
+CONTENT, COW_IDENTITY = "content", "cow-identity"
 
 
 class ManifestError(Exception):
@@ -81,7 +84,7 @@ def file_entry(path: str, *, size: int, sha256: str, base: str | None = None,
                map_sha256: str | None = None) -> dict:
     """A ``files`` entry: logical *size*, the delta's size on disk, the map and base."""
     return {"size": size, "delta_size": os.stat(path).st_size, "map_sha256": map_sha256,
-            "base": base, "sha256": sha256}
+            "base": base, "sha256": sha256, "sha256_kind": CONTENT}
 
 
 def lower_facts(conn, schema: int, *, below: int) -> dict:

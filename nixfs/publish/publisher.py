@@ -21,7 +21,8 @@ from ..nixdb.files import is_nix_store
 from ..nixdb.schema import STORE_DIR, read_schema_version
 from ..nixdb.snapshot import read_consistent
 from ..usage import UsageError
-from . import manifest, whole
+from ..cow.cowmap import CowError
+from . import incremental, manifest, whole
 from .generations import Generations
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,21 @@ def publish(store: str, *, force: bool = False, full: bool = False) -> Published
     schema = read_schema_version(os.path.dirname(lower_db))
     with gens.locked():
         newest = gens.newest()
-        if newest is not None and not force:
+        if newest is not None and full and not force:
             current = _current(gens, newest, lower_db)
             if current is not None:
                 return Published(newest, False, current, time.monotonic() - t0)
         number = gens.make_next()
         try:
-            body = whole.write(gens, number, lower_db, schema)
+            try:
+                body = None if full or newest is None else _over(gens, number, newest, force)
+            except incremental.Unchanged:
+                shutil.rmtree(gens.dir(number))
+                latest = manifest.load(gens.manifest(newest))
+                return Published(newest, False, latest, time.monotonic() - t0)
+            if body is None:
+                body = whole.write(gens, number, lower_db, schema)
+            seal_files(gens, number)
             sealed = manifest.write(gens.dir(number), {
                 "format": manifest.FORMAT, "generation": number, "created": time.time(),
                 "store_dir": STORE_DIR, **body})
@@ -74,6 +83,26 @@ def publish(store: str, *, force: bool = False, full: bool = False) -> Published
             raise
         remove_incomplete(gens, below=number)
     return Published(number, True, sealed, time.monotonic() - t0)
+
+
+def seal_files(gens: Generations, number: int) -> None:
+    """A generation's files are never written again: read-only for everyone (a client
+    that opened one for writing would change it under every other client)."""
+    for name in os.listdir(gens.dir(number)):
+        os.chmod(os.path.join(gens.dir(number), name), 0o444)
+
+
+def _over(gens: Generations, number: int, base: int, force: bool) -> dict | None:
+    """Generation *number* as COW files over *base*, or None (its directory emptied)
+    where it is to be written whole; Unchanged if the lower is as it was."""
+    try:
+        return incremental.write(gens, number, base, manifest.load(gens.manifest(base)),
+                                 force=force)
+    except (incremental.NotIncremental, manifest.ManifestError, CowError) as e:
+        log.info("writing generation %d whole: %s", number, e)
+    for name in os.listdir(gens.dir(number)):
+        os.unlink(os.path.join(gens.dir(number), name))
+    return None
 
 
 def _current(gens: Generations, newest: int, lower_db: str) -> dict | None:

@@ -22,6 +22,7 @@ from nixfs.nixdb.storepolicy import listing_key  # noqa: E402
 from nixfs.overlay.dircache import ListingStore  # noqa: E402
 from nixfs.overlay.layers import Layer  # noqa: E402
 from nixfs.publish import manifest as manifest_file  # noqa: E402
+from nixfs.publish import prune  # noqa: E402
 from nixfs.publish.dbfile import ROOT_ID  # noqa: E402
 from nixfs.publish.generations import Generations  # noqa: E402
 from nixfs.publish.publisher import publish  # noqa: E402
@@ -125,7 +126,7 @@ def test_the_catalog_holds_what_read_listing_reads_under_the_policys_keys(store)
             {b"tool": {"user.nixfs-test": b"value"}}
         assert catalog.get(listing_key(name, lower_id, b"")).targets == {b"lib": b"bin"}
         count = catalog.conn.execute("select count(*) from listings").fetchone()[0]
-        assert count == 3 * 300 + 2 * 3  # listing, entries' xattrs, own xattrs; 3 subdirs
+        assert count == 2 * 300 + 3 + 3  # listings and own xattrs, 3 subdirs, 3 non-empty dirs
     finally:
         os.close(store_fd)
         catalog.close()
@@ -215,7 +216,7 @@ def test_an_unchanged_store_gets_no_new_generation_and_a_changed_one_does(store)
 
 def _publish_process(store: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
-    return subprocess.Popen([sys.executable, "-m", "nixfs", "publish", "--force", str(store)],
+    return subprocess.Popen([sys.executable, "-m", "nixfs", "publish", "--force", "--full", str(store)],
                             env=env, stderr=subprocess.DEVNULL)
 
 
@@ -259,7 +260,7 @@ def test_a_killed_publish_leaves_the_previous_generation_current(tmp_path):
 
 def test_keep_and_list(store, capsys):
     for _ in range(4):
-        assert main(["publish", "--force", str(store)]) == 0
+        assert main(["publish", "--force", "--full", str(store)]) == 0
     os.mkdir(Generations(str(store)).dir(9))  # a dead publisher's, newer than every complete one
     capsys.readouterr()
     assert main(["publish", "--list", "--json", str(store)]) == 0
@@ -280,3 +281,170 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["publish", "--keep", "0", str(tmp_path)])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------- incremental
+
+def _cow_rows(gen, path: str, sql: str) -> list:
+    from nixfs.cow import vfs
+    conn = vfs.connect(path, base_root=gen.store, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def _add_and_delete(root: Path, paths: list[str], new: int, delete: list[str],
+                    start: int = 1000) -> list[str]:
+    from dbshapes import add_path
+    db = root / "var/nix/db/db.sqlite"
+    added = [add_path(db, "nix-2.8", start + i, refs=paths[:2]) for i in range(new)]
+    conn = apsw.Connection(str(db))
+    with conn:
+        for p in delete:
+            conn.execute("delete from DerivationOutputs where drv = (select id from ValidPaths "
+                         "where path = ?)", (p,))
+            conn.execute("delete from Refs where referrer = (select id from ValidPaths "
+                         "where path = ?)", (p,))
+            conn.execute("delete from ValidPaths where path = ?", (p,))
+            os.rmdir(root / "store" / os.path.basename(p))
+    conn.close()
+    return added
+
+
+def test_an_incremental_generation_is_the_whole_one_as_cow_files(tmp_path):
+    root = tmp_path / "S"
+    paths = make_store(root)
+    publish(str(root))
+    lower = str(root / "var/nix/db/db.sqlite")
+    unreferenced = [p for p in paths if not rows(lower, f"select 1 from Refs r join ValidPaths v "
+                                                        f"on v.id = r.reference where v.path = '{p}'")]
+    gone = unreferenced[-3:]
+    gone_ids = {p: rows(lower, f"select id from ValidPaths where path = '{p}'")[0][0] for p in gone}
+    added = _add_and_delete(root, paths, 5, gone)
+    done = publish(str(root))
+    assert done.new and done.number == 2 and done.manifest["depth"] == 1
+    gen = verify(str(root), 2, deep=True)
+    assert gen.chain == (2, 1) and all(gen.maps.values()) and gen.count == 302
+    assert _cow_rows(gen, gen.db, "pragma integrity_check") == [("ok",)]
+    for table in ("ValidPaths where id < %d" % ROOT_ID, "Refs where referrer < %d" % ROOT_ID,
+                  "DerivationOutputs"):
+        assert _cow_rows(gen, gen.db, f"select * from {table} order by 1, 2") == \
+            rows(lower, f"select * from {table.split(' where')[0]} order by 1, 2")
+    assert _cow_rows(gen, gen.db, f"select reference from Refs where referrer = {ROOT_ID} "
+                                  "order by 1") == rows(lower, "select id from ValidPaths order by 1")
+    expected = str(tmp_path / "expected.sqlite")
+    LowerIndex.create_from(expected, lower)
+    assert _cow_rows(gen, gen.index, "select * from paths order by name") == \
+        rows(expected, "select * from paths order by name")
+    assert dict(_cow_rows(gen, gen.index, "select key, value from meta where key in "
+                                          "('lower_max_id', 'root_refs_upto', 'lower_count')")) \
+        == {"lower_max_id": gen.max_id, "root_refs_upto": gen.max_id, "lower_count": 302}
+    keys = {k for (k,) in _cow_rows(gen, gen.catalog, "select key from listings")}
+    for p in added:
+        name = os.path.basename(p).encode()
+        lower_id = rows(lower, f"select id from ValidPaths where path = '{p}'")[0][0]
+        assert listing_key(name, lower_id, b"") in keys
+    for p, lower_id in gone_ids.items():
+        prefix = listing_key(os.path.basename(p).encode(), lower_id, b"")
+        assert not any(k.startswith(prefix) for k in keys)
+    assert len(keys) == 2 * 302 + 3 + 3
+
+
+def test_a_cow_generation_changed_in_place_fails_the_deep_check_only(tmp_path):
+    root = tmp_path / "S"
+    paths = make_store(root)
+    publish(str(root))
+    _add_and_delete(root, paths, 2, [])
+    publish(str(root))
+    gens = Generations(str(root))
+    delta = gens.file(2, "db.sqlite")
+    os.chmod(delta, 0o644)
+    with open(delta, "r+b") as f:  # the header page is in the delta: same size, same map
+        f.seek(100)
+        f.write(b"\xff")
+    verify(str(root), 2)
+    with pytest.raises(GenerationError, match="content does not match"):
+        verify(str(root), 2, deep=True)
+
+
+def test_a_deep_chain_is_compacted_and_keep_keeps_what_a_chain_needs(tmp_path):
+    root = tmp_path / "S"
+    paths = make_store(root)
+    depths = []
+    for i in range(11):
+        if i:
+            _add_and_delete(root, paths, 1, [], start=1000 + i)
+        depths.append(publish(str(root)).manifest["depth"])
+    assert depths == [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1]
+    gens = Generations(str(root))
+    with gens.locked():
+        assert prune.keep(str(root), 1) == list(range(1, 10))
+    assert gens.numbers() == [10, 11] and find_usable(str(root)).chain == (11, 10)
+
+
+def test_a_missing_base_makes_the_generation_unusable(tmp_path):
+    root = tmp_path / "S"
+    paths = make_store(root)
+    publish(str(root))
+    _add_and_delete(root, paths, 1, [])
+    publish(str(root))
+    os.unlink(Generations(str(root)).file(1, "listings.sqlite"))
+    with pytest.raises(GenerationError):
+        verify(str(root), 2)
+    assert find_usable(str(root)) is None
+
+
+def test_follow_publishes_each_change_and_stops_on_sigterm(tmp_path):
+    root = tmp_path / "S"
+    paths = make_store(root)
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+    proc = subprocess.Popen([sys.executable, "-m", "nixfs", "publish", "--follow", "--interval",
+                             "0.05", str(root)], env=env, stderr=subprocess.PIPE, text=True)
+    gens = Generations(str(root))
+    try:
+        for want in (1, 2, 3):
+            if want > 1:
+                _add_and_delete(root, paths, 1, [], start=1000 + want)
+            deadline = time.monotonic() + 60  # a hung follower fails, not hangs, the test
+            while gens.newest() != want:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert gens.numbers() == [1, 2, 3] and gens.complete() == [1, 2, 3]
+    assert find_usable(str(root)).count == 302
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the publish as another user")
+def test_an_ordinary_user_publishes_with_write_access_to_var_nixfs_alone():
+    import tempfile
+    top = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="nixfs-publish-user-"))
+    try:
+        os.chmod(top, 0o755)
+        root = top / "S"
+        make_store(root)
+        subprocess.run(["chmod", "-R", "a+rX,go-w", str(top)], check=True)
+        (root / "var/nixfs").mkdir()
+        os.chown(root / "var/nixfs", 65534, 65534)
+        db_dir = root / "var/nix/db"
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in db_dir.iterdir())
+        env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setuid(65534)
+
+        proc = subprocess.run([sys.executable, "-m", "nixfs", "publish", str(root)], env=env,
+                              preexec_fn=as_nobody, cwd="/", capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in db_dir.iterdir()) == before
+        assert find_usable(str(root)).number == 1
+        assert os.stat(Generations(str(root)).manifest(1)).st_uid == 65534
+    finally:
+        subprocess.run(["rm", "-rf", str(top)])

@@ -10,7 +10,7 @@ from nixfs.overlay.dircache import ListingStore, decode, decode_xattrs
 from nixfs.publish.publisher import publish
 from nixfs.publish.verify import find_usable
 from nixlower import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)
-from nixstore import nix
+from nixstore import nix, nix_build
 
 
 def _rows(path: str, sql: str) -> list:
@@ -83,3 +83,40 @@ def test_nix_reads_the_generations_database(tmp_path, built_lower):
     for name, out in s.paths.items():
         assert sorted(nix(reader, "nix-store", "-q", "--references", out).stdout.split()) == \
             sorted(nix(s.lower_root, "nix-store", "-q", "--references", out).stdout.split())
+
+
+def _logical_copy(gen, name: str, dest) -> None:
+    """A COW generation file's content as a plain file (for a Nix to read)."""
+    from nixfs.cow.bases import base_opener
+    f = base_opener(gen.store)(os.path.relpath(gen.files[name], gen.store))
+    try:
+        with open(dest, "wb") as out:
+            out.write(f.pread(f.size(), 0))
+    finally:
+        f.close()
+
+
+def test_an_incremental_generation_after_nix_adds_and_deletes_paths(tmp_path, built_lower):
+    s = Store(tmp_path, built_lower)
+    publish(str(s.lower))
+    added = nix_build(s.lower_root, s.expr({"extra": ["liba"]}), "extra")[0]
+    nix(s.lower_root, "nix-store", "--delete", s.paths["app"])
+    assert s.lower_valid(added) and not s.lower_valid(s.paths["app"])
+    done = publish(str(s.lower))
+    gen = find_usable(str(s.lower))
+    assert gen.number == done.number == 2 and gen.chain == (2, 1)
+    reader = tmp_path / "R"
+    (reader / "nix/store").mkdir(parents=True)
+    shutil.copytree(s.lower / "var/nix/db", reader / "nix/var/nix/db")
+    _logical_copy(gen, "db.sqlite", reader / "nix/var/nix/db/db.sqlite")
+    for suffix in ("-wal", "-shm"):
+        (reader / "nix/var/nix/db" / f"db.sqlite{suffix}").unlink(missing_ok=True)
+    lower_paths = sorted(p for (p,) in _rows(str(s.lower / "var/nix/db/db.sqlite"),
+                                             "select path from ValidPaths"))
+    assert added in lower_paths and s.paths["app"] not in lower_paths
+    refs = nix(reader, "nix-store", "-q", "--references", gcroot.root_path()).stdout.split()
+    assert sorted(refs) == lower_paths
+    nix(reader, "nix-store", "--check-validity", *lower_paths)
+    assert nix(reader, "nix-store", "--check-validity", s.paths["app"], check=False).returncode
+    assert sorted(nix(reader, "nix-store", "-q", "--references", added).stdout.split()) == \
+        sorted(nix(s.lower_root, "nix-store", "-q", "--references", added).stdout.split())
