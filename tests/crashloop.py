@@ -13,6 +13,8 @@ must show every file as its old or new content, fsync'ed data present, renamed
 things under exactly one name, a merged database that passes
 ``integrity_check``, and every lower store path valid exactly when visible.
 The lower must not change (every round by stat, at the end by content).
+With *generation*, the lower gets a published generation first (``nixfs publish``): the
+mounts then serve the merged database as a copy-on-write file over it.
 """
 
 import hashlib
@@ -286,7 +288,7 @@ class Workload:
 
 class CrashLoop:
     def __init__(self, base: Path, lower_root: Path, store_paths: dict, seed: int = 1,
-                 log=lambda *a: None, rounds: int = 50):
+                 log=lambda *a: None, rounds: int = 50, generation: bool = False):
         self.base, self.rng, self.log, self.seed = base, random.Random(seed), log, seed
         self.lower_root = base / "L"
         if lower_root != self.lower_root:
@@ -295,6 +297,8 @@ class CrashLoop:
         self.e = Expect()
         self.e.copies = max(100, COPIES_PER_ROUND * rounds)  # fresh ones to the last round
         add_data(self.lower, self.rng, self.e.copies)
+        if generation:
+            run_nixfs("publish", self.lower, check=True)
         self.paths = store_paths
         self.upper = base / "upper"
         self.root = base / "M"

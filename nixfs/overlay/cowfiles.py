@@ -133,9 +133,7 @@ class CowFiles:
             entry = self._by_file.get(key)
             if entry is None:
                 entry = await self._open(pfd, node.name, key)
-        if node.parent is None:  # unlinked while it was opened
-            return entry
-        entry.nodes.add(node.ino)
+        entry.nodes.add(node.ino)  # (also if it was unlinked meanwhile: it serves the orphan)
         self._by_node[node.ino] = entry
         return entry
 
@@ -145,7 +143,7 @@ class CowFiles:
             dir_fd = self.upper.open_dir(pfd, b".")
             try:
                 cow = await self.lower.run_on_layer(_open_cow, dir_fd, name, self.bases,
-                                                    self.readonly)
+                                                    self.readonly, late=_close_late)
             except BaseException as e:
                 os.close(dir_fd)
                 if isinstance(e, CowError) and key not in self._broken:
@@ -300,3 +298,8 @@ def _open_cow(layer, dir_fd: int, name: bytes, bases: BaseStats, readonly: bool)
     bases opened through the lower *layer*."""
     return CowFile.open(name, fmt.cow_map_name(name), opener(layer, bases), dir_fd=dir_fd,
                         readonly=readonly)
+
+
+def _close_late(cow) -> None:
+    """A CowFile opened after its opener gave up (the lower did not answer in time)."""
+    cow.close()

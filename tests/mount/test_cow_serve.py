@@ -1,90 +1,17 @@
 """A copy-on-write upper file (a delta and its map over a base in the lower) is served
-through the mount as an ordinary file: its content, size and a stock SQLite's use of it
-(WAL, checkpoint, VACUUM) through a real FUSE mount; rename, link and unlink of it; a
-kill -9 of the daemon while it is written."""
+through the mount as an ordinary file: its content and size, a stock SQLite's use of it
+(WAL, checkpoint, VACUUM), Nix 2.8 on a COW db, and rename, link and unlink of it."""
 
 import errno
-import hashlib
 import json
 import os
-import random
-import shutil
-import signal
-import sqlite3
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import force_unmount
-from harness import REPO, NixfsMount, kill_daemon, run_nixfs
-from nixlower import Store, built_lower  # noqa: F401 (a fixture)
-
-sys.path.insert(0, str(REPO))
-from nixfs.cow.bases import ReadOnlyFile  # noqa: E402
-from nixfs.cow.cowfile import CowFile  # noqa: E402
-from nixfs.cow import cowmap  # noqa: E402
-
-BASE_REL = "gen/1/db.sqlite"  # the base, relative to the lower root
-DB_REL = "data/db.sqlite"  # the COW file, in the upper and the merged view
-ROWS = 3000
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def make_base(path: Path, rows: int = ROWS) -> None:
-    """A real SQLite database in WAL mode, checkpointed: no -wal or -shm beside it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path)
-    conn.execute("pragma journal_mode=wal")
-    conn.execute("create table t (id integer primary key, v text)")
-    rng = random.Random(1)
-    conn.executemany("insert into t (v) values (?)",
-                     [(f"row {i} " + "x" * rng.randrange(200),) for i in range(rows)])
-    conn.commit()
-    conn.execute("pragma wal_checkpoint(truncate)")
-    conn.close()
-    assert not path.with_name(path.name + "-wal").exists()
-
-
-def make_cow(lower: Path, upper: Path, base_rel: str = BASE_REL, rel: str = DB_REL) -> Path:
-    """The upper file *rel*: a new, empty COW delta over the lower's *base_rel*."""
-    delta = upper / rel
-    delta.parent.mkdir(parents=True, exist_ok=True)
-    base = ReadOnlyFile.open(lower / base_rel)
-    try:
-        CowFile.create(delta, map_path(delta), base, base_path=base_rel).close()
-    finally:
-        base.close()
-    return delta
-
-
-@pytest.fixture
-def cow_layers(tmp_path):
-    lower, upper = tmp_path / "lower", tmp_path / "upper"
-    make_base(lower / BASE_REL)
-    upper.mkdir()
-    make_cow(lower, upper)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    yield lower, upper, mnt
-    force_unmount(mnt)
-
-
-def map_path(delta: Path) -> Path:
-    """The map beside the delta *delta*."""
-    return Path(cowmap.map_path(delta))
-
-
-def sqlite(db: Path, script: str) -> str:
-    """The stock sqlite3 command (its own SQLite library, not nixfs' apsw) on *db*."""
-    proc = subprocess.run(["sqlite3", "-batch", "-bail", str(db)], input=script,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+from cowlayers import (BASE_REL, DB_REL, ROWS, cow_layers, make_base, make_cow,  # noqa: F401
+                       map_path, sha256, sqlite)
+from harness import NixfsMount, run_nixfs
+from nixlower import Store, built_lower  # noqa: F401 (fixtures)
 
 
 def test_cow_file_reads_as_its_base(cow_layers):
@@ -251,26 +178,6 @@ def test_unlink_of_a_cow_file_over_a_lower_name_whites_it_out(tmp_path):
     assert sorted(os.listdir(upper / "data")) == [".wh.db.sqlite"]
 
 
-def fsck_json(lower, upper, *args) -> dict:
-    return json.loads(run_nixfs("fsck", "--lower", lower, "--upper", upper, "--json",
-                                *args).stdout)
-
-
-def test_fsck_knows_cow_maps(cow_layers):
-    lower, upper, mnt = cow_layers
-    assert fsck_json(lower, upper)["findings"] == []  # a COW file and its map: all well
-    stale = upper / "data" / ".wh..wh..nixfs-cow.gone"  # its delta's unlink was the last step
-    stale.write_bytes(b"")
-    found = [(f["kind"], f["severity"]) for f in fsck_json(lower, upper)["findings"]]
-    assert found == [("stale-cow-map", "harmless")]
-    fsck_json(lower, upper, "--repair")
-    assert not stale.exists()
-    map_path(upper / DB_REL).write_bytes(b"NIXFSCOW but no more")
-    report = fsck_json(lower, upper)
-    assert report["exit_code"] == 4
-    assert [f["kind"] for f in report["findings"]] == ["cow-map-damaged"]
-
-
 def test_nix_queries_and_registers_through_a_cow_db(tmp_path, built_lower):  # noqa: F811
     """Nix 2.8 on a COW db.sqlite over the lower's own (a plain overlay, --no-nix: what is
     tested is the file, as a generation client's mount will give it to Nix)."""
@@ -300,63 +207,3 @@ def test_nix_queries_and_registers_through_a_cow_db(tmp_path, built_lower):  # n
     assert not store.lower_valid(new)
     delta = store.upper / base_rel
     assert map_path(delta).exists() and delta.stat().st_blocks * 512 < base.stat().st_size
-
-
-WRITER = r"""
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-conn.execute("pragma journal_mode=wal")
-conn.execute("pragma synchronous=full")
-conn.execute("create table if not exists log (n integer primary key, pad blob)")
-n = conn.execute("select coalesce(max(n), 0) from log").fetchone()[0]
-while True:
-    n += 1
-    conn.execute("begin")
-    conn.execute("insert into log values (?, randomblob(3000))", (n,))
-    conn.execute("update t set v = ? where id = ?", (f"round {n}", 1 + n * 37 % 3000))
-    conn.execute("commit")
-    if n % 5 == 0:
-        conn.execute("pragma wal_checkpoint(truncate)")
-    if n % 23 == 0:
-        conn.execute("delete from log where n % 3 = 0 and n < ?", (n - 10,))
-    print(n, flush=True)
-"""
-
-
-def test_kill_9_of_the_daemon_while_a_cow_db_is_written(cow_layers):
-    """Round after round, the daemon dies in the middle of commits and checkpoints (each
-    checkpoint writes the COW file and fsyncs it, then truncates the WAL): the next mount
-    shows a database that passes integrity_check and holds every committed row."""
-    lower, upper, mnt = cow_layers
-    base_sha = sha256(lower / BASE_REL)
-    rng = random.Random(20)
-    committed = 0
-    for round_ in range(6):
-        with NixfsMount(lower, upper, mnt) as m:
-            db = mnt / DB_REL
-            if committed:
-                check = sqlite(db, "pragma integrity_check;\nselect max(n) from log;").split()
-                assert check[0] == "ok", check
-                assert int(check[1]) >= committed, (round_, check, committed)
-            writer = subprocess.Popen(["python3", "-c", WRITER, str(db)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True)
-            try:
-                target, seen = rng.randrange(8, 60), 0  # commits before the kill
-                for line in writer.stdout:
-                    committed, seen = int(line), seen + 1  # (printed once committed)
-                    if seen >= target:
-                        break
-                kill_daemon(mnt)
-            finally:
-                writer.kill()
-                writer.wait()
-            m.force_unmount()
-        if round_ % 2:  # what a kill leaves, nixfs fsck finds nothing wrong with
-            report = fsck_json(lower, upper)
-            assert report["exit_code"] == 0, report
-    with NixfsMount(lower, upper, mnt):
-        check = sqlite(mnt / DB_REL, "pragma integrity_check;\nselect max(n) from log;").split()
-        assert check[0] == "ok" and int(check[1]) >= committed, (check, committed)
-        logical = os.stat(mnt / DB_REL).st_size
-    assert sha256(lower / BASE_REL) == base_sha
-    assert (upper / DB_REL).stat().st_blocks * 512 <= logical + 4096  # never more than it

@@ -10,9 +10,10 @@ from harness import run_nixfs
 from nixlower import Store, built_lower  # noqa: F401 (fixture)
 
 
-def _loop(tmp_path, built_lower, rounds, seed):  # noqa: F811
+def _loop(tmp_path, built_lower, rounds, seed, generation=False):  # noqa: F811
     base, paths = built_lower
-    stats = CrashLoop(tmp_path, base / "L", paths, seed=seed, rounds=rounds).run(rounds)
+    stats = CrashLoop(tmp_path, base / "L", paths, seed=seed, rounds=rounds,
+                      generation=generation).run(rounds)
     print(stats)
     assert stats["rounds"] == rounds
     # The workload really ran into every kind of operation before the kills.
@@ -25,6 +26,17 @@ def _loop(tmp_path, built_lower, rounds, seed):  # noqa: F811
 @pytest.mark.timeout(600)
 def test_crash_loop(tmp_path, built_lower):  # noqa: F811
     _loop(tmp_path, built_lower, rounds=50, seed=1)
+
+
+@pytest.mark.timeout(600)
+def test_crash_loop_over_a_generation(tmp_path, built_lower):  # noqa: F811
+    """The same loop with the merged database a copy-on-write file over the lower's
+    published generation, served through the mount (its map stays beside it)."""
+    pytest.importorskip("nixfs.publish", reason="nixfs publish (the publish lane) is needed")
+    _loop(tmp_path, built_lower, rounds=12, seed=7, generation=True)
+    db = tmp_path / "upper/var/nix/db"
+    assert (db / ".wh..wh..nixfs-cow.db.sqlite").exists(), "the loop did not run over a COW db"
+    assert (db / "db.sqlite").stat().st_blocks * 512 < 1 << 20
 
 
 @pytest.mark.slow
