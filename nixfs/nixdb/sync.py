@@ -16,7 +16,7 @@ import os
 
 import apsw
 
-from . import firstbuild, fromgeneration, genrecord, ownrows, rootfill
+from . import cowfiles, firstbuild, fromgeneration, genrecord, ownrows, rootfill
 from .files import StoreFiles
 from .follow import LowerChanges, LowerFollower, SyncResult
 from .hiding import Hiding
@@ -146,15 +146,11 @@ class StoreSync:
             index = self._index()
             index.get("state")
             return index
-        except apsw.Error as e:
+        except (apsw.Error, OSError) as e:  # OSError: a copy-on-write index's map or base
             if index is not None:
                 index.close()
             log.warning("the lower index %s is damaged (%s): rebuilding it", path, e)
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(path + suffix)
-            except FileNotFoundError:
-                pass
+        cowfiles.remove(path)
         return None
 
     def _intact(self) -> bool:

@@ -304,3 +304,13 @@ def test_an_upper_reached_through_a_symlink(lower, upper, tmp_path):
     link.symlink_to(tmp_path)
     prepare(lower, link / "upper")
     assert recorded(upper) == 1 and set(lower_paths(lower)) <= valid(lower, link / "upper")
+
+
+def test_a_damaged_index_map_is_rebuilt_over_the_generation(lower, upper, caplog):
+    publish(lower)
+    prepare(lower, upper)
+    mine = add_own_path(lower, upper, "mine", lower_paths(lower)[0])
+    (upper / ".nixfs/.wh..wh..nixfs-cow.lower-index.sqlite").write_bytes(b"garbage")
+    prepare(lower, upper)
+    assert "damaged" in caplog.text
+    assert recorded(upper) == 1 and mine in valid(lower, upper)
