@@ -23,8 +23,9 @@ OPTIONS_EPILOG = """nixfs' own -o options: ttl=SECONDS (1: how long the kernel k
 change), lower_timeout=SECONDS (30; 0 waits forever), max_nodes=N (100000),
 listings=kernel|fixed|none (which listings the kernel keeps), opens=kernel|nixfs (who
 keeps opens of files: the kernel sends no OPEN/RELEASE), poll_us=N (250 with 2+ CPUs:
-how long to poll for the next request), xattr=on|off (off for a Nix store), nix=off (as
---no-nix), owner_only (a root mount is for every user unless this is given; a user's is
+how long to poll for the next request), xattr=on|off (off for a Nix store),
+generation=auto|off (auto: a fresh upper starts from the lower's newest published
+generation), nix=off (as --no-nix), owner_only (a root mount is for every user unless this is given; a user's is
 theirs alone unless allow_other is). Others: allow_other, ro, nosuid, nodev, noatime, ...
 (see README.md)."""
 

@@ -18,7 +18,8 @@ FUSE_OPTIONS = {
 # nixfs' own flags: owner_only keeps a root mount to root (a root mount is for everyone).
 OWN_FLAGS = {"owner_only"}
 # nixfs' own -o key=value options that set the MountConfig field of the same name.
-VALUE_FIELDS = ("ttl", "max_nodes", "listings", "opens", "lower_timeout", "poll_us", "xattr")
+VALUE_FIELDS = ("ttl", "max_nodes", "listings", "opens", "lower_timeout", "poll_us", "xattr",
+                "generation")
 # What mount(8) and fstab add that is not for the file system.
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                    "nofail", "_netdev", "default_permissions"}
@@ -49,6 +50,10 @@ class MountConfig:
     # Extended attributes through the mount: "on", "off" (the kernel is told once that there
     # are none and never asks again), or "auto": off for a Nix store, on otherwise.
     xattr: str = "auto"
+    # A Nix store lower's published generation (``nixfs publish``): "auto" builds a fresh
+    # upper's database over the newest usable one (and rebases onto a newer one at a
+    # mount); "off" copies the lower's database as before.
+    generation: str = "auto"
 
     @property
     def readonly(self) -> bool:
@@ -118,5 +123,6 @@ def check_values(cfg: MountConfig) -> None:
     cfg.max_nodes = _number(cfg.max_nodes, int, lambda n: n >= 100,
                             "max_nodes must be a whole number of at least 100")
     _choice(cfg.xattr, "xattr", ("auto", "on", "off"), "on or off")
+    _choice(cfg.generation, "generation", ("auto", "off"), "auto or off")
     cfg.poll_us = _number(cfg.poll_us, int, lambda n: -1 <= n <= 10_000,
                           "poll_us must be a whole number of microseconds from 0 to 10000")

@@ -23,6 +23,13 @@ def _refreshed_line(r: dict | None) -> str:
             f"{r['done']} ({r['failed']} failed)")
 
 
+def _generation_line(g: dict | None) -> str:
+    if not g:
+        return "  no published generation: the lower's database was copied into the upper"
+    return (f"  built over the lower's published generation {g['generation']} "
+            f"(manifest sha256 {g['manifest_sha256'][:16]}...)")
+
+
 def _cow_line(c: dict) -> str:
     base = c["base"]
     return (f"  copy-on-write files: {c['open']} open ({c['opened']} opened), reads {c['read']} "
@@ -56,6 +63,7 @@ def render(s: dict) -> str:
                   + f", sync errors {n['sync_errors']}",
                   f"  merged database {_human(n['merged_db_bytes'])} in the upper, lower index "
                   f"{_human(n['index_bytes'])}, upper copies dropped {n['upper_copies_dropped']}"]
+        lines.append(_generation_line(n.get("generation")))
         if n["last_sync_error"]:
             lines.append(f"  last sync error: {n['last_sync_error']}")
     else:

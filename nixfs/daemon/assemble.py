@@ -21,6 +21,7 @@ from ..fuse import features
 from ..fuse.notifier import KernelNotifier
 from ..fuse.ops import FuseOps, ListingSnapshots
 from ..fuse.stale_attrs import StaleAttributes
+from ..nixdb import cowfiles
 from ..nixdb.schema import SchemaError
 from ..nixdb.snapshot import SnapshotError
 from ..nixdb.storepolicy import NixStorePolicy
@@ -82,6 +83,8 @@ def assemble(cfg: MountConfig) -> Daemon:
                             "folder", len(recovered))
             store = _prepare_store(cfg, lower, log_file) if is_nix_store(cfg) else None
             if store is not None:
+                # After the overlay let go of every file (it closes first), at a clean end.
+                closing.callback(store.sync.keep_own_rows)
                 until_overlay.callback(store.listings.close)
             snapshots = ListingSnapshots()
             overlay = _open_overlay(cfg, owner, state, store, KernelNotifier(snapshots))
@@ -161,9 +164,10 @@ class _Store:
     index), its listing store, and the worker of the service built after it."""
 
     def __init__(self, cfg: MountConfig, lower: pin.PinnedDir, sync, state_dir: str, log_file):
+        self.sync = sync
         self.finish_pending = sync.unfinished()
         self.policy = NixStorePolicy(sync.index)
-        self.listings = ListingStore(os.path.join(state_dir, ListingStore.FILE))
+        self.listings = _listings(os.path.join(state_dir, ListingStore.FILE), lower.via)
         self.worker = SyncWorker(lower.via, cfg.upper, state_dir,
                                  cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
 
@@ -171,14 +175,25 @@ class _Store:
         """The service that follows the lower store through *overlay*; it hides in the
         database what the policy hears was removed through the mount."""
         return StoreService(self.worker, overlay, self.policy.removed_paths(),
-                            finish_pending=self.finish_pending)
+                            finish_pending=self.finish_pending, generation=self.sync.generation)
+
+
+def _listings(path: str, lower: str) -> ListingStore:
+    """The upper's cached listings; a copy-on-write one whose map or base cannot be read
+    is a cache lost: made again, empty (one warning)."""
+    try:
+        return ListingStore(path, cow_root=lower)
+    except OSError as e:
+        log.warning("the cached listings %s cannot be read (%s): starting them afresh", path, e)
+        cowfiles.remove(path)
+        return ListingStore(path, cow_root=lower)
 
 
 def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file) -> _Store:
     """A Nix store's merged database prepared (in the upper directly: nothing can use it
     before the mount), and the parts built on it."""
     state_dir = upperformat.state_dir(cfg.upper)
-    sync = StoreSync(lower.via, cfg.upper, state_dir)
+    sync = StoreSync(lower.via, cfg.upper, state_dir, generation=cfg.generation)
     try:
         sync.prepare()
     except SchemaError as e:

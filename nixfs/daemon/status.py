@@ -64,7 +64,8 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
                "merged_db_bytes": db_size(os.path.join(cfg.upper, "var/nix/db"))}
         out["nix"] = _keys(nix, "lower_paths", "lower_paths_not_shown", "lower_max_id",
                            "merged_db_bytes", "index_bytes", "last_sync_age_s", "sync_errors",
-                           "last_sync_error", "upper_copies_dropped", "first_build_finishing")
+                           "last_sync_error", "upper_copies_dropped", "first_build_finishing",
+                           "generation")
         # How far behind the lower the merged database may be: the time since a sync round
         # last found it in step (rounds run every half second; this grows while they fail).
         age = out["nix"]["last_sync_age_s"]

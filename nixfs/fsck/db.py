@@ -25,6 +25,7 @@ import stat
 
 import apsw
 
+from ..cow.vfs import connect
 from ..nixdb import gcroot, upperstore
 from ..nixdb.files import StoreFiles
 from ..nixdb.lowerindex import BROKEN, SHOWN, LowerIndex
@@ -56,9 +57,9 @@ class DbCheck:
     def run(self) -> None:
         if self.state_fd is not None and check_sqlite(
                 self.state_fd, LowerIndex.FILE.encode(), self.report, "damaged-index",
-                "the next mount rebuilds it from the lower and the merged database"):
+                "the next mount rebuilds it from the lower and the merged database", self.lower):
             if os.path.exists(self.files.index_path):
-                self.index = LowerIndex(self.files.index_path)
+                self.index = LowerIndex(self.files.index_path, cow_root=self.lower)
         try:
             if not os.path.exists(self.files.merged_db):
                 if self.index is not None:
@@ -67,7 +68,7 @@ class DbCheck:
                                     "unregistered)", severity=NOTE)
                 return
             self._scan_store()
-            self.conn = apsw.Connection(self.files.merged_db)
+            self.conn = connect(self.files.merged_db, base_root=self.lower)
             self.conn.setbusytimeout(10_000)
             if not self._integrity():
                 return

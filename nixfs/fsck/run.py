@@ -55,7 +55,7 @@ def fsck(lower: str, upper: str, *, repair: bool = False, nix: bool = True,
     lock_fd = state_fd = None
     try:
         lock_fd = _lock(upper_fd)
-        state_fd = check_state(upper_fd, report)
+        state_fd = check_state(upper_fd, lower, report)
         check_tree(upper_fd, lower_fd, report, nix=nix)
         if nix:
             from .db import check_db

@@ -10,6 +10,7 @@ import stat
 
 import apsw
 
+from ..cow.vfs import connect
 from ..overlay import upperformat as fmt
 from ..overlay.layers import O_DIR
 from ..overlay.state import FORMAT_VERSION
@@ -20,27 +21,30 @@ CACHES = (b"listings.sqlite",)  # pure caches: a damaged one is deleted and refe
 STATE = b"/" + fmt.STATE_DIR
 
 
-def _sqlite_ok(path: str) -> str | None:
-    """None if the SQLite file at *path* passes a quick check, else what is wrong."""
+def _sqlite_ok(path: str, cow_root: str) -> str | None:
+    """None if the SQLite file at *path* (through the nixfs-cow VFS if it is a
+    copy-on-write file over a generation in *cow_root*) passes a quick check, else what
+    is wrong."""
     try:
-        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+        conn = connect(path, base_root=cow_root, flags=apsw.SQLITE_OPEN_READWRITE)
         try:
             conn.setbusytimeout(5000)
             rows = conn.execute("pragma quick_check").fetchall()
         finally:
             conn.close()
-    except apsw.Error as e:
+    except (apsw.Error, OSError) as e:  # OSError: a copy-on-write file's map or base
         return f"{type(e).__name__}: {e}"
     if rows != [("ok",)]:
         return "; ".join(str(r[0]) for r in rows[:3])
     return None
 
 
-def check_sqlite(state_fd: int, name: bytes, report: Report, kind: str, why: str) -> bool:
+def check_sqlite(state_fd: int, name: bytes, report: Report, kind: str, why: str,
+                 cow_root: str) -> bool:
     """Report a damaged SQLite file in the state folder (repair: delete it); True if fine."""
     if lstat_or_none(state_fd, name) is None:
         return True
-    problem = _sqlite_ok(f"/proc/self/fd/{state_fd}/{name.decode()}")
+    problem = _sqlite_ok(f"/proc/self/fd/{state_fd}/{name.decode()}", cow_root)
     if problem is None:
         return True
     report.add(kind, STATE + b"/" + name, f"{problem} ({why})", fix=remove_sqlite(state_fd, name))
@@ -82,9 +86,10 @@ def _check_format(sfd: int, report: Report) -> None:
                    f"unknown format {version[:20]!r} (another nixfs version?)")
 
 
-def check_state(upper_fd: int, report: Report) -> int | None:
+def check_state(upper_fd: int, lower: str, report: Report) -> int | None:
     """Check ``.nixfs`` (but the lower index, which the database check owns); return
-    its descriptor, or None if there is none to use."""
+    its descriptor, or None if there is none to use.  *lower*: where the bases of its
+    copy-on-write files are."""
     st = lstat_or_none(upper_fd, fmt.STATE_DIR)
     if st is None:
         return None
@@ -100,5 +105,5 @@ def check_state(upper_fd: int, report: Report) -> int | None:
                    fix=remove(sfd, b"lock"))
     _check_format(sfd, report)
     for name in CACHES:
-        check_sqlite(sfd, name, report, "damaged-cache", "a cache: deleting it is safe")
+        check_sqlite(sfd, name, report, "damaged-cache", "a cache: deleting it is safe", lower)
     return sfd

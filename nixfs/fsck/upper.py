@@ -10,6 +10,7 @@ applied at once with ``--repair`` while the check still holds the descriptors.
 import contextlib
 import os
 
+from ..cow import cowmap
 from ..overlay.layers import made_writable, times_kept
 from ..overlay.state import remove_tree
 
@@ -50,9 +51,11 @@ def replace_with_file(dirfd: int, name: bytes):
 
 
 def remove_sqlite(dirfd: int, name: bytes):
-    """The repair that deletes the SQLite database *name* with its journal files."""
+    """The repair that deletes the SQLite database *name* with its journal files (and its
+    map, if it is a copy-on-write file)."""
     def fix():
-        for suffix in (b"", b"-wal", b"-shm", b"-journal"):
+        for other in (name + b"-wal", name + b"-shm", name + b"-journal",
+                      cowmap.map_name(name), name):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(name + suffix, dir_fd=dirfd)
+                os.unlink(other, dir_fd=dirfd)
     return fix

@@ -17,12 +17,12 @@ import time
 
 import apsw
 
-from . import gcroot
+from . import cowfiles, gcroot, genrecord, ownrows
 from .files import StoreFiles
 from .lowerindex import BROKEN, LowerIndex
-from .merged import MergedDb, open_db, select_rows
-from .rows import basename, insert_rows, refs_and_outputs
-from .schema import STORE_DIR, SchemaError, carry_shape, read_shape
+from .merged import MergedDb, open_db
+from .rows import basename
+from .schema import STORE_DIR, read_shape
 from .snapshot import Snapshot, SnapshotError
 from .upperstore import UpperStore
 
@@ -50,7 +50,7 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int) -> LowerInde
     log.info("built the merged database: %d lower paths, %d upper paths adopted in %.1f s "
              "(clone %.1f s, index %.1f s)", count, adopted, time.monotonic() - t0,
              t_clone - t0, t_index - t_clone)
-    return LowerIndex(files.index_path)
+    return LowerIndex(files.index_path, cow_root=files.lower)
 
 
 def clone(lower_db: str, dest: str) -> None:
@@ -81,7 +81,7 @@ def _fill(files: StoreFiles, upper_store: UpperStore, tmp_db: str):
                 "select coalesce(max(id), 0), count(*) from ValidPaths").fetchone()
             hidden = upper_store.hidden_names()
             gone = db.remove([f"{STORE_DIR}/{os.fsdecode(n)}" for n in hidden]) if hidden else set()
-            adopted = _adopt(files, upper_store, db)
+            adopted = ownrows.adopt(files, upper_store, db)
             db.insert(gcroot.root_row(int(time.time())))
         db.conn.execute("pragma journal_mode=wal").fetchall()
     finally:
@@ -106,42 +106,17 @@ def _record(tmp_index: str, gone, max_id: int, count: int, version: int) -> None
 
 
 def _install(files: StoreFiles, tmp_db: str, tmp_index: str, version: int) -> None:
-    """Move the merged database and its GC root into place, the index last."""
-    for suffix in ("-wal", "-shm"):
-        try:
-            os.unlink(files.merged_db + suffix)
-        except FileNotFoundError:
-            pass
-    os.rename(tmp_db, files.merged_db)
+    """Move the merged database and its GC root into place, the index last.  An index
+    already there (of a database over a generation that is gone) is removed first, so a
+    crash half-way leaves none: the next mount starts over."""
+    cowfiles.remove(files.index_path)
+    cowfiles.install(tmp_db, files.merged_db)
     with open(os.path.join(files.merged_dir, "schema"), "w") as f:
         f.write(str(version))
     gcroot.install_files(files.upper)
+    genrecord.forget(files)
     for suffix in ("-wal", "-shm"):
         if os.path.exists(tmp_index + suffix):
             os.rename(tmp_index + suffix, files.index_path + suffix)
     os.rename(tmp_index, files.index_path)  # the commit point
-
-
-def _adopt(files: StoreFiles, upper_store: UpperStore, db: MergedDb) -> int:
-    """Carry over rows of paths the upper holds from an earlier database there
-    (a merged one whose index was lost, or one written by another overlay)."""
-    if not os.path.exists(files.merged_db):
-        return 0
-    try:
-        old = open_db(files.merged_db)
-        try:
-            old_shape = read_shape(old, where="the upper's earlier database", unknown_ok=True)
-            rows = [(i, r) for i, r in select_rows(old, "1")
-                    if upper_store.has(basename(r.path)) and r.path != gcroot.root_path()
-                    and db.id_of(r.path) is None]
-            refs, outputs = refs_and_outputs(old, [i for i, _ in rows])
-        finally:
-            old.close()
-    except (apsw.Error, SchemaError) as e:
-        log.error("the upper's earlier database is unreadable (%s): its paths stay "
-                  "unregistered; Nix rebuilds or substitutes them when needed", e)
-        return 0
-    if rows:
-        carry_shape(old_shape, db.conn)  # columns a Nix on the mount added come along
-    insert_rows(db, rows, refs, outputs, None, upper_store)
-    return len(rows)
+    ownrows.remove(files)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import apsw
 
+from ..cow.vfs import connect
 from .schema import check_tables, quote
 
 COLUMNS = ("path", "hash", "registrationTime", "deriver", "narSize", "ultimate", "sigs", "ca")
@@ -66,10 +67,12 @@ def select_outputs(conn, drv: int) -> list[dict]:
         f"select {', '.join(map(quote, cols))} from DerivationOutputs where drv = ?", (drv,))]
 
 
-def open_db(path: str, *, bulk: bool = False) -> apsw.Connection:
+def open_db(path: str, *, bulk: bool = False, cow_root: str | None = None) -> apsw.Connection:
     """A connection as Nix makes them (foreign keys on); *bulk* for a database nobody
-    else can see yet (no journal, large cache)."""
-    conn = apsw.Connection(path)
+    else can see yet (no journal, large cache).  A copy-on-write database (one built
+    over a published generation) opens through the nixfs-cow VFS, its base found in
+    *cow_root* (the lower)."""
+    conn = connect(path, base_root=cow_root)
     conn.setbusytimeout(600_000)  # Nix holds the write lock only briefly; never give up early
     if bulk:
         for pragma in ("journal_mode=off", "synchronous=off", "cache_size=-1000000"):

@@ -27,9 +27,10 @@ class PromoteError(Exception):
     pass
 
 
-def _upper_rows(merged_db: str, upper_store: UpperStore):
-    """Valid paths of the merged database whose files are in the upper."""
-    conn = open_db(merged_db)
+def _upper_rows(merged_db: str, upper_store: UpperStore, lower_nix: str):
+    """Valid paths of the merged database whose files are in the upper (a database over
+    a published generation has its base in the lower, *lower_nix*)."""
+    conn = open_db(merged_db, cow_root=lower_nix)
     try:
         rows = {}
         refs = {}
@@ -47,9 +48,9 @@ def _upper_rows(merged_db: str, upper_store: UpperStore):
         conn.close()
 
 
-def plan(upper: str, merged_db: str, wanted: list[str] | None):
+def plan(upper: str, merged_db: str, wanted: list[str] | None, lower_nix: str):
     """The upper paths to move (references first) with their rows."""
-    rows, refs, outputs = _upper_rows(merged_db, UpperStore(upper))
+    rows, refs, outputs = _upper_rows(merged_db, UpperStore(upper), lower_nix)
     if wanted is None:
         todo = set(rows)
     else:
@@ -90,7 +91,7 @@ def promote(upper: str, lower_nix: str, merged_db: str, wanted: list[str] | None
     read_schema_version(lower_db_dir)
     if not os.access(lower_store, os.W_OK) or not os.access(lower_db_dir, os.W_OK):
         raise PromoteError(f"{lower_nix} is not writable")
-    steps = plan(upper, merged_db, wanted)
+    steps = plan(upper, merged_db, wanted, lower_nix)
     db = apsw.Connection(os.path.join(lower_db_dir, "db.sqlite"))
     db.setbusytimeout(600_000)
     db.execute("pragma foreign_keys=1").fetchall()

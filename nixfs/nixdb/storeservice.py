@@ -28,8 +28,10 @@ class StoreService:
     (``NixStorePolicy.removed_paths``)."""
 
     def __init__(self, worker, overlay, whiteouts: trio.MemoryReceiveChannel, *,
-                 finish_pending: bool = False, interval: float = 0.5):
+                 finish_pending: bool = False, generation: dict | None = None,
+                 interval: float = 0.5):
         self.worker = worker
+        self.generation = generation  # the published generation the database is built over
         self.finish_pending = finish_pending
         self.overlay = overlay
         self.interval = interval
@@ -62,7 +64,7 @@ class StoreService:
         return {"last_sync_age_s": round(time.time() - last, 1) if last else None,
                 "sync_errors": self.errors, "last_sync_error": self.last_error,
                 "upper_copies_dropped": self.duplicates,
-                "first_build_finishing": self.finish_pending}
+                "first_build_finishing": self.finish_pending, "generation": self.generation}
 
     async def sync_now(self) -> None:
         """``nixfs sync``: a round now, however long until the next."""
@@ -105,6 +107,20 @@ class StoreService:
         """Stop following; returns once no request is under way (the mount still answers)."""
         self._scope.cancel()
         await self._stopped.wait()
+        with trio.move_on_after(10):
+            await self._keep_own_rows()
+
+    async def _keep_own_rows(self) -> None:
+        """Over a generation, copy the upper's own rows aside before the mount ends
+        (``ownrows``): read through the mount, whose bases stay open even if the
+        generation was pruned meanwhile, for the next mount to rebase with."""
+        if self.generation is None:
+            return
+        try:
+            await self.worker.call("keep_own_rows")
+        except (OSError, WorkerError) as e:
+            log.warning("cannot copy the upper's own database rows aside: %s",
+                        str(e).strip().splitlines()[-1])
 
     async def pause(self, seconds: float) -> None:
         """Hold all database work (an unmount is coming): the worker keeps nothing open
@@ -121,6 +137,7 @@ class StoreService:
         with trio.move_on_after(seconds):
             while self._busy:
                 await trio.sleep(0.01)
+            await self._keep_own_rows()
 
     async def step(self, force: bool = False) -> None:
         """One round: hide what was removed through the mount, then follow the lower."""

@@ -1,7 +1,9 @@
 """Keeping the merged store database in step with the lower store's: the parts together.
 
 Before the mount goes live ``prepare`` makes the merged database current, on the
-upper directly: a first build (``firstbuild``) where there is none, else a
+upper directly: where there is none, a build over the lower's newest published
+generation (``fromgeneration``) or else a first build (``firstbuild``); where one
+is built over an older generation than the newest, a rebase onto that; then a
 catch-up with the lower (``follow``) and the repair of what a crash cut short.
 Once mounted, the worker asks this object to follow the lower (``follow``), to
 finish a first build (``rootfill``) and to hide or show lower paths removed or
@@ -14,7 +16,7 @@ import os
 
 import apsw
 
-from . import firstbuild, rootfill
+from . import cowfiles, firstbuild, fromgeneration, genrecord, ownrows, rootfill
 from .files import StoreFiles
 from .follow import LowerChanges, LowerFollower, SyncResult
 from .hiding import Hiding
@@ -30,16 +32,20 @@ log = logging.getLogger(__name__)
 class StoreSync:
     """The merged database of one mount and how it follows the lower.
 
-    The worker passes *open_index*: it runs once ``prepare`` made the index."""
+    The worker passes *open_index*: it runs once ``prepare`` made the index.
+    *generation* is the mount's ``-o generation=`` (auto or off)."""
 
-    def __init__(self, lower: str, upper: str, state_dir: str, *, open_index: bool = False):
+    def __init__(self, lower: str, upper: str, state_dir: str, *, open_index: bool = False,
+                 generation: str = "auto"):
         self.files = StoreFiles(lower, upper, state_dir)
+        self.generation_setting = generation
+        self.generation = None  # the generation the database is built over (its record)
         self.upper_store = UpperStore(upper)
         self.stats = {"syncs": 0, "added": 0, "removed": 0, "duplicates": 0, "last_sync": 0.0,
                       "lower_polls": 0}
         self.follower = LowerFollower(self.files, self.upper_store, self.stats)
         self.hiding = Hiding(self.files.lower_db, self.upper_store)
-        self.index = LowerIndex(self.files.index_path) if open_index else None
+        self.index = self._index() if open_index else None
 
     # ------------------------------------------------------------------ before mounting
 
@@ -49,6 +55,12 @@ class StoreSync:
         Runs before the mount is live, when nothing else can have the files open.
         """
         version = read_schema_version(self.files.lower_db_dir)
+        current = genrecord.recorded(self.files)
+        if current is not None and not fromgeneration.present(self.files, current):
+            # Everything over it is unreadable: built anew, the upper's rows from its copy.
+            self._build(version, fromgeneration.replacing(self.files, self.generation_setting,
+                                                          current))
+            return
         if os.path.exists(self.files.index_path):
             self.index = self._open_index()
         if self.index is not None:
@@ -57,11 +69,47 @@ class StoreSync:
                 with self.index.transaction():
                     self.index.put("state", "damaged")
             if self.index.get("state") == "complete" and os.path.exists(self.files.merged_db):
-                self._catch_up(version)
+                target = fromgeneration.newer(self.files, self.generation_setting, current)
+                if target is None:
+                    self.generation = current
+                    self._catch_up(version)
+                    return
+                self.index.close()
+                self.index = None
+                self._build(version, target)
                 return
             self.index.close()
             self.index = None
-        self.index = firstbuild.build(self.files, self.upper_store, version)
+        self._build(version, fromgeneration.newest(self.files, self.generation_setting))
+
+    def _build(self, version: int, generation) -> None:
+        """A new merged database: over *generation* (then caught up with the live lower),
+        or copied from the lower where there is none to use."""
+        if generation is None:
+            self.index = firstbuild.build(self.files, self.upper_store, version)
+            return
+        self.index = fromgeneration.build(self.files, self.upper_store, version, generation)
+        self.generation = genrecord.recorded(self.files)
+        self._catch_up(version)
+
+    def keep_own_rows(self, through_mount: str | None = None) -> None:
+        """At the end of a mount of an upper over a generation: copy the upper's own rows
+        aside (``ownrows``), for a next mount that finds that generation pruned.  The
+        worker reads them *through_mount* before the mount ends (its bases are open there,
+        pruned or not); the daemon, once it ended, from the upper (if the base is there)."""
+        current = genrecord.recorded(self.files)
+        if current is None or (through_mount is None and
+                               not fromgeneration.present(self.files, current)):
+            return
+        try:
+            count = ownrows.write(self.files, self.upper_store, through_mount)
+        except ownrows.READ_ERRORS as e:
+            log.warning("cannot copy the upper's own database rows aside (%s): should its "
+                        "generation be pruned, they come from the database as long as it "
+                        "can be read", e)
+            return
+        log.info("copied the rows of %d upper paths aside (%s)", count,
+                 ownrows.own_rows_path(self.files))
 
     def _catch_up(self, version: int) -> None:
         """A remount: follow what the lower did meanwhile, and finish what a crash cut short."""
@@ -69,7 +117,7 @@ class StoreSync:
             raise SchemaError(f"the lower store's database changed from schema "
                               f"{self.index.get('schema')} to {version}; "
                               "remove the upper's var/nix/db to rebuild the merged one")
-        db = MergedDb(open_db(self.files.merged_db))
+        db = MergedDb(open_db(self.files.merged_db, cow_root=self.files.lower))
         try:
             changes = self.read_changes()
         except (SnapshotError, apsw.Error, OSError) as e:
@@ -86,29 +134,28 @@ class StoreSync:
         finally:
             db.close()
 
+    def _index(self) -> LowerIndex:
+        return LowerIndex(self.files.index_path, cow_root=self.files.lower)
+
     def _open_index(self) -> LowerIndex | None:
         """The private index, or None (rebuilt from the lower) if it is damaged: it holds
         nothing that cannot be made again, and a rebuild adopts the upper's own rows."""
         index = None
         path = self.files.index_path
         try:
-            index = LowerIndex(path)
+            index = self._index()
             index.get("state")
             return index
-        except apsw.Error as e:
+        except (apsw.Error, OSError) as e:  # OSError: a copy-on-write index's map or base
             if index is not None:
                 index.close()
             log.warning("the lower index %s is damaged (%s): rebuilding it", path, e)
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(path + suffix)
-            except FileNotFoundError:
-                pass
+        cowfiles.remove(path)
         return None
 
     def _intact(self) -> bool:
         try:
-            conn = open_db(self.files.merged_db)
+            conn = open_db(self.files.merged_db, cow_root=self.files.lower)
             try:
                 return conn.execute("pragma quick_check").fetchone()[0] == "ok"
             finally:

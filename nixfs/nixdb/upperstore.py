@@ -37,14 +37,21 @@ class UpperStore:
         return not fmt.is_kernel_whiteout(st)
 
     def hidden_names(self) -> set[bytes]:
+        return self._scan()[0]
+
+    def held_names(self) -> set[bytes]:
+        """The names the upper's store holds itself (not whiteouts, not markers)."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[set[bytes], set[bytes]]:
         try:
             fd = os.open(self.path, O_DIR)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                return set()  # no store directory (a symlink is none): nothing hidden
+                return set(), set()  # no store directory (a symlink is none): nothing there
             raise
         try:
-            return scan(fd)[0]
+            return scan(fd)
         finally:
             os.close(fd)
 

@@ -174,6 +174,10 @@ class _Handler:
         finally:
             db.close()
 
+    def keep_own_rows(self):
+        """The upper's own rows copied aside, read through the mount (``ownrows``)."""
+        return self.sync.keep_own_rows(self.db_path)
+
     def stats(self):
         return dict(self.sync.stats)
 

@@ -12,7 +12,8 @@ import os
 import stat
 
 from .layers import O_DIR
-from .upperformat import FORMAT_FILE, LOCK_FILE, LOG_FILE, STATE_DIR, WORK_DIR
+from .upperformat import (FORMAT_FILE, GENERATION_FILE, LOCK_FILE, LOG_FILE, OWN_ROWS_FILE,
+                          STATE_DIR, WORK_DIR)
 
 FORMAT_VERSION = b"1\n"
 
@@ -32,7 +33,7 @@ class StateError(Exception):
 
 # Files of the state folder nixfs opens by name: a symlink there (planted in a user's
 # upper for a root daemon) would make nixfs write wherever it points.
-_OWN_FILES = (LOCK_FILE, FORMAT_FILE, LOG_FILE)
+_OWN_FILES = (LOCK_FILE, FORMAT_FILE, LOG_FILE, GENERATION_FILE, OWN_ROWS_FILE)
 
 
 class UpperState:
