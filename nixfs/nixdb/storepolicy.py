@@ -23,6 +23,9 @@ from .lowerindex import LowerIndex
 
 # Lower entries of var/nix the merged view never shows: the merged state is its own.
 UPPER_ONLY = {b"db", b"temproots", b"daemon-socket", b"gc.lock", b"userpool"}
+# The lower's var/nixfs holds what `nixfs publish` writes for mounts to read (its
+# generations' files are copy-on-write deltas, not what they show): never shown.
+PUBLISHED = b"nixfs"
 
 
 def listing_key(name: bytes, lower_id: int, rel: bytes) -> bytes:
@@ -156,6 +159,8 @@ class NixStorePolicy(LowerPolicy):
             return state is not None and state[1] == 0
         if parent_tag == "var/nix":
             return name not in UPPER_ONLY
+        if parent_tag == "var":
+            return name != PUBLISHED
         return True
 
     def lower_names(self, parent_tag):

@@ -78,6 +78,9 @@ def test_a_fresh_upper_starts_from_the_generation(store, tmp_path):
         assert status["nix"]["generation"]["generation"] == 1
         assert "generation 1" in run_nixfs("status", store.mnt).stdout
         assert (store.mnt / app[len("/nix/"):] / "bin/app").read_text().startswith("app")
+        # The lower's published files are for mounts to read, not to show (raw deltas).
+        assert (store.lower / "var/nixfs").is_dir() and not (store.mnt / "var/nixfs").exists()
+        assert "nixfs" not in os.listdir(store.mnt / "var")
     assert "generation 1" in m.log_text()
     assert recorded(store.upper) == 1
     for rel in COW_FILES:
