@@ -13,7 +13,7 @@ import apsw
 from ..cow.vfs import connect
 from ..overlay import upperformat as fmt
 from ..overlay.layers import O_DIR
-from ..overlay.state import FORMAT_VERSION
+from ..overlay.state import FORMATS
 from .report import Report
 from .upper import lstat_or_none, remove, remove_sqlite
 
@@ -81,7 +81,7 @@ def _check_format(sfd: int, report: Report) -> None:
         version = os.read(fd, 64)
     finally:
         os.close(fd)
-    if version != FORMAT_VERSION:
+    if version not in FORMATS:
         report.add("state-folder", STATE + b"/format",
                    f"unknown format {version[:20]!r} (another nixfs version?)")
 

@@ -23,6 +23,7 @@ import os
 import time
 
 from ..publish.generations import CATALOG, DB, GENERATIONS, INDEX, MANIFEST
+from ..overlay.state import mark_copy_on_write
 from ..publish.verify import Generation, find_usable
 from . import cowfiles, gcroot, genrecord, ownrows
 from .files import StoreFiles
@@ -88,6 +89,7 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int,
     tmp = {name: os.path.join(files.work, f"generation.{name}") for name in (DB, INDEX, CATALOG)}
     for path in tmp.values():
         cowfiles.remove(path)
+    mark_copy_on_write(files.state_dir)  # an older nixfs then refuses this upper
     for name, path in tmp.items():
         cowfiles.create_over(files.lower, generation, name, path)
     gone, adopted = _fill(files, upper_store, tmp[DB])

@@ -15,7 +15,33 @@ from .layers import O_DIR
 from .upperformat import (FORMAT_FILE, GENERATION_FILE, LOCK_FILE, LOG_FILE, OWN_ROWS_FILE,
                           STATE_DIR, WORK_DIR)
 
-FORMAT_VERSION = b"1\n"
+# The upper's format: 2 may hold copy-on-write files (a merged database over a published
+# generation, nixfs/cow/), which a nixfs that knows only 1 would read as their bare deltas,
+# so it refuses 2.  A new upper is written as 2; one of format 1 is served as it is, and
+# becomes 2 only when copy-on-write files go into it (``mark_copy_on_write``).
+FORMAT_VERSION = b"2\n"
+FORMATS = (b"1\n", FORMAT_VERSION)
+
+
+def mark_copy_on_write(state_dir: str) -> None:
+    """Make the upper's format 2 before copy-on-write files go into it (atomic, durable)."""
+    path = os.path.join(state_dir, os.fsdecode(FORMAT_FILE))
+    with open(path, "rb") as f:
+        if f.read(64) == FORMAT_VERSION:
+            return
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, FORMAT_VERSION)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class UpperInUse(Exception):
@@ -85,11 +111,11 @@ class UpperState:
             version = os.pread(fd, 64, 0)
             if not version.strip():  # new, or a crash right after creating it
                 os.pwrite(fd, FORMAT_VERSION, 0)
-            elif version != FORMAT_VERSION:
+            elif version not in FORMATS:
                 shown = version[:20].decode(errors="replace").strip()
                 where = (STATE_DIR + b"/" + FORMAT_FILE).decode()
                 raise StateError(f"the upper's format is {shown!r} ({where}), "
-                                 f"this nixfs knows {FORMAT_VERSION.decode().strip()!r}: a newer "
+                                 "this nixfs knows '1' and '2': a newer "
                                  "nixfs made it, or the file is damaged")
         finally:
             os.close(fd)
