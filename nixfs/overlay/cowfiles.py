@@ -229,11 +229,11 @@ class CowFiles:
         return await self._call(entry, "read", entry.cow.pread, size, offset)
 
     async def pwrite(self, entry: CowEntry, data: bytes, offset: int) -> int:
-        await self._call(entry, "write", entry.cow.pwrite, data, offset)
+        await self._call(entry, "write", _published(entry.cow.pwrite), data, offset)
         return len(data)
 
     async def truncate(self, entry: CowEntry, size: int) -> None:
-        await self._call(entry, "truncate", entry.cow.truncate, size)
+        await self._call(entry, "truncate", _published(entry.cow.truncate), size)
 
     async def fsync(self, entry: CowEntry) -> None:
         await self._call(entry, "fsync", entry.cow.fsync)
@@ -303,3 +303,18 @@ def _open_cow(layer, dir_fd: int, name: bytes, bases: BaseStats, readonly: bool)
 def _close_late(cow) -> None:
     """A CowFile opened after its opener gave up (the lower did not answer in time)."""
     cow.close()
+
+
+def _published(change):
+    """*change* (a CowFile's pwrite or truncate), then its map written if that changed it.
+
+    A write that returned must survive the daemon's death as a plain file's does (SQLite
+    relies on it for a process crash: with ``synchronous=off``, or between a checkpoint's
+    copying and its WAL's reuse), and a page the map does not name reads as its old
+    content.  Not durable: a power loss keeps what the last fsync made durable.  Only a
+    write that adds pages (or changes the size) rewrites the map."""
+    def run(*args):
+        result = change(*args)
+        change.__self__.publish()
+        return result
+    return run
