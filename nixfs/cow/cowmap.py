@@ -197,6 +197,15 @@ def sync_dir(head: bytes, dir_fd: int | None) -> None:
         os.close(fd)
 
 
+def fsync_path(path) -> None:
+    """fsync a file or a directory by name."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def file_id(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino

@@ -43,11 +43,7 @@ def create_over(lower: str, generation, name: str, delta_path: str) -> None:
 def sync(path: str) -> None:
     """fsync *path* (a file or a directory) and, for a COW delta, its map."""
     for p in (path, map_path(path)) if is_cow(path) else (path,):
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        cowmap.fsync_path(p)
 
 
 def remove(path: str) -> None:

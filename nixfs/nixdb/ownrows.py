@@ -16,6 +16,7 @@ import os
 
 import apsw
 
+from ..cow.cowmap import fsync_path
 from ..overlay import upperformat as fmt
 from . import gcroot
 from .files import StoreFiles
@@ -108,9 +109,9 @@ def write(files: StoreFiles, upper_store: UpperStore, source: str | None = None)
         count = _copy(conn, [i for i, _ in own], tmp)
     finally:
         conn.close()
-    _sync(tmp)
+    fsync_path(tmp)
     os.rename(tmp, own_rows_path(files))
-    _sync(files.state_dir)
+    fsync_path(files.state_dir)
     return count
 
 
@@ -143,10 +144,3 @@ def _copy_rows(conn, out, table: str, key: str, ids) -> None:
                         conn.execute(f"select {cols} from {quote(table)} where {quote(key)} = ?",
                                      (i,)).fetchall())
 
-
-def _sync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,6 +11,7 @@ import fcntl
 import os
 import stat
 
+from ..cow.cowmap import fsync_path
 from .layers import O_DIR
 from .upperformat import (FORMAT_FILE, GENERATION_FILE, LOCK_FILE, LOG_FILE, OWN_ROWS_FILE,
                           STATE_DIR, WORK_DIR)
@@ -37,11 +38,7 @@ def mark_copy_on_write(state_dir: str) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_path(state_dir)
 
 
 class UpperInUse(Exception):

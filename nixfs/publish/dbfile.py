@@ -24,7 +24,6 @@ from ..nixdb import gcroot
 from ..nixdb.firstbuild import clone
 from ..nixdb.merged import open_db
 from ..nixdb.schema import quote
-from .generations import fsync_path
 
 ROOT_ID = 1 << 62
 
@@ -89,9 +88,9 @@ def settle(path: str, cow_root: str | None = None) -> None:
     for suffix in ("-wal", "-shm", "-journal"):
         if os.path.exists(path + suffix):
             raise DbError(f"{path}{suffix} is left beside the generation's file")
-    fsync_path(path)
+    cowmap.fsync_path(path)
     if cow_root is not None:
-        fsync_path(cowmap.map_path(path))
+        cowmap.fsync_path(cowmap.map_path(path))
 
 
 # ---------------------------------------------------------------------- incremental

@@ -80,15 +80,3 @@ class Generations:
             os.close(fd)
 
 
-def fsync_path(path: str) -> None:
-    """fsync a file or a directory by name."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def map_name(name: str) -> str:
-    """The COW map beside a generation file *name* (issue 20's naming)."""
-    return f".wh..wh..nixfs-cow.{name}"

@@ -14,7 +14,8 @@ import json
 import os
 
 from ..nixdb.lowerindex import CA_FOLLOWED
-from .generations import MANIFEST, fsync_path
+from ..cow.cowmap import fsync_path
+from .generations import MANIFEST
 
 FORMAT = 1
 SAMPLE_STEP = 1000  # the id sample: the rows whose id is a multiple of this

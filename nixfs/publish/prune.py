@@ -13,7 +13,8 @@ import shutil
 import time
 
 from . import manifest as manifest_file
-from .generations import FILES, Generations, map_name
+from ..cow.cowmap import map_name
+from .generations import FILES, Generations
 
 
 def describe(gens: Generations, number: int) -> dict:

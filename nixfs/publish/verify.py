@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from ..nixdb.schema import STORE_DIR, SchemaError, read_schema_version
 from ..nixdb.snapshot import SnapshotError, read_consistent
 from . import manifest as manifest_file
-from .generations import CATALOG, DB, FILES, INDEX, Generations, map_name
+from ..cow.cowmap import map_name
+from .generations import CATALOG, DB, FILES, INDEX, Generations
 
 log = logging.getLogger(__name__)
 
