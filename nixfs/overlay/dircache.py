@@ -185,6 +185,10 @@ class ListingStore:
                 self._absent[key] = True
                 return None
             data = row[0]
+        return self._decoded(key, data, decoder)
+
+    def _decoded(self, key: bytes, data: bytes, decoder):
+        """*data* decoded, or None (and the record dropped, to be fetched again) if damaged."""
         try:
             return decoder(data)
         except (ValueError, struct.error, UnicodeError):
@@ -206,11 +210,9 @@ class ListingStore:
                 f"select key, data from listings where key in ({marks})", ask))
         out = {}
         for key, data in found.items():
-            try:
-                out[key] = decode(data)
-            except (ValueError, struct.error, UnicodeError):
-                log.warning("a damaged cached listing was dropped")
-                self.conn.execute("delete from listings where key = ?", (key,))
+            listing = self._decoded(key, data, decode)
+            if listing is not None:
+                out[key] = listing
         return out
 
     def _put(self, key: bytes, data: bytes) -> None:
