@@ -71,7 +71,11 @@ class StoreService:
         await self.step(force=True)
 
     async def start(self) -> None:
-        """Before the mount is announced: hold Nix's GC lock if a first build is unfinished."""
+        """Before the mount is announced: over a generation, its bases held (so a prune
+        while mounted leaves the mount serving); Nix's GC lock held if a first build is
+        unfinished."""
+        if self.generation is not None:
+            await self.worker.call("hold_bases")
         if self.finish_pending:
             await self.worker.call("hold_gc_lock")
 

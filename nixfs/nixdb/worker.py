@@ -116,7 +116,10 @@ class _Handler:
 
     def __init__(self, lower, upper, state_dir, mountpoint):
         from .sync import StoreSync
-        self.sync = StoreSync(lower, upper, state_dir, open_index=True)
+        # The index is opened by the first request that needs it: a worker started again
+        # after its generation was pruned cannot open it, but still copies the upper's
+        # own rows aside through the mount.
+        self.sync = StoreSync(lower, upper, state_dir)
         self.db_path = os.path.join(mountpoint, "var/nix/db/db.sqlite")
         self.gc_lock_path = os.path.join(mountpoint, "var/nix/gc.lock")
         self.gc_lock_fd = None
@@ -125,8 +128,22 @@ class _Handler:
         from .merged import MergedDb, open_db
         return MergedDb(open_db(self.db_path))
 
+    def hold_bases(self):
+        """Over a generation, before the mount is announced: the index opened (this
+        process holds its bases from now on) and the merged database read once through
+        the mount (the daemon holds its bases from its first use to the unmount), so a
+        generation pruned while mounted leaves both serving."""
+        from .merged import open_db
+        self.sync.ensure_index()
+        conn = open_db(self.db_path)
+        try:
+            conn.execute("pragma schema_version").fetchall()
+        finally:
+            conn.close()
+
     def step(self, force: bool = False):
         """Follow the lower: returns (shown, hidden, duplicates) names, or None."""
+        self.sync.ensure_index()
         if not (self.sync.changed() or force):
             return None
         try:
@@ -154,6 +171,7 @@ class _Handler:
 
     def finish_step(self):
         """Some of the rest of a first build; True once it is all done (lock released)."""
+        self.sync.ensure_index()
         done = self.sync.finish(self._db, batches=1)
         if done and self.gc_lock_fd is not None:
             os.close(self.gc_lock_fd)
@@ -161,6 +179,7 @@ class _Handler:
         return done
 
     def hide(self, names):
+        self.sync.ensure_index()
         db = self._db()
         try:
             return self.sync.hide(db, set(names))
@@ -168,6 +187,7 @@ class _Handler:
             db.close()
 
     def restore(self, names):
+        self.sync.ensure_index()
         db = self._db()
         try:
             return self.sync.restore(db, list(names))
