@@ -123,6 +123,19 @@ class _Handler:
         self.db_path = os.path.join(mountpoint, "var/nix/db/db.sqlite")
         self.gc_lock_path = os.path.join(mountpoint, "var/nix/gc.lock")
         self.gc_lock_fd = None
+        self.own_rows = None  # over a generation, what keeps their copy current
+
+    def _keep_own_rows_current(self) -> None:
+        """Over a generation, the upper's own rows copied aside in the round after Nix
+        committed one (``ownrows.Keeper``), not only at a clean unmount."""
+        from . import genrecord, ownrows
+        if self.own_rows is None:
+            if genrecord.recorded(self.sync.files) is None:
+                self.own_rows = False  # a copied database: read in place, always
+                return
+            self.own_rows = ownrows.Keeper(self.sync.files, self.sync.upper_store)
+        if self.own_rows:
+            self.own_rows.refresh(self.db_path)
 
     def _db(self):
         from .merged import MergedDb, open_db
@@ -144,6 +157,7 @@ class _Handler:
     def step(self, force: bool = False):
         """Follow the lower: returns (shown, hidden, duplicates) names, or None."""
         self.sync.ensure_index()
+        self._keep_own_rows_current()
         if not (self.sync.changed() or force):
             return None
         try:

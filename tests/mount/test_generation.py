@@ -4,11 +4,10 @@ Nix 2.8 uses it as any store, and a later mount rebases onto a newer generation.
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
-from harness import NixfsMount, run_nixfs
+from harness import NixfsMount, exited, kill_daemon, run_nixfs, wait_until
 from nixlower import Store, built_lower  # noqa: F401 (a fixture)
 from nixstore import nix, nix_build, nix_env
 
@@ -60,11 +59,6 @@ def own_build(store, name: str, deps=("libb",)) -> str:
 def lower_add(store, name: str) -> str:
     """A new path in the lower, built by the lower's own Nix."""
     return nix_build(store.lower_root, store.expr({name: ["liba"]}), name)[0]
-
-
-def prune(store, number: int) -> None:
-    """Remove generation *number* as ``publish --keep`` does (its files unlinked), at once."""
-    shutil.rmtree(store.lower / "var/nixfs/generations" / str(number))
 
 
 def lower_paths_valid(store) -> None:
@@ -276,19 +270,67 @@ def test_a_base_pruned_while_mounted_keeps_serving_and_rebases_after(store):
     assert recorded(store.upper) == 2
 
 
-def test_a_base_pruned_right_after_mounting_keeps_serving(store):
+def test_a_base_pruned_right_after_mounting_keeps_serving(store, tmp_path):
     """The mount's bases are held from before it is announced, not from their first use:
     a generation pruned before Nix or the sync touched the database leaves the mount
     serving it, and its unmount keeps the rows a build added for the next mount."""
     publish(store)
+    lower_add(store, "newer")
+    publish(store, "--full")  # generation 2, no base of it; completed once mounted:
+    manifest, aside = store.lower / "var/nixfs/generations/2/manifest.json", tmp_path / "m"
+    os.rename(manifest, aside)
     with store.mount():
-        prune(store, 1)  # before the sync's first round (0.5 s) and Nix's first open
+        assert json.loads(run_nixfs("status", "--json", store.mnt).stdout)[
+            "nix"]["generation"]["generation"] == 1
+        os.rename(aside, manifest)
+        publish(store, "--keep", "1")  # nothing new: only prunes generation 1
+        assert generations(store) == [2]
         mine = own_build(store, "mine")
         lower_paths_valid(store)
         assert store.valid(mine)
-    publish(store, "--full")
     with store.mount():
         assert store.valid(mine)
         lower_paths_valid(store)
-    assert recorded(store.upper) == generations(store)[-1]
+    assert recorded(store.upper) == 2
+
+
+def end_uncleanly(store, how: str) -> None:
+    """End the mount without ``nixfs umount``: its daemon killed, or ``fusermount -u``
+    (the daemon then ends by itself, the mount gone: nothing can be read through it)."""
+    if how == "kill -9":
+        kill_daemon(store.mnt)
+        subprocess.run(["fusermount3", "-u", "-z", str(store.mnt)], check=True)
+        return
+    pid = json.loads(run_nixfs("status", "--json", store.mnt).stdout)["pid"]
+    subprocess.run(["fusermount3", "-u", str(store.mnt)], check=True)
+    wait_until(lambda: exited(pid), "the daemon ended after fusermount -u", timeout=60)
+
+
+@pytest.mark.parametrize("end", ["kill -9", "fusermount -u"])
+def test_own_rows_are_kept_aside_as_nix_commits_them(store, end):
+    """The upper's own rows are copied aside in the sync round after Nix committed them,
+    not only at ``nixfs umount``: a mount that ends uncleanly after its base was pruned
+    leaves the next mount's rebase every own path."""
+    publish(store)
+    mount = store.mount().start()
+    try:
+        mine = own_build(store, "mine")
+        assert run_nixfs("sync", store.mnt).returncode == 0  # a round after the build
+        copy = store.upper / ".nixfs/own-rows.sqlite"
+        written = os.stat(copy).st_ino
+        assert run_nixfs("sync", store.mnt).returncode == 0
+        assert os.stat(copy).st_ino == written  # nothing new: not written again
+        lower_add(store, "newer")
+        publish(store, "--full", "--keep", "1")
+        assert generations(store) == [2]
+        end_uncleanly(store, end)
+    finally:
+        mount.force_unmount()
+    with store.mount() as again:
+        assert store.valid(mine)
+        assert set(store.q("-q", "--references", mine).stdout.split()) >= {store.paths["libb"]}
+        lower_paths_valid(store)
+        assert store.q("--verify", "--check-contents").returncode == 0
+    assert recorded(store.upper) == 2
+    assert "2 upper paths adopted" in again.log_text()
 
