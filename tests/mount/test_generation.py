@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from harness import NixfsMount, exited, kill_daemon, run_nixfs, wait_until
+from harness import NIXFS, NixfsMount, exited, kill_daemon, run_nixfs, wait_until
 from nixlower import Store, built_lower  # noqa: F401 (a fixture)
 from nixstore import nix, nix_build, nix_env
 
@@ -334,3 +334,27 @@ def test_own_rows_are_kept_aside_as_nix_commits_them(store, end):
     assert recorded(store.upper) == 2
     assert "2 upper paths adopted" in again.log_text()
 
+
+def test_nixfs_run_over_a_generation(store):
+    """``nixfs run`` of a lower with a generation mounts over it as ``nixfs mount`` does:
+    its status shows the generation, a lower path is valid, a small build works and
+    reuses the lower's paths."""
+    publish(store)
+    app, libb = store.paths["app"], store.paths["libb"]
+    nixfs = " ".join(NIXFS)
+    script = (f"set -e; {nixfs} status --json /nix; nix-store --check-validity {app}; "
+              f"nix-build {store.expr({'mine': ['libb']})} -A mine --no-out-link | tail -1")
+    proc = run_nixfs("run", "--lower", store.lower, "--upper", store.upper, "--",
+                     "sh", "-c", script, env={"NIX_CONFIG": nix_env()["NIX_CONFIG"]},
+                     timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    status, _, built = proc.stdout.rpartition("}\n")
+    assert json.loads(status + "}")["nix"]["generation"]["generation"] == 1
+    mine = built.strip()
+    assert mine.startswith("/nix/store/") and mine.endswith("-mine"), proc.stdout
+    building = [line for line in proc.stderr.splitlines() if line.startswith("building ")]
+    assert len(building) == 1 and "mine" in building[0], proc.stderr  # the lower's reused
+    assert recorded(store.upper) == 1
+    with store.mount():  # the run's build stays the upper's
+        assert store.valid(mine) and store.valid(app)
+        assert set(store.q("-q", "--references", mine).stdout.split()) >= {libb}
