@@ -320,6 +320,8 @@ def test_own_rows_are_kept_aside_as_nix_commits_them(store, end):
         written = os.stat(copy).st_ino
         assert run_nixfs("sync", store.mnt).returncode == 0
         assert os.stat(copy).st_ino == written  # nothing new: not written again
+        second = own_build(store, "second", deps=("liba",))  # added to the copy
+        assert run_nixfs("sync", store.mnt).returncode == 0
         lower_add(store, "newer")
         publish(store, "--full", "--keep", "1")
         assert generations(store) == [2]
@@ -327,12 +329,16 @@ def test_own_rows_are_kept_aside_as_nix_commits_them(store, end):
     finally:
         mount.force_unmount()
     with store.mount() as again:
-        assert store.valid(mine)
+        assert store.valid(mine) and store.valid(second)
         assert set(store.q("-q", "--references", mine).stdout.split()) >= {store.paths["libb"]}
+        assert set(store.q("-q", "--references", second).stdout.split()) >= {
+            store.paths["liba"]}
+        drv = store.q("-q", "--deriver", second).stdout.strip()
+        assert store.valid(drv) and store.q("-q", "--outputs", drv).stdout.split() == [second]
         lower_paths_valid(store)
         assert store.q("--verify", "--check-contents").returncode == 0
     assert recorded(store.upper) == 2
-    assert "2 upper paths adopted" in again.log_text()
+    assert "4 upper paths adopted" in again.log_text()
 
 
 def test_nixfs_run_over_a_generation(store):
