@@ -67,6 +67,12 @@ class SyncWorker:
         self._send = Connection(to_worker_w, readable=False)
         self._recv = Connection(from_worker_r, writable=False)
 
+    def start_early(self) -> None:
+        """Start the worker now, not at the first request: over a generation it opens
+        the lower index while the index's bases are there (``_Handler``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
     def _call(self, op: str, args: tuple):
         if self.proc is None or self.proc.poll() is not None:
             self.start()
@@ -115,11 +121,18 @@ class _Handler:
     closes it again, so the mount is never kept busy between requests."""
 
     def __init__(self, lower, upper, state_dir, mountpoint):
+        import apsw
         from .sync import StoreSync
-        # The index is opened by the first request that needs it: a worker started again
-        # after its generation was pruned cannot open it, but still copies the upper's
-        # own rows aside through the mount.
         self.sync = StoreSync(lower, upper, state_dir)
+        # At once (the daemon starts the worker as the mount goes live), so its bases are
+        # held from then on.  One started after its generation was pruned cannot open
+        # it: it still keeps the upper's own rows aside, and following the lower fails
+        # (said once) until the next mount rebases.
+        try:
+            self.sync.ensure_index()
+        except (OSError, apsw.Error) as e:
+            log.error("cannot open the lower index (%s): not following the lower store "
+                      "until the next mount", e)
         self.db_path = os.path.join(mountpoint, "var/nix/db/db.sqlite")
         self.gc_lock_path = os.path.join(mountpoint, "var/nix/gc.lock")
         self.gc_lock_fd = None
@@ -141,23 +154,10 @@ class _Handler:
         from .merged import MergedDb, open_db
         return MergedDb(open_db(self.db_path))
 
-    def hold_bases(self):
-        """Over a generation, before the mount is announced: the index opened (this
-        process holds its bases from now on) and the merged database read once through
-        the mount (the daemon holds its bases from its first use to the unmount), so a
-        generation pruned while mounted leaves both serving."""
-        from .merged import open_db
-        self.sync.ensure_index()
-        conn = open_db(self.db_path)
-        try:
-            conn.execute("pragma schema_version").fetchall()
-        finally:
-            conn.close()
-
     def step(self, force: bool = False):
         """Follow the lower: returns (shown, hidden, duplicates) names, or None."""
-        self.sync.ensure_index()
         self._keep_own_rows_current()
+        self.sync.ensure_index()
         if not (self.sync.changed() or force):
             return None
         try:
