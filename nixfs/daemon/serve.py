@@ -160,7 +160,9 @@ class _Run:
             try:
                 await daemon.service.start()
             except Exception as e:
-                self.report(f"cannot take Nix's GC lock through the mount: {e}", 1)
+                error = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+                self.report(f"cannot start the store database service through the mount "
+                            f"(its generation's bases, Nix's GC lock): {error}", 1)
                 raise
         log.info("mounted %s (lower %s, upper %s)", cfg.mountpoint, cfg.lower, cfg.upper)
         self.report("ok")

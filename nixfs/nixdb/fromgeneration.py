@@ -12,7 +12,7 @@ ids (``follow``), so a path the lower lost since is never valid.
 
 A later mount that finds a newer generation, or finds the upper's own pruned,
 rebases: the same build over the newest, adopting the upper's own rows from its
-database in place or the copy its last clean unmount wrote (``ownrows``).  All is
+database in place or their copy, kept current while mounted (``ownrows``).  All is
 built in the work folder; the index's rename is the commit point, as in a first
 build: a crash half-way leaves no index, and the next mount starts over.
 """
@@ -60,7 +60,7 @@ def newer(files: StoreFiles, setting: str, current: dict | None) -> Generation |
 def replacing(files: StoreFiles, setting: str, current: dict) -> Generation | None:
     """What a database over *current*, a generation that is gone (pruned), is built over
     again: the newest usable generation, or None (copied; its own rows then come from
-    the copy of the last clean unmount)."""
+    their copy, ``ownrows``)."""
     target = newest(files, setting)
     if target is not None:
         log.info("generation %d, which the merged database is built over, is gone: "

@@ -71,7 +71,13 @@ class StoreService:
         await self.step(force=True)
 
     async def start(self) -> None:
-        """Before the mount is announced: hold Nix's GC lock if a first build is unfinished."""
+        """Before the mount is announced: over a generation, its bases held from now on,
+        so a prune while mounted leaves the mount serving (the database's by the overlay;
+        the worker, started at once without waiting for it, opens the index's); Nix's
+        GC lock held if a first build is unfinished."""
+        if self.generation is not None:
+            await self.overlay.hold_cow_file(b"var", b"nix", b"db", b"db.sqlite")
+            await trio.to_thread.run_sync(self.worker.start_early)
         if self.finish_pending:
             await self.worker.call("hold_gc_lock")
 

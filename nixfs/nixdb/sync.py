@@ -32,11 +32,10 @@ log = logging.getLogger(__name__)
 class StoreSync:
     """The merged database of one mount and how it follows the lower.
 
-    The worker passes *open_index*: it runs once ``prepare`` made the index.
-    *generation* is the mount's ``-o generation=`` (auto or off)."""
+    The worker opens the index at its first need (``ensure_index``): it runs once
+    ``prepare`` made it.  *generation* is the mount's ``-o generation=`` (auto or off)."""
 
-    def __init__(self, lower: str, upper: str, state_dir: str, *, open_index: bool = False,
-                 generation: str = "auto"):
+    def __init__(self, lower: str, upper: str, state_dir: str, *, generation: str = "auto"):
         self.files = StoreFiles(lower, upper, state_dir)
         self.generation_setting = generation
         self.generation = None  # the generation the database is built over (its record)
@@ -45,7 +44,7 @@ class StoreSync:
                       "lower_polls": 0}
         self.follower = LowerFollower(self.files, self.upper_store, self.stats)
         self.hiding = Hiding(self.files.lower_db, self.upper_store)
-        self.index = self._index() if open_index else None
+        self.index = None
 
     # ------------------------------------------------------------------ before mounting
 
@@ -133,6 +132,12 @@ class StoreSync:
             self._show_pending(db)
         finally:
             db.close()
+
+    def ensure_index(self) -> LowerIndex:
+        """The index, opened if it is not (the worker opens it at its first need)."""
+        if self.index is None:
+            self.index = self._index()
+        return self.index
 
     def _index(self) -> LowerIndex:
         return LowerIndex(self.files.index_path, cow_root=self.files.lower)

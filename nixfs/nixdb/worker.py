@@ -67,6 +67,12 @@ class SyncWorker:
         self._send = Connection(to_worker_w, readable=False)
         self._recv = Connection(from_worker_r, writable=False)
 
+    def start_early(self) -> None:
+        """Start the worker now, not at the first request: over a generation it opens
+        the lower index while the index's bases are there (``_Handler``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+
     def _call(self, op: str, args: tuple):
         if self.proc is None or self.proc.poll() is not None:
             self.start()
@@ -115,11 +121,34 @@ class _Handler:
     closes it again, so the mount is never kept busy between requests."""
 
     def __init__(self, lower, upper, state_dir, mountpoint):
+        import apsw
         from .sync import StoreSync
-        self.sync = StoreSync(lower, upper, state_dir, open_index=True)
+        self.sync = StoreSync(lower, upper, state_dir)
+        # At once (the daemon starts the worker as the mount goes live), so its bases are
+        # held from then on.  One started after its generation was pruned cannot open
+        # it: it still keeps the upper's own rows aside, and following the lower fails
+        # (said once) until the next mount rebases.
+        try:
+            self.sync.ensure_index()
+        except (OSError, apsw.Error) as e:
+            log.error("cannot open the lower index (%s): not following the lower store "
+                      "until the next mount", e)
         self.db_path = os.path.join(mountpoint, "var/nix/db/db.sqlite")
         self.gc_lock_path = os.path.join(mountpoint, "var/nix/gc.lock")
         self.gc_lock_fd = None
+        self.own_rows = None  # over a generation, what keeps their copy current
+
+    def _keep_own_rows_current(self) -> None:
+        """Over a generation, the upper's own rows copied aside in the round after Nix
+        committed one (``ownrows.Keeper``), not only at a clean unmount."""
+        from . import genrecord, ownrows
+        if self.own_rows is None:
+            if genrecord.recorded(self.sync.files) is None:
+                self.own_rows = False  # a copied database: read in place, always
+                return
+            self.own_rows = ownrows.Keeper(self.sync.files, self.sync.upper_store)
+        if self.own_rows:
+            self.own_rows.refresh(self.db_path)
 
     def _db(self):
         from .merged import MergedDb, open_db
@@ -127,6 +156,8 @@ class _Handler:
 
     def step(self, force: bool = False):
         """Follow the lower: returns (shown, hidden, duplicates) names, or None."""
+        self._keep_own_rows_current()
+        self.sync.ensure_index()
         if not (self.sync.changed() or force):
             return None
         try:
@@ -154,6 +185,7 @@ class _Handler:
 
     def finish_step(self):
         """Some of the rest of a first build; True once it is all done (lock released)."""
+        self.sync.ensure_index()
         done = self.sync.finish(self._db, batches=1)
         if done and self.gc_lock_fd is not None:
             os.close(self.gc_lock_fd)
@@ -161,6 +193,7 @@ class _Handler:
         return done
 
     def hide(self, names):
+        self.sync.ensure_index()
         db = self._db()
         try:
             return self.sync.hide(db, set(names))
@@ -168,6 +201,7 @@ class _Handler:
             db.close()
 
     def restore(self, names):
+        self.sync.ensure_index()
         db = self._db()
         try:
             return self.sync.restore(db, list(names))

@@ -200,6 +200,15 @@ class Overlay:
     async def lookup(self, parent: Node, name: bytes) -> tuple[Node, Attr]:
         return await self._names.lookup(parent, name)
 
+    async def hold_cow_file(self, *names: bytes) -> bool:
+        """Open the COW file at *names* (below the root) now, as its first use would: it
+        keeps its bases open until the unmount, so a base removed meanwhile (a pruned
+        generation) leaves it serving.  False where that file is no COW file."""
+        node = self.root
+        for name in names:
+            node, _ = await self._names.live_child(node, name)  # (no reference the kernel holds)
+        return await self._cows.of(node) is not None
+
     async def getattr(self, node: Node) -> Attr:
         return await self._names.getattr(node)
 

@@ -47,7 +47,7 @@ FORMAT_FILE = b"format"
 LOG_FILE = b"nixfs.log"
 # In the state folder of an upper whose database is copy-on-write over a published
 # generation of the lower (nixdb/fromgeneration.py): which one (its number and manifest
-# hash), and the upper's own database rows as of its last clean unmount, kept for when
+# hash), and a copy of the upper's own database rows (nixdb/ownrows.py), kept for when
 # that generation is pruned before the next mount rebases onto a newer one.
 GENERATION_FILE = b"generation"
 OWN_ROWS_FILE = b"own-rows.sqlite"

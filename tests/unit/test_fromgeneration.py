@@ -227,7 +227,7 @@ def test_a_pruned_base_takes_the_rows_of_the_last_unmount(lower, upper, caplog):
     assert recorded(upper) == 2
     assert mine in valid(lower, upper)
     assert references(lower, upper, mine) == {lower_paths(lower)[0]}
-    assert "copy of the last clean unmount" in caplog.text
+    assert "from their copy (own-rows.sqlite)" in caplog.text
 
 
 def test_a_pruned_base_with_no_generation_left_is_copied(lower, upper, caplog):
