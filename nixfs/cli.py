@@ -1,6 +1,8 @@
 """The `nixfs` command: argument parsing and dispatch, nothing else."""
 
 import argparse
+import os
+import signal
 import sys
 
 from . import __version__
@@ -360,6 +362,16 @@ def _publish(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`nixfs status | head -1`): quietly, as a shell tool does.
+        # stdout is pointed at /dev/null so that Python's own flush at exit stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         if not _is_helper_call(argv):

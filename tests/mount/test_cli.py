@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 from conftest import make_lower, needs_root, run
-from harness import NixfsMount, force_unmount, run_nixfs
+from harness import NIXFS, REPO, NixfsMount, force_unmount, run_nixfs
 
 
 def expect_usage_error(proc, *words):
@@ -80,6 +80,20 @@ def test_unknown_commands_are_not_taken_for_the_mount_helper(dirs):
     # The helper form mount.fuse3 uses still reaches the mount (and its checks).
     proc = run_nixfs("nixfs", dirs / "mnt", "-o", f"rw,lowerdir={dirs / 'nope'},upperdir={dirs / 'upper'}")
     expect_usage_error(proc, "lower", "does not exist")
+
+
+def test_a_reader_that_goes_away_gets_no_traceback():
+    """`nixfs ... | head -1`: the command ends quietly, as a shell tool does, when its
+    reader closes the pipe (help is printed to a pipe whose reading end is closed)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(NIXFS + ["--help"], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc
+    assert proc.stderr == "", proc.stderr
 
 
 @needs_root
