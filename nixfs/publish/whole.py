@@ -10,27 +10,28 @@ the store, this thread).
 
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import apsw
 
 from . import dbfile, indexfile, manifest
 from . import catalog as catalog_file
+from .clock import Clock
 from .generations import CATALOG, DB, INDEX, Generations
 
 log = logging.getLogger(__name__)
 
 
-def write(gens: Generations, number: int, lower_db: str, schema: int) -> dict:
+def write(gens: Generations, number: int, lower_db: str, schema: int,
+          clock: Clock | None = None) -> dict:
     """Write generation *number* whole; the manifest's content (not yet sealed)."""
-    t0 = time.monotonic()
+    clock = clock or Clock()
     db, index, catalog = (gens.file(number, n) for n in (DB, INDEX, CATALOG))
     dbfile.copy_lower(lower_db, db)
     facts = lower_db_facts(db, schema)
-    t_copy = time.monotonic()
+    clock.lap("copy")
     indexfile.write(index, db, max_id=facts["max_id"], count=facts["count"], schema=schema)
-    t_index = time.monotonic()
+    clock.lap("index")
     with ThreadPoolExecutor(max_workers=3) as pool:
         db_done = pool.submit(_finish_db, db)
         cat_stats = catalog_file.write(gens.store, index, catalog)
@@ -38,13 +39,15 @@ def write(gens: Generations, number: int, lower_db: str, schema: int) -> dict:
         hashes = {CATALOG: pool.submit(manifest.file_sha256, catalog)}
         dbfile.settle(index)
         hashes[INDEX] = pool.submit(manifest.file_sha256, index)
+        clock.lap("catalog")
         refs = db_done.result()
+        clock.lap("root")
         hashes[DB] = pool.submit(manifest.file_sha256, db)
         files = {name: _entry(gens.file(number, name), hashes[name].result())
                  for name in (DB, INDEX, CATALOG)}
-    log.debug("generation %d written whole in %.1f s (copy %.1f s, index %.1f s, %d root "
-             "references, catalog of %d paths)", number, time.monotonic() - t0,
-             t_copy - t0, t_index - t_copy, refs, cat_stats["paths"])
+    clock.lap("hashes")
+    log.debug("generation %d written whole (%d root references, catalog of %d paths): %s",
+              number, refs, cat_stats["paths"], clock.phases)
     return {"lower_db": facts, "files": files, "depth": 0, "catalog": cat_stats}
 
 
