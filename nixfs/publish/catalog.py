@@ -2,8 +2,8 @@
 
 The same listings a mount keeps in ``UPPER/.nixfs/listings.sqlite`` (one per
 directory, ``.`` the directory itself, symlink targets; a non-directory store
-path a listing of just ``.``), read by the same code (``Layer.read_listing``,
-all of a path's directories in one go), encoded by the same code
+path a listing of just ``.``), read as the mount's code reads them (``catalogread``: the same records in fewer
+calls, all of a path's directories in one go), encoded by the same code
 (``ListingStore``) under the same keys (``storepolicy.listing_key``), with the
 xattrs a mount keeps beside them: each directory's entries' (``put_xattrs``) and
 each store path's own (its key plus ``\\0self``, as ``Listings.lower_xattrs``).
@@ -11,18 +11,23 @@ A client's walk of a path in the generation then asks the lower nothing.
 
 A whole catalog is written by several processes at once (one a CPU), each a range
 of names into a file of its own, appended in name order to the first one after (a walk of
-a million paths is a million directory reads, mostly the interpreter's time).
+a million paths is a million directory reads, mostly the interpreter's time), each with
+reader threads a window ahead of its writer (a store not in the page cache is a disk
+read a directory, which only overlap when several are asked at once).
 The walk reads the store through descriptors, never following a symlink; a path
 that vanished meanwhile (a GC on the store) is left out and counted: the client
 learns it from the lower, as today.
 """
 
+import collections
+import itertools
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import apsw
 
@@ -30,10 +35,12 @@ from .. import libc
 from ..nixdb.storepolicy import listing_key
 from ..overlay.dircache import ListingStore
 from ..overlay.layers import Layer
+from . import catalogread
 
 log = logging.getLogger(__name__)
 
-ALL = 1 << 62  # read_listing's budget: every directory of a path
+READERS = 8   # reader threads of a catalog process (disk reads in flight)
+BATCH = 64    # paths a reader reads in one go
 
 
 class Catalog:
@@ -53,37 +60,36 @@ class Catalog:
         os.close(self.store_fd)
         self.layer.close()
 
-    def add(self, name: bytes, lower_id: int) -> bool:
-        """Every listing and xattr map of the store path *name*; False if it is gone."""
+    def read(self, name: bytes):
+        """The records of the store path *name* (``catalogread.read_path``), or None if
+        it is gone or unreadable (logged and counted: the client learns it from the lower).
+        Safe to call from several threads at once."""
         try:
-            found, _ = self.layer.read_listing(self.store_fd, name, False, ALL)
-            own = self.layer.read_xattrs(self.store_fd, name)
-            xmaps = {rel: self._entry_xattrs(name, rel, listing)
-                     for rel, listing in found.items()}
+            return catalogread.read_path(self.layer, self.store_fd, name)
         except OSError as e:
-            self.skipped += 1
             log.warning("store path %s left out of the catalog: %s", os.fsdecode(name), e)
-            return False
+            return None
+
+    def put(self, name: bytes, lower_id: int, records) -> None:
+        """Store what ``read`` returned for *name* under its keys at *lower_id*."""
+        if records is None:
+            self.skipped += 1
+            return
+        found, own, xmaps = records
         for rel, listing in found.items():
             key = listing_key(name, lower_id, rel)
             self.listings.put(key, listing)
-            if len(listing.entries) > 1:  # an empty one's entries' xattrs are never asked
+            if rel in xmaps:  # an empty listing's entries' xattrs are never asked
                 self.listings.put_xattrs(key, xmaps[rel])
         self.listings.put_xattrs(listing_key(name, lower_id, b"") + b"\0self", {b".": own})
         self.paths += 1
         self.directories += len(found)
-        return True
 
-    def _entry_xattrs(self, name: bytes, rel: bytes, listing) -> dict:
-        """The xattrs of a directory's entries, as ``read_dir_xattrs`` reads them."""
-        names = [n for n in listing.entries if n != b"."]
-        if not names:  # an empty directory, or a store path that is no directory
-            return {}
-        fd = self.layer.open_dir_path(b"store/" + name + (b"/" + rel if rel else b""))
-        try:
-            return self.layer.read_dir_xattrs(fd, names)
-        finally:
-            os.close(fd)
+    def add(self, name: bytes, lower_id: int) -> bool:
+        """Every listing and xattr map of the store path *name*; False if it is gone."""
+        records = self.read(name)
+        self.put(name, lower_id, records)
+        return records is not None
 
     def remove(self, name: bytes, lower_id: int) -> None:
         """Drop every record of the store path *name* at *lower_id* (it left the lower)."""
@@ -153,18 +159,41 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def _write_range(store: str, index_path: str, part: str, lo, hi) -> dict:
-    """One process's share: the paths with names in [lo, hi)."""
+    """One process's share: the paths with names in [lo, hi).  Reader threads read
+    batches of paths ahead of the one thread that stores them: a store that is not in
+    the page cache costs a disk read a directory, and several in flight overlap."""
     conn = apsw.Connection(index_path, flags=apsw.SQLITE_OPEN_READONLY)
     catalog = Catalog(store, part)
     try:
-        for name, lower_id in conn.execute(
-                "select name, lower_id from paths where state = 0 and name >= coalesce(?, x'') "
-                "and (? is null or name < ?) order by name", (lo, hi, hi)):
-            catalog.add(name, lower_id)
+        rows = conn.execute(
+            "select name, lower_id from paths where state = 0 and name >= coalesce(?, x'') "
+            "and (? is null or name < ?) order by name", (lo, hi, hi))
+        with ThreadPoolExecutor(READERS) as pool:
+            for batch, records in _read_ahead(pool, catalog, rows):
+                for (name, lower_id), found in zip(batch, records):
+                    catalog.put(name, lower_id, found)
     finally:
         catalog.close()
         conn.close()
     return catalog.stats()
+
+
+def _read_ahead(pool: ThreadPoolExecutor, catalog: Catalog, rows):
+    """``(batch, its records)`` in the order of *rows*, read by *pool* a window ahead."""
+    pending = collections.deque()
+
+    def read(batch):
+        return [catalog.read(name) for name, _ in batch]
+
+    while True:
+        batch = list(itertools.islice(rows, BATCH))
+        if batch:
+            pending.append((batch, pool.submit(read, batch)))
+        if pending and (not batch or len(pending) >= 2 * READERS):
+            done, future = pending.popleft()
+            yield done, future.result()
+        if not batch and not pending:
+            return
 
 
 def _append(dest: str, parts: list[str]) -> None:

@@ -49,7 +49,8 @@ def _once(store: str, args, *, force: bool) -> None:
     if args.json:
         print(json.dumps({"generation": done.number, "new": done.new, "seconds":
                           round(done.seconds, 3), "paths": m["lower_db"]["count"],
-                          "depth": m["depth"], "bytes": size, "sha256": m["sha256"]}))
+                          "depth": m["depth"], "bytes": size, "sha256": m["sha256"],
+                          "phases": done.phases}))
     elif done.new:
         print(f"nixfs: published generation {done.number} ({m['lower_db']['count']} paths, "
               f"{size / 2**20:.1f} MiB on disk, depth {m['depth']}) in {done.seconds:.1f} s",

@@ -29,6 +29,7 @@ from ..nixdb.rows import basename
 from ..nixdb.schema import read_shape
 from . import dbfile, indexfile, manifest
 from .catalog import Catalog
+from .clock import Clock
 from .generations import CATALOG, DB, FILES, INDEX, Generations
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,21 @@ class Unchanged(Exception):
 
 
 def write(gens: Generations, number: int, base: int, base_manifest: dict, *,
-          force: bool = False) -> dict:
+          force: bool = False, clock: Clock | None = None) -> dict:
     """Write generation *number* over *base*; the manifest's content (not yet sealed).
     NotIncremental if it must be whole, Unchanged (unless *force*) if there is nothing
     to write (the directory is then left to the caller)."""
     if base_manifest["depth"] + 1 > MAX_DEPTH:
         raise NotIncremental(f"the chain over generation {base} would be deeper than "
                              f"{MAX_DEPTH}")
-    store = gens.store
+    store, clock = gens.store, clock or Clock()
     for name in FILES:
         _create(gens, number, base, name, base_manifest["files"][name]["sha256"])
+    clock.lap("create")
     index = LowerIndex(gens.file(number, INDEX), cow_root=store)
     try:
         changes = LowerFollower(StoreFiles(store, "", ""), None, {}).read_changes(index)
+        clock.lap("changes")
         facts = base_manifest["lower_db"]
         if not (force or changes or (changes.max_id, changes.count) != (facts["max_id"],
                                                                        facts["count"])):
@@ -69,14 +72,18 @@ def write(gens: Generations, number: int, base: int, base_manifest: dict, *,
             facts = _facts(db, base_manifest["lower_db"], changes)
         finally:
             db.close()
+        clock.lap("db")
         _update_index(index, changes, base_manifest["lower_db"]["schema"])
     finally:
         index.close()
+    clock.lap("index")
     catalog_stats = _update_catalog(store, gens.file(number, CATALOG), changes)
+    clock.lap("catalog")
     files = {}
     for name in FILES:
         dbfile.settle(gens.file(number, name), cow_root=store)
         files[name] = _entry(gens, number, base, name)
+    clock.lap("settle")
     log.debug("generation %d over %d: %d rows added, %d deleted", number, base,
               len(changes.rows), len(changes.deleted))
     return {"lower_db": facts, "files": files, "depth": base_manifest["depth"] + 1,

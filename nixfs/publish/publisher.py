@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 from ..nixdb.files import is_nix_store
@@ -23,6 +23,7 @@ from ..nixdb.snapshot import read_consistent
 from ..usage import UsageError
 from ..cow.cowmap import CowError
 from . import incremental, manifest, whole
+from .clock import Clock
 from .generations import Generations
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Published:
     new: bool            # False: the lower had not changed, nothing was written
     manifest: dict
     seconds: float
+    phases: dict = field(default_factory=dict)  # phase -> [wall s, CPU s] (clock.Clock)
 
 
 def check_store(store: str) -> str:
@@ -53,7 +55,7 @@ def check_store(store: str) -> str:
 def publish(store: str, *, force: bool = False, full: bool = False) -> Published:
     """Publish a new generation of *store* if its lower changed (or *force*); *full*:
     written whole, never over the newest."""
-    t0 = time.monotonic()
+    t0, clock = time.monotonic(), Clock()
     store = check_store(store)
     gens = Generations(store)
     lower_db = os.path.join(store, "var/nix/db/db.sqlite")
@@ -67,13 +69,14 @@ def publish(store: str, *, force: bool = False, full: bool = False) -> Published
         number = gens.make_next()
         try:
             try:
-                body = None if full or newest is None else _over(gens, number, newest, force)
+                body = None if full or newest is None else _over(gens, number, newest, force,
+                                                                    clock)
             except incremental.Unchanged:
                 shutil.rmtree(gens.dir(number))
                 latest = manifest.load(gens.manifest(newest))
                 return Published(newest, False, latest, time.monotonic() - t0)
             if body is None:
-                body = whole.write(gens, number, lower_db, schema)
+                body = whole.write(gens, number, lower_db, schema, clock)
             seal_files(gens, number)
             sealed = manifest.write(gens.dir(number), {
                 "format": manifest.FORMAT, "generation": number, "created": time.time(),
@@ -81,8 +84,9 @@ def publish(store: str, *, force: bool = False, full: bool = False) -> Published
         except BaseException:
             shutil.rmtree(gens.dir(number), ignore_errors=True)
             raise
+        clock.lap("seal")
         remove_incomplete(gens, below=number)
-    return Published(number, True, sealed, time.monotonic() - t0)
+    return Published(number, True, sealed, time.monotonic() - t0, clock.phases)
 
 
 def seal_files(gens: Generations, number: int) -> None:
@@ -92,12 +96,13 @@ def seal_files(gens: Generations, number: int) -> None:
         os.chmod(os.path.join(gens.dir(number), name), 0o444)
 
 
-def _over(gens: Generations, number: int, base: int, force: bool) -> dict | None:
+def _over(gens: Generations, number: int, base: int, force: bool,
+          clock: Clock) -> dict | None:
     """Generation *number* as COW files over *base*, or None (its directory emptied)
     where it is to be written whole; Unchanged if the lower is as it was."""
     try:
         return incremental.write(gens, number, base, manifest.load(gens.manifest(base)),
-                                 force=force)
+                                 force=force, clock=clock)
     except (incremental.NotIncremental, manifest.ManifestError, CowError) as e:
         log.info("writing generation %d whole: %s", number, e)
     for name in os.listdir(gens.dir(number)):

@@ -448,3 +448,18 @@ def test_an_ordinary_user_publishes_with_write_access_to_var_nixfs_alone():
         assert os.stat(Generations(str(root)).manifest(1)).st_uid == 65534
     finally:
         subprocess.run(["rm", "-rf", str(top)])
+
+
+def test_publish_json_says_where_the_time_went(store, capsys):
+    assert main(["publish", "--json", str(store)]) == 0
+    whole = json.loads(capsys.readouterr().out)["phases"]
+    assert list(whole) == ["copy", "index", "catalog", "root", "hashes", "seal"]
+    assert all(wall >= 0 and cpu >= 0 for wall, cpu in whole.values())
+    conn = apsw.Connection(str(store / "var/nix/db/db.sqlite"))
+    conn.execute("delete from ValidPaths where id = (select max(id) from ValidPaths)")
+    conn.close()
+    assert main(["publish", "--json", str(store)]) == 0
+    over = json.loads(capsys.readouterr().out)
+    assert over["depth"] == 1
+    assert list(over["phases"]) == ["create", "changes", "db", "index", "catalog", "settle",
+                                    "seal"]
