@@ -365,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:
-        # The reader went away (`nixfs status | head -1`): quietly, as a shell tool does.
-        # stdout is pointed at /dev/null so that Python's own flush at exit stays quiet too.
+        # The reader went away (`nixfs status | head -1`): end quietly, as shell tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
 
