@@ -30,10 +30,12 @@ class SlowFs:
     """``scripts/slowfs SOURCE MNT`` as a context manager; ``mode()`` switches it to
     ``stall`` (every request waits: an outage), ``eio`` or back to ``normal``."""
 
-    def __init__(self, source, mnt, latency_ms: float = 0.0):
+    def __init__(self, source, mnt, latency_ms: float = 0.0, trace=None):
+        """*trace*: a file slowfs writes each call's type and path to (``calls()``)."""
         self.source, self.mnt = Path(source), Path(mnt)
         self.control = self.mnt.parent / f"{self.mnt.name}.control"
         self.latency_ms = latency_ms
+        self.trace = Path(trace) if trace else None
         self.proc = None
 
     def __enter__(self):
@@ -41,7 +43,8 @@ class SlowFs:
         self.control.write_text("normal\n")
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "scripts/slowfs"), str(self.source), str(self.mnt),
-             "--latency", str(self.latency_ms), "--control", str(self.control)],
+             "--latency", str(self.latency_ms), "--control", str(self.control)]
+            + (["--trace", str(self.trace)] if self.trace else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not os.path.ismount(self.mnt):
@@ -50,6 +53,10 @@ class SlowFs:
                 raise RuntimeError("slowfs did not mount")
             time.sleep(0.05)
         return self
+
+    def calls(self) -> list[tuple[str, str]]:
+        """(type, path below the source) of every call since it started (needs *trace*)."""
+        return [tuple(line.split("\t", 1)) for line in self.trace.read_text().splitlines()]
 
     def mode(self, mode: str) -> None:
         """Switch mode; slowfs reads its control file every 50 ms."""

@@ -15,7 +15,10 @@ from .cowfile import CowFile
 from .cowmap import CowError
 
 _RDONLY = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Directories on the way to a base are only walked through (*at calls), never read: an
+# O_PATH descriptor, which a FUSE or NFS lower answers with a lookup alone (a readable one
+# costs an open and a release of the directory too, for every base opened).
+_DIRECTORY = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ReadOnlyFile:
@@ -93,7 +96,7 @@ def base_opener(root, max_depth: int = 16):
 def _open_parent(root, dirs: list[str], rel_path: str) -> int:
     """A descriptor on the directory holding *rel_path* (the caller closes it)."""
     fd = os.dup(root) if isinstance(root, int) else \
-        os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in dirs:
             inner = os.open(part, _DIRECTORY, dir_fd=fd)

@@ -188,11 +188,13 @@ def uri(path, base_root, immutable: bool = False) -> str:
 
 
 def connect(path, *, base_root=None, flags: int = _OPEN_FLAGS, immutable: bool = False,
-            **kw) -> apsw.Connection:
+            wrap_base=None, **kw) -> apsw.Connection:
     """An apsw connection to *path*: through ``nixfs-cow`` if it is a COW file (its bases
     below *base_root*), else a plain one.  *immutable*: the file never changes (a published
-    generation's): no locks, no -shm, also on a read-only share.  A damaged COW file
-    raises CowError here, with a message naming what is wrong."""
+    generation's): no locks, no -shm, also on a read-only share.  *wrap_base*: applied to
+    a COW file's opened base, what the file reads its base through while this process has
+    it open (a readcache.ReadCache: for a base on a slow lower that is read all over).  A
+    damaged COW file raises CowError here, with a message naming what is wrong."""
     path = os.fsdecode(path)
     if not is_cow(path):
         if immutable:
@@ -203,6 +205,11 @@ def connect(path, *, base_root=None, flags: int = _OPEN_FLAGS, immutable: bool =
         raise CowError(f"{path}: a COW database needs the root of its bases")
     register()
     opener = base_opener(base_root)
+    if wrap_base is not None:
+        # The COW file opened here is the one the connection shares (shared.py): its base
+        # is the wrapped one for as long as the process has the file open.
+        plain = opener
+        opener = lambda rel: wrap_base(plain(rel))  # noqa: E731
     readonly = bool(flags & apsw.SQLITE_OPEN_READONLY)
     holding = shared.acquire(path, opener, readonly=readonly)  # errors surface here, plainly
     try:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import cachetools
 
 from ..cow import vfs as cow_vfs
+from ..cow.readcache import ReadCache
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,17 @@ class ListingStore:
     """The persistent half: ``listings(key, data)`` in a SQLite file."""
 
     FILE = "listings.sqlite"
+    # Of a published catalog (the base of a copy-on-write file at *path*, on the lower),
+    # this much is kept in memory, read in large chunks: most listings are larger than
+    # what SQLite keeps of a record in its page, so each would cost reads of its own past
+    # SQLite's page cache, each a round trip to an NFS lower or a seek on a cold disk.
+    BASE_CACHE = 16 * 1024 * 1024
 
     def __init__(self, path: str, *, cow_root: str | None = None):
         """*cow_root*: where the base of a copy-on-write file at *path* is."""
         self.path = path
-        self.conn = cow_vfs.connect(path, base_root=cow_root)
+        self.base: ReadCache | None = None  # the catalog's content as read (a COW file's base)
+        self.conn = cow_vfs.connect(path, base_root=cow_root, wrap_base=self._cached)
         self.conn.setbusytimeout(10_000)
         self.conn.execute("pragma journal_mode=wal").fetchall()
         self.conn.execute("pragma synchronous=off").fetchall()  # a lost write is a refetch
@@ -160,6 +167,14 @@ class ListingStore:
         # Keys just found missing: a cold walk asks for each one twice or more (a
         # read-ahead checks before it fetches, a listing of the store for every path).
         self._absent: cachetools.LRUCache = cachetools.LRUCache(8192)
+
+    def _cached(self, base) -> ReadCache:
+        self.base = ReadCache(base, limit=self.BASE_CACHE)
+        return self.base
+
+    def base_reads(self) -> int:
+        """Chunks read from the catalog below (reads of the lower, when it is a generation's)."""
+        return self.base.base_reads if self.base is not None else 0
 
     def get(self, key: bytes) -> Listing | None:
         return self._get(key, decode)
@@ -263,6 +278,8 @@ class DirCache:
         return {"hits": self.hits, "misses": self.misses, "loaded_from_disk": self.loads,
                 "listings": len(self),
                 "bytes_on_disk": self.store.size_bytes() if self.store else 0,
+                # Chunks of a published generation's catalog read (from the lower).
+                "catalog_reads": self.store.base_reads() if self.store else 0,
                 # Answered without a lower call (memory or the on-disk copy), of every
                 # cacheable listing asked.
                 "hit_ratio": round((self.hits + self.loads) / asked, 3) if asked else None}

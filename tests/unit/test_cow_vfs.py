@@ -345,3 +345,71 @@ def test_a_forked_child_starts_with_no_shared_files(base_db):
     assert shared.open_count() == 1
     conn.close()
     assert shared.open_count() == 0
+
+
+def _catalog_like(root, rows: int = 600):
+    """gen/cat.db: a table as a catalog's (without rowid, records of 2-3 KiB: past what
+    SQLite keeps of a record in its page), and a fresh COW file over it."""
+    conn = apsw.Connection(str(root / "gen/cat.db"))
+    conn.execute("create table listings (key blob primary key, data blob not null) without rowid")
+    rng = random.Random(5)
+    with conn:
+        conn.executemany("insert into listings values (?, ?)",
+                         ((b"%06d" % i, rng.randbytes(rng.randrange(2000, 3000))) for i in range(rows)))
+    conn.close()
+    return _cow(root, "up/cat.db", "gen/cat.db")
+
+
+def _base_preads(monkeypatch, root) -> list:
+    """Every pread on gen/cat.db's descriptors from now on (the base: what reaches the lower)."""
+    reads, real = [], os.pread
+
+    def pread(fd, n, offset):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("gen/cat.db"):
+            reads.append(n)
+        return real(fd, n, offset)
+    monkeypatch.setattr(os, "pread", pread)
+    return reads
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_base_cache_reads_the_base_in_chunks(base_db, monkeypatch, cached):
+    """Records larger than a page are read past SQLite's page cache, one pread (a lower
+    round trip) each; with a base cache the base is read in chunks, once."""
+    path = _catalog_like(base_db)
+    expected = apsw.Connection(str(base_db / "gen/cat.db")).execute(
+        "select key, data from listings order by key").fetchall()
+    reads = _base_preads(monkeypatch, base_db)
+    from nixfs.cow.readcache import ReadCache
+    wrap = (lambda base: ReadCache(base, limit=4 << 20)) if cached else None
+    conn = vfs.connect(path, base_root=base_db, wrap_base=wrap)
+    got = [conn.execute("select key, data from listings where key = ?", (key,)).fetchone()
+           for key, _ in expected]
+    conn.close()
+    assert got == expected
+    chunks = -(-(base_db / "gen/cat.db").stat().st_size // (128 * 1024))
+    if cached:
+        assert len(reads) <= chunks  # each chunk once
+    else:
+        assert len(reads) > len(expected)  # what the cache is for
+
+
+def test_a_read_cache_reads_what_its_base_holds(tmp_path):
+    from nixfs.cow.bases import ReadOnlyFile
+    from nixfs.cow.readcache import ReadCache
+    data = random.Random(7).randbytes(300_000)
+    (tmp_path / "f").write_bytes(data)
+
+    class Short(ReadOnlyFile):  # a base that answers at most 1000 bytes a read, as NFS may
+        def pread(self, n, offset):
+            return super().pread(min(n, 1000), offset)
+
+    for base in (ReadOnlyFile.open(tmp_path / "f"), Short(os.open(tmp_path / "f", os.O_RDONLY))):
+        cache = ReadCache(base, chunk=4096, limit=3 * 4096)
+        rng = random.Random(8)
+        for _ in range(500):
+            offset, n = rng.randrange(0, 310_000), rng.randrange(1, 20_000)
+            assert cache.pread(n, offset) == data[offset:offset + n]
+        assert cache.size() == len(data)
+        assert len(cache._chunks) <= 3
+        cache.close()
