@@ -26,8 +26,8 @@ def write(gens: Generations, number: int, lower_db: str, schema: int) -> dict:
     """Write generation *number* whole; the manifest's content (not yet sealed)."""
     t0 = time.monotonic()
     db, index, catalog = (gens.file(number, n) for n in (DB, INDEX, CATALOG))
-    dbfile.copy_lower(lower_db, db)
-    facts = lower_db_facts(db, schema)
+    state = dbfile.copy_lower(lower_db, db)
+    facts = dict(lower_db_facts(db, schema), state=state)
     t_copy = time.monotonic()
     indexfile.write(index, db, max_id=facts["max_id"], count=facts["count"], schema=schema)
     t_index = time.monotonic()
