@@ -17,6 +17,7 @@ from nixfs.nixdb.sync import StoreSync
 from nixfs.overlay.state import UpperState
 from nixfs.publish import manifest as manifest_file
 from nixfs.publish.publisher import publish
+from nixfs.publish.verify import find_usable
 
 COUNT = 200
 COUNTING = "count(*) from validpaths"
@@ -231,3 +232,17 @@ def test_a_lower_changed_a_moment_before_the_publish_gets_no_name(lower, tmp_pat
     publish(str(lower))
     m = json.loads((lower / "var/nixfs/generations/1/manifest.json").read_text())
     assert m["lower_db"]["state"] is None
+
+
+def test_the_check_of_an_unchanged_lower_looks_nothing_up(lower, writer, statements, not_racy):
+    """find_usable's id sample is the generation's own rows when the live lower is in
+    the state it was read in; once the lower changed, the sample is looked up again."""
+    publish(str(lower))
+    looked_up = "select path from validpaths where id = ?"
+    statements.clear()
+    assert find_usable(str(lower)).number == 1
+    assert not [s for s in statements if s == looked_up]
+    delete(writer, unreferenced_path(writer))
+    statements.clear()
+    assert find_usable(str(lower)).number == 1
+    assert [s for s in statements if s == looked_up]
