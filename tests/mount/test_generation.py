@@ -263,3 +263,22 @@ def test_a_base_pruned_while_mounted_keeps_serving_and_rebases_after(store):
         assert store.valid(mine)
         lower_paths_valid(store)
     assert recorded(store.upper) == 2
+
+
+def test_nix_finds_its_reserved_space_made(store):
+    """Nix's first command makes var/nix/db/reserved (8 MiB) unless it is there; through
+    FUSE its posix_fallocate is 2,048 one-byte writes.  The daemon makes it in the upper
+    before mounting, allocated; Nix then leaves it as it is (no write: its mtime stays)."""
+    publish(store)
+    reserved = store.upper / "var/nix/db/reserved"
+    with store.mount():
+        st = os.stat(reserved)
+        assert st.st_size == 8 * 1024 * 1024 and st.st_blocks * 512 >= st.st_size
+        assert os.stat(store.mnt / "var/nix/db/reserved").st_size == st.st_size
+        assert store.valid(store.paths["app"])
+        after = os.stat(reserved)
+        assert (after.st_ino, after.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    reserved.write_bytes(b"mine")  # what is there is left alone
+    with store.mount():
+        assert store.valid(store.paths["app"])
+    assert os.stat(reserved).st_size == 8 * 1024 * 1024  # Nix made its own again
