@@ -70,6 +70,8 @@ def test_a_fresh_upper_starts_from_the_generation(store, tmp_path):
     publish(store)
     assert generations(store) == [1]
     with store.mount() as m:
+        # Printed (to a pipe) before nixfs mount's exit, which skips Python's shutdown.
+        assert f"Nix uses it with --store 'local?root={store.root}'" in m.output
         app, libb, liba = store.paths["app"], store.paths["libb"], store.paths["liba"]
         assert set(store.q("-q", "--references", app).stdout.split()) == {liba, libb}
         assert store.q("-q", "--hash", app).stdout == nix(store.lower_root, "nix-store", "-q",
