@@ -223,7 +223,7 @@ def _helper_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _mount(args) -> int:
-    from .daemon.start import mount
+    from .daemon.start import exit_now, mount
     values: dict[str, str] = {}
     options = set()
     for text in args.options:
@@ -237,7 +237,10 @@ def _mount(args) -> int:
         values, lower=lower, upper=upper, mountpoint=args.mountpoint, options=options,
         foreground=args.foreground, debug=args.debug, log_file=args.log_file,
         nix=args.nix and values.get("nix") != "off")
-    return mount(cfg)
+    code = mount(cfg)
+    if not cfg.foreground:
+        exit_now(code)  # the daemon serves: nothing is left to do here
+    return code
 
 
 def _run(args) -> int:

@@ -71,6 +71,7 @@ class NixfsMount:
         if proc.returncode != 0:
             raise RuntimeError(f"nixfs mount failed ({proc.returncode}): {proc.stderr}")
         assert os.path.ismount(self.mnt), "nixfs mount returned before the mount was live"
+        self.output = proc.stdout  # what nixfs mount printed
         return self
 
     def stop(self) -> None:

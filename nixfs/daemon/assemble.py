@@ -21,7 +21,7 @@ from ..fuse import features
 from ..fuse.notifier import KernelNotifier
 from ..fuse.ops import FuseOps, ListingSnapshots
 from ..fuse.stale_attrs import StaleAttributes
-from ..nixdb import cowfiles
+from ..nixdb import cowfiles, reserved
 from ..nixdb.schema import SchemaError
 from ..nixdb.snapshot import SnapshotError
 from ..nixdb.storepolicy import NixStorePolicy
@@ -202,4 +202,5 @@ def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file) -> _Store:
         log.exception("preparing the merged store database failed")
         raise StartFailed(lower.shown(f"cannot prepare the merged store database: {e}"),
                           1) from None
+    reserved.make(sync.files.merged_dir)  # else Nix's first command writes it through FUSE
     return _Store(cfg, lower, sync, state_dir, log_file)

@@ -94,6 +94,16 @@ def _wait_for_daemon(r: int, pid: int, announce) -> int:
     return int(code)
 
 
+def exit_now(code: int) -> None:
+    """End the ``nixfs mount`` that started a daemon, now that it answered: the daemon is
+    a forked copy, so this process holds nothing to close, and Python's own shutdown of
+    every module the daemon needed (trio, pyfuse3, the overlay) took 0.05-0.27 s here,
+    on the way to the first answer of whoever waits for the mount."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _exit_with(parent: int) -> None:
     """Get SIGTERM (and so unmount) when *parent* dies: nothing else would end a mount in
     a namespace whose other processes are gone."""

@@ -17,7 +17,7 @@ import time
 
 import apsw
 
-from . import cowfiles, gcroot, genrecord, ownrows
+from . import cowfiles, dbstate, gcroot, genrecord, ownrows
 from .files import StoreFiles
 from .lowerindex import BROKEN, LowerIndex
 from .merged import MergedDb, open_db
@@ -40,12 +40,12 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int) -> LowerInde
     for path in (tmp_db, tmp_index, tmp_index + "-wal", tmp_index + "-shm"):
         if os.path.exists(path):
             os.unlink(path)
-    clone(files.lower_db, tmp_db)
+    state = clone(files.lower_db, tmp_db)
     t_clone = time.monotonic()
     LowerIndex.create_from(tmp_index, tmp_db)  # every lower path, shown
     t_index = time.monotonic()
     max_id, count, gone, adopted = _fill(files, upper_store, tmp_db)
-    _record(tmp_index, gone, max_id, count, version)
+    _record(tmp_index, gone, max_id, count, version, state)
     _install(files, tmp_db, tmp_index, version)
     log.info("built the merged database: %d lower paths, %d upper paths adopted in %.1f s "
              "(clone %.1f s, index %.1f s)", count, adopted, time.monotonic() - t0,
@@ -53,13 +53,15 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int) -> LowerInde
     return LowerIndex(files.index_path, cow_root=files.lower)
 
 
-def clone(lower_db: str, dest: str) -> None:
+def clone(lower_db: str, dest: str) -> dict | None:
     """A consistent copy of the lower database at *dest* (not yet synced), read without
-    a lock; SnapshotError if it kept changing, SchemaError for a shape nixfs cannot follow."""
+    a lock; returns the name of the state copied (``dbstate``).  SnapshotError if it kept
+    changing, SchemaError for a shape nixfs cannot follow."""
     for attempt in range(CLONE_ATTEMPTS):
         with Snapshot(lower_db) as snap:
             snap.clone_to(dest, sync=False)
             if snap.validate():
+                state = dbstate.of(snap)
                 break
     else:
         raise SnapshotError(f"{lower_db} kept changing while being copied")
@@ -68,6 +70,7 @@ def clone(lower_db: str, dest: str) -> None:
         read_shape(clone)  # a shape nixfs could not follow live is refused now
     finally:
         clone.close()
+    return state
 
 
 def _fill(files: StoreFiles, upper_store: UpperStore, tmp_db: str):
@@ -89,9 +92,11 @@ def _fill(files: StoreFiles, upper_store: UpperStore, tmp_db: str):
     return max_id, count, gone, adopted
 
 
-def _record(tmp_index: str, gone, max_id: int, count: int, version: int) -> None:
-    """The new index's state: what left is not shown, how far the lower was read, and
-    that the GC root's references and the fsyncs are still to do."""
+def _record(tmp_index: str, gone, max_id: int, count: int, version: int,
+            lower_state: dict | None) -> None:
+    """The new index's state: what left is not shown, how far the lower was read (and
+    the name of the state read there), and that the GC root's references and the fsyncs
+    are still to do."""
     index = LowerIndex(tmp_index)
     try:
         with index.transaction():
@@ -99,7 +104,8 @@ def _record(tmp_index: str, gone, max_id: int, count: int, version: int) -> None
             for key, value in (("lower_max_id", max_id), ("lower_count", count),
                                ("schema", version), ("root", gcroot.root_path()),
                                ("root_refs_upto", 0), ("root_refs_target", max_id),
-                               ("durable", 0), ("state", "complete")):
+                               ("durable", 0), ("state", "complete"),
+                               ("lower_state", dbstate.encode(lower_state))):
                 index.put(key, value)
     finally:
         index.close()

@@ -2,7 +2,9 @@
 
 ``ValidPaths.id`` only grows: rows above the last id seen are new, and a count
 that does not add up means deletions, found by a merge walk of the ids the
-index holds.  Nothing ever rescans the whole lower.  Rows travel with every
+index holds.  Nothing ever rescans the whole lower, and the count is skipped where
+the live database provably is in the state the index followed last (``dbstate``:
+the name of that state is kept beside the count).  Rows travel with every
 column the lower has; before each change the merged database is given the
 lower's shape (``schema.carry_shape``), and the lower's realisations follow
 their paths (``carows``).
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 
 import apsw
 
-from . import carows, gcroot
+from . import carows, dbstate, gcroot
 from .files import StoreFiles
 from .lowerindex import BROKEN, SHOWN, LowerIndex
 from .merged import MergedDb, select_rows
@@ -40,6 +42,7 @@ class LowerChanges:
     deleted: dict = field(default_factory=dict)     # lower_id -> name
     shape: Shape | None = None                      # the lower database's tables and columns
     ca: dict = field(default_factory=dict)          # ca table -> carows.CaChanges
+    state: dict | None = None                       # the name of the state read (dbstate)
 
     def __bool__(self):
         return bool(self.rows or self.deleted or any(self.ca.values()))
@@ -93,17 +96,22 @@ class LowerFollower:
     def read_changes(self, index: LowerIndex) -> LowerChanges:
         last_max = index.get("lower_max_id", 0)
         last_count = index.get("lower_count", 0)
+        last_state = index.get("lower_state")
 
         def read(conn, snap):
-            max_id, count = conn.execute(
-                "select coalesce(max(id), 0), count(*) from ValidPaths").fetchone()
+            state = dbstate.of(snap)
+            max_id = conn.execute("select coalesce(max(id), 0) from ValidPaths").fetchone()[0]
+            if max_id == last_max and dbstate.same(last_state, state):
+                count = last_count  # the state the index followed: nothing was deleted
+            else:
+                count = conn.execute("select count(*) from ValidPaths").fetchone()[0]
             try:
                 shape = read_shape(conn)
             except SchemaError:
                 if not snap.validate():  # a torn read, not the lower's shape: read again
                     raise apsw.CorruptError("the lower database changed while being read")
                 raise
-            changes = LowerChanges(max_id, count, shape=shape)
+            changes = LowerChanges(max_id, count, shape=shape, state=state)
             changes.ca = carows.read(conn, changes.shape, index)
             if max_id > last_max:
                 changes.rows = select_rows(conn, "id > ?", (last_max,))
@@ -120,6 +128,7 @@ class LowerFollower:
         """Bring the merged database and the index up to *changes*."""
         result = SyncResult()
         if not changes and changes.max_id == index.get("lower_max_id", 0):
+            self.note_state(index, changes)
             return result
         with db.begin():
             if changes.shape is not None:
@@ -137,12 +146,22 @@ class LowerFollower:
             index.add(result.index_rows)
             index.put("lower_max_id", changes.max_id)
             index.put("lower_count", changes.count)
+            index.put("lower_state", dbstate.encode(changes.state))
             index.put("last_sync_time", time.time())
         self.stats["syncs"] += 1
         self.stats["added"] += len(result.shown)
         self.stats["removed"] += len(changes.deleted)
         self.stats["last_sync"] = time.time()
         return result
+
+    def note_state(self, index: LowerIndex, changes: LowerChanges) -> None:
+        """*changes* found nothing to do: the index followed the lower up to their state
+        too, so keep its name (a checkpoint of the lower renames an unchanged state;
+        the next catch-up then skips the count again)."""
+        state = dbstate.encode(changes.state)
+        if state != index.get("lower_state") and changes.count == index.get("lower_count", 0):
+            with index.transaction():
+                index.put("lower_state", state)
 
     def _remove_deleted(self, db: MergedDb, changes: LowerChanges, index: LowerIndex,
                         result: SyncResult) -> None:

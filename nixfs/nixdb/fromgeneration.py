@@ -25,7 +25,7 @@ import time
 from ..publish.generations import CATALOG, DB, GENERATIONS, INDEX, MANIFEST
 from ..overlay.state import mark_copy_on_write
 from ..publish.verify import Generation, find_usable
-from . import cowfiles, gcroot, genrecord, ownrows
+from . import cowfiles, dbstate, gcroot, genrecord, ownrows
 from .files import StoreFiles
 from .lowerindex import BROKEN, LowerIndex
 from .merged import MergedDb, open_db
@@ -93,7 +93,7 @@ def build(files: StoreFiles, upper_store: UpperStore, version: int,
     for name, path in tmp.items():
         cowfiles.create_over(files.lower, generation, name, path)
     gone, adopted = _fill(files, upper_store, tmp[DB])
-    _record(tmp[INDEX], files.lower, gone)
+    _record(tmp[INDEX], files.lower, gone, generation.manifest["lower_db"].get("state"))
     if adopted:
         ownrows.write(files, upper_store, tmp[DB])  # their copy, should this build be cut short
     for path in tmp.values():
@@ -120,13 +120,17 @@ def _fill(files: StoreFiles, upper_store: UpperStore, tmp_db: str):
     return {basename(p) for p in gone}, adopted
 
 
-def _record(tmp_index: str, lower: str, gone: set[bytes]) -> None:
+def _record(tmp_index: str, lower: str, gone: set[bytes], lower_state) -> None:
     """The lower paths that left the database are not shown (the rest of the index is
-    the generation's, complete and durable: nothing is left for ``rootfill``)."""
+    the generation's, complete and durable: nothing is left for ``rootfill``).  The
+    name of the lower's state the generation was read in (``dbstate``; None from an
+    older publish) goes beside its count: the catch-up skips the count where the live
+    lower still has it."""
     index = LowerIndex(tmp_index, cow_root=lower)
     try:
         with index.transaction():
             index.set_state(gone, BROKEN)
+            index.put("lower_state", dbstate.encode(lower_state))
     finally:
         index.close()
 

@@ -59,6 +59,7 @@ class Snapshot:
         self.close()
 
     def open(self) -> None:
+        self.opened_ns = time.time_ns()  # before any stat: what ``dbstate`` judges by
         # A fresh open() makes an NFS client revalidate what it cached (close-to-open).
         self.db_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.main_st = os.fstat(self.db_fd)
@@ -68,7 +69,7 @@ class Snapshot:
             self.wal_fd = -1
         else:
             self.wal = WalIndex.read(self.wal_fd)
-        header = os.pread(self.db_fd, 100, 0)
+        self.header = header = os.pread(self.db_fd, 100, 0)
         if len(header) >= 100 and header[:16] == b"SQLite format 3\0":
             size = struct.unpack(">H", header[16:18])[0]
             self.page_size = 65536 if size == 1 else size

@@ -215,6 +215,9 @@ class StoreSync:
     def apply(self, db: MergedDb, changes: LowerChanges) -> SyncResult:
         return self.follower.apply(db, changes, self.index)
 
+    def note_state(self, changes: LowerChanges) -> None:
+        self.follower.note_state(self.index, changes)
+
     # ------------------------------------------------------------------ changes made through the mount
 
     def hide(self, db: MergedDb, names: set[bytes]) -> list[bytes]:

@@ -82,6 +82,16 @@ class WalIndex:
                 self.end, self.db_pages, self._cksum = offset, db_pages, cksum
         return touched
 
+    def committed(self) -> list | None:
+        """What names the committed frames, or None (no commit): the WAL's salts and
+        checkpoint sequence, the end of its last commit, the cumulative checksum there
+        and the database's size then.  Within one salt pair committed frames are only
+        ever appended, and a restart draws new salts, so an equal value means the same
+        committed frames."""
+        if not self.db_pages:
+            return None
+        return [*self.generation, self.end, *self._cksum, self.db_pages]
+
     def appended_pages(self, fd: int) -> dict[int, list[int]] | None:
         """Pages touched by frames appended since this index was read (with where their
         data is); None if the WAL was restarted since (another generation)."""

@@ -32,14 +32,16 @@ class DbError(Exception):
     """The generation's database could not be written as it must be."""
 
 
-def copy_lower(lower_db: str, dest: str) -> None:
-    """A consistent copy of the lower database at *dest*, in rollback mode."""
-    clone(lower_db, dest)
+def copy_lower(lower_db: str, dest: str) -> dict | None:
+    """A consistent copy of the lower database at *dest*, in rollback mode; the name of
+    the state copied (``nixdb.dbstate``: the manifest's, for clients to skip a count)."""
+    state = clone(lower_db, dest)
     conn = apsw.Connection(dest)
     try:
         conn.execute("pragma journal_mode=delete").fetchall()
     finally:
         conn.close()
+    return state
 
 
 def bulk_connection(path: str, cow_root: str | None = None) -> apsw.Connection:

@@ -115,7 +115,7 @@ def _facts(db, base_facts: dict, changes) -> dict:
     row = db.execute("select path from ValidPaths where id = ?", (changes.max_id,)).fetchone()
     sample = [s for s in base_facts["id_sample"] if s[0] not in changes.deleted]
     sample += [[i, r.path] for i, r in changes.rows if i % manifest.SAMPLE_STEP == 0]
-    return dict(base_facts, max_id=changes.max_id, count=changes.count,
+    return dict(base_facts, max_id=changes.max_id, count=changes.count, state=changes.state,
                 max_id_path=row[0] if row else None, id_sample=sample,
                 id_sample_sha256=manifest.sample_sha256(sample), ca=manifest.ca_facts(db))
 

@@ -5,7 +5,9 @@ only thing a client reads in full before using it, so it carries everything a
 cheap check needs: each file's sizes and hashes (the content's sha256, and for a
 copy-on-write file its map's), its base, and facts about the lower database
 (max id and the path there, an id sample) that tell a live lower that merely
-changed from a foreign one.  Its own sha256 is over its canonical JSON without
+changed from a foreign one, and the name of the lower database's state the
+generation was read in (``state``, from ``nixdb.dbstate``; None, or absent in a
+manifest of an older nixfs: a client then counts the live lower's rows).  Its own sha256 is over its canonical JSON without
 that key (sorted keys, no spaces), so a tampered or truncated manifest fails.
 """
 

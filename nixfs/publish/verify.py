@@ -7,7 +7,9 @@ the live lower database (read lock-free, a few hundred lookups): the row at the
 generation's max id must still be that path (or gone, with the lower's id
 sequence past it), and every sampled row still there must hold the same path.
 Rows deleted since are fine (the client follows them live); a different path
-at a known id means another store, and the generation is refused.
+at a known id means another store, and the generation is refused.  A live lower
+still in the very state the generation was read in (the manifest's ``state``,
+``nixdb.dbstate``) needs none of those lookups.
 """
 
 import hashlib
@@ -15,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from ..nixdb import dbstate
 from ..nixdb.schema import STORE_DIR, SchemaError, read_schema_version
 from ..nixdb.snapshot import SnapshotError, read_consistent
 from . import manifest as manifest_file
@@ -197,6 +200,8 @@ def check_lower(facts: dict, lower_db: str) -> bool:
     is another store); True if sampled rows were deleted since."""
 
     def read(conn, snap):
+        if dbstate.same(facts.get("state"), dbstate.of(snap)):
+            return None  # the state the generation was read in: its rows, unchanged
         at_max = conn.execute("select path from ValidPaths where id = ?",
                               (facts["max_id"],)).fetchone()
         seq = conn.execute("select seq from sqlite_sequence where name = 'ValidPaths'"
@@ -208,11 +213,14 @@ def check_lower(facts: dict, lower_db: str) -> bool:
         return at_max[0] if at_max else None, seq[0] if seq else 0, live
 
     try:
-        at_max, seq, live = read_consistent(lower_db, read)
+        found = read_consistent(lower_db, read)
     except (SnapshotError, OSError) as e:
         raise GenerationError(f"the live lower database is unreadable: {e}") from None
     except Exception as e:  # apsw errors of a damaged database
         raise GenerationError(f"the live lower database: {e}") from None
+    if found is None:
+        return False
+    at_max, seq, live = found
     if facts["max_id"]:
         if at_max is None and seq < facts["max_id"]:
             raise GenerationError("the live lower database never reached its max id: "

@@ -28,8 +28,8 @@ def write(gens: Generations, number: int, lower_db: str, schema: int,
     """Write generation *number* whole; the manifest's content (not yet sealed)."""
     clock = clock or Clock()
     db, index, catalog = (gens.file(number, n) for n in (DB, INDEX, CATALOG))
-    dbfile.copy_lower(lower_db, db)
-    facts = lower_db_facts(db, schema)
+    state = dbfile.copy_lower(lower_db, db)
+    facts = dict(lower_db_facts(db, schema), state=state)
     clock.lap("copy")
     indexfile.write(index, db, max_id=facts["max_id"], count=facts["count"], schema=schema)
     dbfile.settle(index)  # final before the catalog's workers read it: hashed meanwhile

@@ -70,6 +70,8 @@ def test_a_fresh_upper_starts_from_the_generation(store, tmp_path):
     publish(store)
     assert generations(store) == [1]
     with store.mount() as m:
+        # Printed (to a pipe) before nixfs mount's exit, which skips Python's shutdown.
+        assert f"Nix uses it with --store 'local?root={store.root}'" in m.output
         app, libb, liba = store.paths["app"], store.paths["libb"], store.paths["liba"]
         assert set(store.q("-q", "--references", app).stdout.split()) == {liba, libb}
         assert store.q("-q", "--hash", app).stdout == nix(store.lower_root, "nix-store", "-q",
@@ -364,3 +366,22 @@ def test_nixfs_run_over_a_generation(store):
     with store.mount():  # the run's build stays the upper's
         assert store.valid(mine) and store.valid(app)
         assert set(store.q("-q", "--references", mine).stdout.split()) >= {libb}
+
+
+def test_nix_finds_its_reserved_space_made(store):
+    """Nix's first command makes var/nix/db/reserved (8 MiB) unless it is there; through
+    FUSE its posix_fallocate is 2,048 one-byte writes.  The daemon makes it in the upper
+    before mounting, allocated; Nix then leaves it as it is (no write: its mtime stays)."""
+    publish(store)
+    reserved = store.upper / "var/nix/db/reserved"
+    with store.mount():
+        st = os.stat(reserved)
+        assert st.st_size == 8 * 1024 * 1024 and st.st_blocks * 512 >= st.st_size
+        assert os.stat(store.mnt / "var/nix/db/reserved").st_size == st.st_size
+        assert store.valid(store.paths["app"])
+        after = os.stat(reserved)
+        assert (after.st_ino, after.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    reserved.write_bytes(b"mine")  # what is there is left alone
+    with store.mount():
+        assert store.valid(store.paths["app"])
+    assert os.stat(reserved).st_size == 8 * 1024 * 1024  # Nix made its own again
