@@ -237,10 +237,8 @@ def _mount(args) -> int:
         values, lower=lower, upper=upper, mountpoint=args.mountpoint, options=options,
         foreground=args.foreground, debug=args.debug, log_file=args.log_file,
         nix=args.nix and values.get("nix") != "off")
-    code = mount(cfg)
-    if not cfg.foreground:
-        exit_now(code)  # the daemon serves: nothing is left to do here
-    return code
+    # Once the daemon serves, this process has nothing left to do: it ends at once.
+    return mount(cfg) if cfg.foreground else exit_now(mount(cfg))
 
 
 def _run(args) -> int:
@@ -367,8 +365,7 @@ def _publish(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except BrokenPipeError:
-        # The reader went away (`nixfs status | head -1`): end quietly, as shell tools do.
+    except BrokenPipeError:  # the reader went away (`nixfs status | head -1`): quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
 
