@@ -25,9 +25,10 @@ class ControlApi:
             "pause": self.pause})
 
     async def status(self):
-        # In a thread: it walks the upper.
-        return await trio.to_thread.run_sync(
-            lambda: status.collect(self.daemon, started=self.started, poll_us=self.poll_us))
+        # The parts' counters here, on the trio thread they live on; the upper's walk in a
+        # worker thread.
+        out = status.collect(self.daemon, started=self.started, poll_us=self.poll_us)
+        return await trio.to_thread.run_sync(status.add_sizes, out, self.daemon.cfg.upper)
 
     async def unhide(self, names):
         service = self.daemon.service

@@ -35,8 +35,11 @@ def _rss() -> int:
 
 
 def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
-    """The daemon's view of itself (runs in a worker thread: it walks the upper): each
-    part's own ``stats()``, merged under the keys ``nixfs status --json`` has always had."""
+    """The daemon's view of itself: each part's own ``stats()``, merged under the keys
+    ``nixfs status --json`` has always had.  Runs on the trio thread, where the parts live
+    (their SQLite connections are not to be used from two threads at once: a status taken
+    in a worker thread once made a store listing fail); the sizes on disk, a walk of the
+    upper, are ``add_sizes``' in a worker thread."""
     cfg = daemon.cfg
     ops, model = daemon.ops.stats(), daemon.overlay.stats()
     uptime = round(time.time() - started, 1)
@@ -55,13 +58,11 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
         "rss_bytes": _rss(),
         **_keys(model, "open_dir_fds", "shared_lower_files", "node_file_fds", "cache",
                 "cow_files"),
-        "upper_bytes": tree_size(cfg.upper),
+        "upper_bytes": None,  # add_sizes
         "db_sync_lag_s": None,
     }
     if daemon.service is not None:
-        from ..nixdb.merged import db_size
-        nix = {**daemon.policy.stats(), **daemon.service.stats(),
-               "merged_db_bytes": db_size(os.path.join(cfg.upper, "var/nix/db"))}
+        nix = {**daemon.policy.stats(), **daemon.service.stats(), "merged_db_bytes": None}
         out["nix"] = _keys(nix, "lower_paths", "lower_paths_not_shown", "lower_max_id",
                            "merged_db_bytes", "index_bytes", "last_sync_age_s", "sync_errors",
                            "last_sync_error", "upper_copies_dropped", "first_build_finishing",
@@ -70,6 +71,16 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
         # last found it in step (rounds run every half second; this grows while they fail).
         age = out["nix"]["last_sync_age_s"]
         out["db_sync_lag_s"] = age if age is not None else uptime
+    return out
+
+
+def add_sizes(out: dict, upper: str) -> dict:
+    """*out* (``collect``'s) with what the upper and its merged database take on disk: a
+    walk of the upper, for a worker thread (it touches no part of the daemon)."""
+    out["upper_bytes"] = tree_size(upper)
+    if "nix" in out:
+        from ..nixdb.merged import db_size
+        out["nix"]["merged_db_bytes"] = db_size(os.path.join(upper, "var/nix/db"))
     return out
 
 
