@@ -209,6 +209,7 @@ class ListingStore:
             log.warning("the cached listings could not be closed: the lower does not answer")
             return
         self.lock.release()
+        self._writing = {}  # a batch written in a worker is done: it held the lock
         self.flush()
         self.conn.close()
 
