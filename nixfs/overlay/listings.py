@@ -57,7 +57,7 @@ class Listings:
         key = self.policy.cache_key(path)
         if key is None:
             return None
-        listing = self.dircache.get(path, key)
+        listing = await self.dircache.get(path, key)
         if listing is not None:
             if self._read_ahead.pop(path, None) is not None:
                 self._read_further(parent, path)  # a walk reached what was read ahead
@@ -65,7 +65,7 @@ class Listings:
         busy = self._fetching.get(path)
         if busy is not None:  # someone is fetching it: wait for theirs
             await busy.wait()
-            return self.dircache.get(path, key)
+            return await self.dircache.get(path, key)
         self._fetching[path] = done = trio.Event()
         try:
             keep = node is not None and not self.dirs.has_lower_fd(node)
@@ -124,7 +124,7 @@ class Listings:
                 for path in paths:
                     key = self.policy.cache_key(path)
                     if (key is not None and path not in self._fetching
-                            and self.dircache.get(path, key) is None):
+                            and await self.dircache.get(path, key) is None):
                         todo.append((path, key))
                         self._fetching[path] = done
                 if not todo:
@@ -145,12 +145,12 @@ class Listings:
                     del self._fetching[path]
             done.set()
 
-    def kept_stats(self, node: Node, names: list[bytes]):
+    async def kept_stats(self, node: Node, names: list[bytes]):
         """Split *names* of *node*'s lower into (name, stat) pairs known from kept
         listings (their ``.``) and the names still to stat."""
         base = self.dirs.lower_path(node)
         paths = [base + b"/" + name if base else name for name in names]
-        listings = self.dircache.get_many(paths, self.policy.cache_keys(paths))
+        listings = await self.dircache.get_many(paths, self.policy.cache_keys(paths))
         known, unknown = [], []
         for name, listing in zip(names, listings):
             if listing is not None:
@@ -169,7 +169,7 @@ class Listings:
             pkey = self.policy.cache_key(ppath)
             listing = await self.node_listing(parent) if pkey is not None else None
             if listing is not None:
-                xmap = self.dircache.get_xattrs(ppath, pkey)
+                xmap = await self.dircache.get_xattrs(ppath, pkey)
                 if xmap is None:
                     names = [n for n in listing.entries if n != b"."]
                     async with self.dirs.lower_fd(parent) as pfd:
@@ -180,7 +180,7 @@ class Listings:
         path = self.dirs.lower_path(node)
         key = self.policy.cache_key(path)
         if key is not None:
-            own = self.dircache.get_xattrs(path + b"/.", key + b"\0self")
+            own = await self.dircache.get_xattrs(path + b"/.", key + b"\0self")
             if own is None:
                 async with self.dirs.lower_fd(node.parent) as pfd:
                     own = {b".": await self.lower.read_xattrs(pfd, node.name)}

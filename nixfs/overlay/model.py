@@ -67,7 +67,7 @@ class Overlay:
         privileged = os.geteuid() == 0 if privileged is None else privileged
         self._policy = policy = policy or LowerPolicy()
         self._notify = notify = notify or Notifier()
-        self.dircache = DirCache(listings)
+        self.dircache = DirCache(listings, run=self.lower.run)
         self.inodes = inodes = InodeTable(on_drop=self._dropped)
         self.root = inodes.root
         lock = trio.Lock()  # the change lock

@@ -207,7 +207,7 @@ class DirReader:
         *index*: from kept listings where they are known, else in one lower call.  An
         entry gone meanwhile (or a kernel whiteout) is left with none."""
         chunk = [e for e in dh.entries[index:index + STAT_CHUNK] if e.lower_st is UNSTATED]
-        known, unknown = self.listings.kept_stats(dh.node, [e.name for e in chunk])
+        known, unknown = await self.listings.kept_stats(dh.node, [e.name for e in chunk])
         found = dict(known)
         if unknown:
             try:
