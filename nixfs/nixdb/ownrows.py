@@ -21,11 +21,12 @@ import apsw
 
 from ..cow.cowmap import fsync_path
 from ..overlay import upperformat as fmt
-from . import gcroot
+from . import dbstate, gcroot
 from .files import StoreFiles
 from .merged import MergedDb, open_db, select_rows, table_columns
 from .rows import basename, insert_rows, refs_and_outputs
 from .schema import STORE_DIR, SchemaError, carry_shape, quote, read_shape
+from .snapshot import clone_range
 from .upperstore import UpperStore
 
 log = logging.getLogger(__name__)
@@ -190,13 +191,7 @@ def _copy_file(source: str, dest: str) -> None:
     try:
         dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            size = os.fstat(src).st_size
-            offset = 0
-            while offset < size:
-                sent = os.sendfile(dst, src, offset, size - offset)
-                if sent == 0:
-                    break
-                offset += sent
+            clone_range(src, dst, os.fstat(src).st_size)
         finally:
             os.close(dst)
     finally:
@@ -233,7 +228,6 @@ def _copy_rows(conn, out, table: str, key: str, ids) -> None:
                                      (i,)).fetchall())
 
 
-
 def _copied_names(files: StoreFiles) -> set[bytes]:
     """The names of the paths whose rows ``own-rows.sqlite`` holds (none if unreadable);
     rows it holds for the paths they refer to come along, harmless: only the upper's
@@ -263,8 +257,8 @@ class Keeper:
     only takes the paths the upper holds."""
 
     # A stamp taken within this of its newest time may share a clock tick with a change
-    # made just after it: the next round looks again.
-    RACY_NS = 2_000_000_000
+    # made just after it: the next round looks again (dbstate's reason, and its bound).
+    RACY_NS = dbstate.RACY_NS
 
     def __init__(self, files: StoreFiles, upper_store: UpperStore):
         self.files, self.upper_store = files, upper_store

@@ -186,7 +186,7 @@ class Snapshot:
         size = self.size()
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            _clone_range(self.db_fd, fd, min(size, self.main_st.st_size))
+            clone_range(self.db_fd, fd, min(size, self.main_st.st_size))
             self._clone = dest
             self.main_pages_read.update(dict.fromkeys(
                 (p for p in range(1, self.main_st.st_size // self.page_size + 1)
@@ -202,7 +202,7 @@ class Snapshot:
             os.close(fd)
 
 
-def _clone_range(src: int, dst: int, size: int) -> None:
+def clone_range(src: int, dst: int, size: int) -> None:
     """Copy *size* bytes: a reflink where the file system offers one, else in-kernel."""
     try:
         import fcntl
