@@ -77,7 +77,7 @@ class StoreService:
         GC lock held if a first build is unfinished."""
         if self.generation is not None:
             await self.overlay.hold_cow_file(b"var", b"nix", b"db", b"db.sqlite")
-            await trio.to_thread.run_sync(self.worker.start_early)
+            await trio.to_thread.run_sync(self.worker.ensure_started)
         if self.finish_pending:
             await self.worker.call("hold_gc_lock")
 

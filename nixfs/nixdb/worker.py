@@ -67,15 +67,15 @@ class SyncWorker:
         self._send = Connection(to_worker_w, readable=False)
         self._recv = Connection(from_worker_r, writable=False)
 
-    def start_early(self) -> None:
-        """Start the worker now, not at the first request: over a generation it opens
-        the lower index while the index's bases are there (``_Handler``)."""
+    def ensure_started(self) -> None:
+        """The worker process, started if it is not running.  Called at each request,
+        and by the daemon as the mount goes live: over a generation the worker opens the
+        lower index at once, while the index's bases are there (``_Handler``)."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
 
     def _call(self, op: str, args: tuple):
-        if self.proc is None or self.proc.poll() is not None:
-            self.start()
+        self.ensure_started()
         try:
             self._send.send((op, args))
             status, value = self._recv.recv()
