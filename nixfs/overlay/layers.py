@@ -75,6 +75,33 @@ def times_kept(dirfd: int):
         os.utime(f"/proc/self/fd/{dirfd}", ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+NO_XATTRS = (errno.ENOTSUP, errno.EPERM, errno.EACCES)  # none readable here: {}
+GONE_XATTR = (errno.ENODATA,) + NO_XATTRS  # one listed but not readable: left out
+
+
+def read_all_xattrs(target, *, follow_symlinks: bool = True, calls=None) -> dict[str, bytes]:
+    """Every xattr of *target* (a path, or a descriptor) that the caller may read, {}
+    where none may be; *calls*, if given, counts the listxattr and getxattr calls."""
+    if calls is not None:
+        calls["listxattr"] += 1
+    try:
+        names = os.listxattr(target, follow_symlinks=follow_symlinks)
+    except OSError as e:
+        if e.errno in NO_XATTRS:
+            return {}
+        raise
+    out = {}
+    for attr in names:
+        if calls is not None:
+            calls["getxattr"] += 1
+        try:
+            out[attr] = os.getxattr(target, attr, follow_symlinks=follow_symlinks)
+        except OSError as e:
+            if e.errno not in GONE_XATTR:
+                raise
+    return out
+
+
 class Layer:
     """Synchronous primitives on one layer, counted by kind."""
 
@@ -256,22 +283,7 @@ class Layer:
     def read_xattrs(self, dirfd: int, name: bytes) -> dict[str, bytes]:
         """All xattrs of an object that the caller may read (for copy-up)."""
         with self._object_path(dirfd, name) as path:
-            self.calls["listxattr"] += 1
-            try:
-                names = os.listxattr(path)
-            except OSError as e:
-                if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                    return {}
-                raise
-            out = {}
-            for attr in names:
-                self.calls["getxattr"] += 1
-                try:
-                    out[attr] = os.getxattr(path, attr)
-                except OSError as e:
-                    if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                        raise
-            return out
+            return read_all_xattrs(path, calls=self.calls)
 
     def read_dir_xattrs(self, dirfd: int, names: list[bytes]) -> dict[bytes, dict[str, bytes]]:
         """The xattrs of each of *names* in *dirfd* that has any (one trip for a

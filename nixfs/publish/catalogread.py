@@ -21,12 +21,10 @@ import os
 import stat
 
 from ..overlay.dircache import Listing, pack_stat
-from ..overlay.layers import Layer
+from ..overlay.layers import Layer, read_all_xattrs
 
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 ALL = 1 << 62  # read_listing's budget: every directory of a path
-_NO_XATTRS = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
-_GONE_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
 class Unusual(Exception):
@@ -68,7 +66,7 @@ def _read_fast(store_fd: int, name: bytes):
         raise
     found, xmaps = {}, {}
     try:
-        own = _xattrs(fd, os.listxattr, os.getxattr)
+        own = read_all_xattrs(fd)
         queue = [(b"", fd, os.fstat(fd))]
         try:
             while queue:
@@ -106,7 +104,7 @@ def _read_dir(rel: bytes, dfd: int, dst, found: dict, xmaps: dict, queue: list) 
             queue.append((rel + b"/" + child if rel else child, sub, cst))
         path = b"/proc/self/fd/%d/%s" % (dfd, child)
         try:
-            child_attrs = _xattrs(path, _llist, _lget)
+            child_attrs = read_all_xattrs(path, follow_symlinks=False)
         except FileNotFoundError:
             continue
         if child_attrs:
@@ -114,29 +112,3 @@ def _read_dir(rel: bytes, dfd: int, dst, found: dict, xmaps: dict, queue: list) 
     found[rel] = Listing(entries, targets)
     if len(entries) > 1:
         xmaps[rel] = attrs
-
-
-def _llist(path):
-    return os.listxattr(path, follow_symlinks=False)
-
-
-def _lget(path, attr):
-    return os.getxattr(path, attr, follow_symlinks=False)
-
-
-def _xattrs(target, listxattr, getxattr) -> dict[str, bytes]:
-    """As ``Layer.read_xattrs``: every xattr this process may read, {} where none may be."""
-    try:
-        names = listxattr(target)
-    except OSError as e:
-        if e.errno in _NO_XATTRS:
-            return {}
-        raise
-    out = {}
-    for attr in names:
-        try:
-            out[attr] = getxattr(target, attr)
-        except OSError as e:
-            if e.errno not in _GONE_XATTR:
-                raise
-    return out
