@@ -16,14 +16,15 @@ import os
 
 
 class PinnedDir:
-    """*path*, opened now; ``via`` reaches it for this process whatever covers *path* later."""
+    """*path*, opened now; ``via`` reaches it for this process whatever covers *path* later.
+    *shown_as*: the name messages show for it (default *path*)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, shown_as: str | None = None):
+        self.path = shown_as or path
         self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.via = f"/proc/self/fd/{self.fd}"
         if not os.path.isdir(self.via):  # no /proc: only the name is left
-            self.via = path
+            self.via = self.path if shown_as is None else path
 
     def shown(self, text: str) -> str:
         """*text* with the lower's own name where it says ``via``."""

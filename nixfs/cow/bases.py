@@ -5,10 +5,12 @@ The overlay opens bases itself (with *at calls and O_NOFOLLOW on its layers); ev
 else (the VFS, publish, tests) opens them by path below a root with ``base_opener``.
 """
 
+import collections
 import errno
 import functools
 import hashlib
 import os
+import threading
 
 from . import cowmap
 from .cowfile import CowFile
@@ -69,7 +71,12 @@ def base_opener(root, max_depth: int = 16):
             raise CowError(f"{rel_path!r}: a COW base must be a plain path inside its root")
         if depth >= max_depth:
             raise CowError(f"{rel_path}: COW chain deeper than {max_depth}")
-        dir_fd = _open_parent(root, parts[:-1], rel_path)
+        key = _KEPT.key(root, parts[:-1])
+        dir_fd = _KEPT.get(key)
+        kept = dir_fd is not None
+        if not kept:
+            dir_fd = _open_parent(root, parts[:-1], rel_path)
+            _KEPT.put(key, dir_fd)
         name, map_name = parts[-1], cowmap.map_name(parts[-1])
         try:
             if cowmap.path_id(map_name, dir_fd) is None:
@@ -84,6 +91,9 @@ def base_opener(root, max_depth: int = 16):
                 os.close(dir_fd)
                 raise
         except FileNotFoundError:
+            if kept:  # the directory kept is gone (pruned, maybe made again): walk afresh
+                _KEPT.drop(key)
+                return open_base(rel_path, depth)
             raise CowError(f"{rel_path}: COW base missing (below {_name(root)})") from None
         except OSError as e:
             if e.errno == errno.ELOOP:
@@ -114,3 +124,68 @@ def _open_parent(root, dirs: list[str], rel_path: str) -> int:
 
 def _name(root) -> str:
     return f"descriptor {root}" if isinstance(root, int) else os.fsdecode(root)
+
+
+class _KeptParents:
+    """Descriptors on the directories bases were found in, by the root's identity and
+    the directories below it.  A base's directory (a published generation's) never
+    changes while it exists, and walking to it again costs a lookup per level on a FUSE
+    or NFS lower that caches no names (a mount opens its generation's files a dozen
+    times).  The key tells that a root path still names the same directory: the path a
+    pinned ``/proc/self/fd/N`` root stands for (N may be reused for another), else the
+    root's device and inode.  A directory removed since shows as a missing base in it:
+    the walk is then made afresh."""
+
+    LIMIT = 32
+
+    def __init__(self):
+        self._fds: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it
+
+    @staticmethod
+    def key(root, dirs: list[str]):
+        """The key of *dirs* below *root* (None: not kept, for a descriptor root or a
+        base beside the root)."""
+        if isinstance(root, int) or not dirs:
+            return None
+        try:
+            if os.fsdecode(root).startswith("/proc/self/fd/"):
+                return os.readlink(root), tuple(dirs)  # no call on the lower
+            st = os.stat(root)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, tuple(dirs)
+
+    def get(self, key) -> int | None:
+        """A descriptor of its own on the directory kept under *key* (the caller closes it)."""
+        if key is None:
+            return None
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                return None
+            self._fds.move_to_end(key)
+            return os.dup(fd)
+
+    def put(self, key, fd: int) -> None:
+        if key is None:
+            return
+        with self._lock:
+            if key in self._fds:
+                return
+            self._fds[key] = os.dup(fd)
+            while len(self._fds) > self.LIMIT:
+                os.close(self._fds.popitem(last=False)[1])
+
+    def drop(self, key) -> None:
+        with self._lock:
+            fd = self._fds.pop(key, None)
+            if fd is not None:
+                os.close(fd)
+
+
+_KEPT = _KeptParents()

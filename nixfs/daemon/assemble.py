@@ -30,6 +30,7 @@ from ..nixdb.sync import StoreSync
 from ..nixdb.worker import SyncWorker
 from ..overlay import Overlay, upperformat
 from ..overlay.dircache import ListingStore
+from ..overlay.lowerrunner import LowerRunner
 from ..overlay.state import StateError, UpperInUse, UpperState
 from .preflight import is_nix_store, privileged
 
@@ -81,13 +82,19 @@ def assemble(cfg: MountConfig) -> Daemon:
             if recovered:
                 log.warning("removed %d leftovers of an interrupted daemon from the work "
                             "folder", len(recovered))
-            store = _prepare_store(cfg, lower, log_file) if is_nix_store(cfg) else None
+            # Every blocking call that may touch the lower runs here: the overlay's lower
+            # calls, and a Nix store policy's reads of an index whose pages lie there.
+            runner = LowerRunner(timeout=cfg.lower_timeout or None)
+            store = (_prepare_store(cfg, lower, log_file, runner) if is_nix_store(cfg)
+                     else None)
             if store is not None:
+                closing.callback(store.db_dir.close)
                 # After the overlay let go of every file (it closes first), at a clean end.
                 closing.callback(store.sync.keep_own_rows)
                 until_overlay.callback(store.listings.close)
             snapshots = ListingSnapshots()
-            overlay = _open_overlay(cfg, owner, state, store, KernelNotifier(snapshots))
+            overlay = _open_overlay(cfg, owner, state, store, KernelNotifier(snapshots),
+                                    runner)
             until_overlay.pop_all()  # the overlay owns the state now
         closing.callback(overlay.close)
         service = store.service(overlay) if store is not None else None
@@ -131,12 +138,12 @@ def _take_upper(cfg: MountConfig):
     return state
 
 
-def _open_overlay(cfg: MountConfig, owner, state, store, notify):
+def _open_overlay(cfg: MountConfig, owner, state, store, notify, runner: LowerRunner):
     """The merged view of the layers, over the taken upper *state*."""
     try:
         return Overlay(cfg.lower, cfg.upper, owner=owner, privileged=owner is None,
                        readonly=cfg.readonly, ttl=cfg.ttl, max_nodes=cfg.max_nodes,
-                       lower_timeout=cfg.lower_timeout or None, state=state, notify=notify,
+                       lower_runner=runner, state=state, notify=notify,
                        policy=store.policy if store else None,
                        listings=store.listings if store else None,
                        nodeless_listings=features.FEATURES.readdir_without_node)
@@ -163,13 +170,16 @@ class _Store:
     """A Nix store's parts, built before the overlay: its policy (over the prepared lower
     index), its listing store, and the worker of the service built after it."""
 
-    def __init__(self, cfg: MountConfig, lower: pin.PinnedDir, sync, state_dir: str, log_file):
+    def __init__(self, cfg: MountConfig, lower: pin.PinnedDir, db_dir: pin.PinnedDir, sync,
+                 state_dir: str, log_file, runner: LowerRunner):
         self.sync = sync
+        self.db_dir = db_dir  # the pinned var/nix/db the sync and its worker use
         self.finish_pending = sync.unfinished()
-        self.policy = NixStorePolicy(sync.index)
+        self.policy = NixStorePolicy(sync.index,
+                                     run=runner.run if sync.index.on_lower else None)
         self.listings = _listings(os.path.join(state_dir, ListingStore.FILE), lower.via)
-        self.worker = SyncWorker(lower.via, cfg.upper, state_dir,
-                                 cfg.mountpoint, log_file, cfg.debug, keep_fds=(lower.fd,))
+        self.worker = SyncWorker(lower.via, cfg.upper, state_dir, cfg.mountpoint, log_file,
+                                 cfg.debug, keep_fds=(lower.fd, db_dir.fd), db_dir=db_dir.via)
 
     def service(self, overlay):
         """The service that follows the lower store through *overlay*; it hides in the
@@ -189,18 +199,36 @@ def _listings(path: str, lower: str) -> ListingStore:
         return ListingStore(path, cow_root=lower)
 
 
-def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file) -> _Store:
+def _pin_db_dir(cfg: MountConfig, lower: pin.PinnedDir) -> pin.PinnedDir:
+    """The lower's var/nix/db, pinned: the database code opens and polls its files all the
+    time, each open then one lookup on the lower, not one per level of the path."""
+    try:
+        pinned = pin.PinnedDir(os.path.join(lower.via, "var/nix/db"),
+                               shown_as=os.path.join(cfg.lower, "var/nix/db"))
+    except OSError as e:
+        raise StartFailed(f"cannot open {cfg.lower}/var/nix/db: {e.strerror}", 1) from None
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(pinned.log_filter)
+    return pinned
+
+
+def _prepare_store(cfg: MountConfig, lower: pin.PinnedDir, log_file,
+                   runner: LowerRunner) -> _Store:
     """A Nix store's merged database prepared (in the upper directly: nothing can use it
     before the mount), and the parts built on it."""
     state_dir = upperformat.state_dir(cfg.upper)
-    sync = StoreSync(lower.via, cfg.upper, state_dir, generation=cfg.generation)
+    db_dir = _pin_db_dir(cfg, lower)
+    sync = StoreSync(lower.via, cfg.upper, state_dir, generation=cfg.generation,
+                     db_dir=db_dir.via)
     try:
         sync.prepare()
     except SchemaError as e:
-        raise StartFailed(lower.shown(str(e)), 2) from None
+        db_dir.close()
+        raise StartFailed(lower.shown(db_dir.shown(str(e))), 2) from None
     except (SnapshotError, OSError, apsw.Error) as e:
         log.exception("preparing the merged store database failed")
-        raise StartFailed(lower.shown(f"cannot prepare the merged store database: {e}"),
-                          1) from None
+        db_dir.close()
+        raise StartFailed(lower.shown(db_dir.shown(
+            f"cannot prepare the merged store database: {e}")), 1) from None
     reserved.make(sync.files.merged_dir)  # else Nix's first command writes it through FUSE
-    return _Store(cfg, lower, sync, state_dir, log_file)
+    return _Store(cfg, lower, db_dir, sync, state_dir, log_file, runner)

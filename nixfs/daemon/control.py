@@ -26,7 +26,9 @@ class ControlApi:
 
     async def status(self):
         # The parts' counters here, on the trio thread they live on; the upper's walk in a
-        # worker thread.
+        # worker thread.  The lower index's figures are read first (maybe from the lower).
+        if self.daemon.policy is not None:
+            await self.daemon.policy.refresh_stats()
         out = status.collect(self.daemon, started=self.started, poll_us=self.poll_us)
         return await trio.to_thread.run_sync(status.add_sizes, out, self.daemon.cfg.upper)
 

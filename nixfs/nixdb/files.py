@@ -15,10 +15,14 @@ class StoreFiles:
     lower: str      # the lower Nix state directory's parent (holding store/ and var/nix)
     upper: str
     state_dir: str  # nixfs' own folder in the upper
+    # A path that reaches the lower's var/nix/db without the walk down to it (a pinned
+    # descriptor's, ``pin.PinnedDir``): the database is opened and polled all the time,
+    # and a FUSE or NFS lower answers each walk with a lookup per level.  None: by name.
+    db_dir: str | None = None
 
     @property
     def lower_db_dir(self) -> str:
-        return os.path.join(self.lower, "var/nix/db")
+        return self.db_dir or os.path.join(self.lower, "var/nix/db")
 
     @property
     def lower_db(self) -> str:

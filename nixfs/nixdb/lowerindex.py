@@ -56,6 +56,12 @@ class LowerIndex:
         self.cow_root = cow_root
         self.conn = self._open(path, cow_root)
 
+    @property
+    def on_lower(self) -> bool:
+        """Whether a query may read the lower: the file is copy-on-write over a base
+        there (a published generation's index)."""
+        return self.cow_root is not None and cow_vfs.is_cow(self.path)
+
     @staticmethod
     def _open(path: str, cow_root: str | None = None) -> apsw.Connection:
         conn = cow_vfs.connect(path, base_root=cow_root)
@@ -191,7 +197,8 @@ class LowerIndex:
 
     def stats(self) -> dict:
         """What ``nixfs status`` shows of the index: paths, those not shown, its size."""
-        return {"lower_paths": self.count(),
+        # The count the index followed (a count(*) would read every page of the file).
+        return {"lower_paths": self.get("lower_count") or self.count(),
                 "lower_paths_not_shown": self.not_shown_count(),
                 "lower_max_id": self.get("lower_max_id", 0),
                 "index_bytes": self.size_bytes()}

@@ -9,11 +9,16 @@ merged state directory has its own.
 This is the hot path (the overlay asks it for every request below the store):
 it answers from memory where it can and never waits on the database work,
 which runs in the background (``storeservice``).  A lower path removed through
-the mount is only queued here for that work.
+the mount is only queued here for that work.  What it must ask the index is
+asked inline when the index is a local file, and through the lower's runner when
+its pages lie on the lower (a copy-on-write file over a published generation's
+index): an index read stuck on an NFS lower then fails one request with EIO
+after the lower's timeout instead of stalling the event loop.
 """
 
 import bisect
 import errno
+import threading
 
 import cachetools
 import trio
@@ -36,8 +41,13 @@ def listing_key(name: bytes, lower_id: int, rel: bytes) -> bytes:
 
 
 class NixStorePolicy(LowerPolicy):
-    def __init__(self, index: LowerIndex):
+    def __init__(self, index: LowerIndex, *, run=None):
+        """*run*: how an index query is awaited, ``run(fn, *args)`` in a worker thread
+        (the lower's runner), or None: inline on the event loop."""
         self.index = index
+        self._run = run
+        # The index's connection is used by one thread at a time (apsw refuses two).
+        self._lock = threading.Lock()
         # Lower store paths removed through the mount, for the service to take out of the
         # database (removed_paths()); queued here, never waited on.
         self._removed, self._removed_queue = trio.open_memory_channel(float("inf"))
@@ -46,26 +56,58 @@ class NixStorePolicy(LowerPolicy):
         # Kept while the index is unchanged: any commit by another connection (the
         # sync worker) bumps its data version; forget() drops a name the overlay hears of.
         self._states: cachetools.LRUCache = cachetools.LRUCache(50_000)
-        self._version = None
+        self._version = index.data_version()
         # The shown names following the last read-ahead's, in name order: a walk asks
         # for the next few after each store path, so one query serves many asks.
         self._following: list[bytes] = []
+        self.queries = 0  # index queries made (the rest were answered from memory)
+        self._index_stats: dict = {}  # the index's figures as last read (refresh_stats)
+
+    async def _query(self, fn, *args):
+        """``fn(*args)`` on the index, and whether its answer may be remembered: not if
+        an answer already remembered is newer (queries in worker threads may return out
+        of order)."""
+        self.queries += 1
+        if self._run is None:
+            version, result = self._locked(fn, *args)
+        else:
+            version, result = await self._run(self._locked, fn, *args)
+        return result, self._seen_version(version)
+
+    def _locked(self, fn, *args):
+        with self._lock:
+            result = fn(*args)
+            return self.index.data_version(), result
+
     def _check_version(self) -> None:
-        version = self.index.data_version()
-        if version != self._version:
+        """Drop what is remembered if the index changed since (a commit by any
+        connection: the data version is the connection's, kept in memory).  Skipped
+        while a query holds the connection: its answer brings the version."""
+        if self._lock.acquire(blocking=False):
+            try:
+                version = self.index.data_version()
+            finally:
+                self._lock.release()
+            self._seen_version(version)
+
+    def _seen_version(self, version: int) -> bool:
+        """Note the data version an answer was read at; whether it is the newest seen."""
+        if version > self._version:
             self._states.clear()
             self._following = []
             self._version = version
+        return version == self._version
 
-    def _state(self, name: bytes):
+    async def _state(self, name: bytes):
         self._check_version()
-        try:
-            return self._states[name]
-        except KeyError:
-            state = self._states[name] = self.index.state(name)
-            return state
+        state = self._states.get(name, self)
+        if state is self:
+            state, keep = await self._query(self.index.state, name)
+            if keep:
+                self._states[name] = state
+        return state
 
-    def _states_of(self, names: list[bytes]) -> dict:
+    async def _states_of(self, names: list[bytes]) -> dict:
         """``_state`` of many names in one index query for those not remembered; not
         remembered themselves (a million-name listing would only churn the cache)."""
         self._check_version()
@@ -77,14 +119,14 @@ class NixStorePolicy(LowerPolicy):
             else:
                 found[name] = state
         if missing:
-            found.update(self.index.states(missing))
+            found.update((await self._query(self.index.states, missing))[0])
         return found
 
-    def cache_keys(self, lower_paths):
+    async def cache_keys(self, lower_paths):
         names = [p.split(b"/", 2) for p in lower_paths]
         if not all(len(parts) == 2 and parts[0] == b"store" for parts in names):
-            return super().cache_keys(lower_paths)
-        states = self._states_of([parts[1] for parts in names])
+            return await super().cache_keys(lower_paths)
+        states = await self._states_of([parts[1] for parts in names])
         keys = []
         for _, name in names:
             state = states.get(name)
@@ -92,16 +134,16 @@ class NixStorePolicy(LowerPolicy):
                         if state is not None and state[1] == 0 else None)
         return keys
 
-    def entry_numbers(self, parent_tag, names):
+    async def entry_numbers(self, parent_tag, names):
         if parent_tag != "store":
             return [None] * len(names)
-        states = self._states_of(names)
+        states = await self._states_of(names)
         # A lower id is never given to another path, and a path that leaves and comes
         # back gets a new one: the number of an entry shown from the lower.
         return [state[0] if state is not None and state[1] == 0 else None
                 for state in map(states.get, names)]
 
-    def read_ahead(self, lower_path, count):
+    async def read_ahead(self, lower_path, count):
         # A walk of the store visits store paths in the order it lists them: by name.
         parts = lower_path.split(b"/")
         if len(parts) != 2 or parts[0] != b"store":
@@ -111,7 +153,10 @@ class NixStorePolicy(LowerPolicy):
         following = self._following
         at = bisect.bisect_right(following, name)
         if not (following and following[0] <= name and at + count <= len(following)):
-            following = self._following = [name] + self.index.shown_after(name, 8 * count)
+            after, keep = await self._query(self.index.shown_after, name, 8 * count)
+            following = [name] + after
+            if keep:
+                self._following = following
             at = 1
         return [b"store/" + n for n in following[at:at + count]]
 
@@ -138,11 +183,11 @@ class NixStorePolicy(LowerPolicy):
     def complete(self, tag):
         return tag == "storepath"
 
-    def cache_key(self, lower_path):
+    async def cache_key(self, lower_path):
         parts = lower_path.split(b"/", 2)
         if len(parts) < 2 or parts[0] != b"store":
             return None
-        state = self._state(parts[1])
+        state = await self._state(parts[1])
         if state is None or state[1] != 0:
             return None
         return listing_key(parts[1], state[0], parts[2] if len(parts) > 2 else b"")
@@ -153,9 +198,9 @@ class NixStorePolicy(LowerPolicy):
         # link() as "do not deduplicate this file" and goes on.
         return errno.ENOSPC if dest_tag == "store/.links" else None
 
-    def lower_visible(self, parent_tag, name):
+    async def lower_visible(self, parent_tag, name):
         if parent_tag == "store":
-            state = self._state(name)
+            state = await self._state(name)
             return state is not None and state[1] == 0
         if parent_tag == "var/nix":
             return name not in UPPER_ONLY
@@ -163,15 +208,31 @@ class NixStorePolicy(LowerPolicy):
             return name != PUBLISHED
         return True
 
-    def lower_names(self, parent_tag):
-        return self.index.shown_names() if parent_tag == "store" else None
+    async def lower_names(self, parent_tag):
+        if parent_tag != "store":
+            return None
+        return (await self._query(self.index.shown_names))[0]
 
-    def whiteout_made(self, parent_tag, name):
-        if parent_tag == "store" and self.index.state(name):
+    async def whiteout_made(self, parent_tag, name):
+        if parent_tag != "store":
+            return
+        try:
+            known = await self._state(name)
+        except OSError:  # the index did not answer: the service's own index decides
+            known = True
+        if known:
             self._removed.send_nowait(name)
 
+    async def refresh_stats(self) -> None:
+        """Read the index's figures for ``stats`` (off the event loop where the index
+        lies on the lower); a lower that does not answer leaves the last ones."""
+        try:
+            self._index_stats = (await self._query(self.index.stats))[0]
+        except OSError:
+            pass
+
     def stats(self) -> dict:
-        return self.index.stats()
+        return {**self._index_stats, "index_queries": self.queries}
 
     def removed_paths(self) -> trio.MemoryReceiveChannel:
         """The queue of lower store paths removed through the mount (``whiteout_made``)."""

@@ -156,11 +156,11 @@ class StoreService:
                 except BaseException:
                     self._hide |= names  # not done: the next round tries again
                     raise
-                self._forget(hidden)
+                await self._forget(hidden)
         result = await self.worker.call("step", force)
         if result is not None:
             shown, hidden, duplicates = result
-            self._forget(list(hidden) + list(shown))
+            await self._forget(list(hidden) + list(shown))
             for name in duplicates:
                 if await self.overlay.discard_upper(STORE, name):
                     self.duplicates += 1
@@ -175,9 +175,9 @@ class StoreService:
             for name in names:
                 await self.overlay.unhide(STORE, name)
             restored = await self.worker.call("restore", names)
-        self._forget(restored)
+        await self._forget(restored)
         return restored
 
-    def _forget(self, names) -> None:
+    async def _forget(self, names) -> None:
         for name in names:
-            self.overlay.lower_entry_changed(STORE, name)
+            await self.overlay.lower_entry_changed(STORE, name)

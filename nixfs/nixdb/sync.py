@@ -35,8 +35,9 @@ class StoreSync:
     The worker opens the index at its first need (``ensure_index``): it runs once
     ``prepare`` made it.  *generation* is the mount's ``-o generation=`` (auto or off)."""
 
-    def __init__(self, lower: str, upper: str, state_dir: str, *, generation: str = "auto"):
-        self.files = StoreFiles(lower, upper, state_dir)
+    def __init__(self, lower: str, upper: str, state_dir: str, *, generation: str = "auto",
+                 db_dir: str | None = None):
+        self.files = StoreFiles(lower, upper, state_dir, db_dir)
         self.generation_setting = generation
         self.generation = None  # the generation the database is built over (its record)
         self.upper_store = UpperStore(upper)

@@ -32,8 +32,9 @@ class SyncWorker:
     """Daemon side: starts the worker and sends it requests, one at a time."""
 
     def __init__(self, lower: str, upper: str, state_dir: str, mountpoint: str,
-                 log_file=None, debug: bool = False, keep_fds: tuple = ()):
-        self.args = (lower, upper, state_dir, mountpoint, debug)
+                 log_file=None, debug: bool = False, keep_fds: tuple = (),
+                 db_dir: str | None = None):
+        self.args = (lower, upper, state_dir, mountpoint, db_dir, debug)
         self.log_file = log_file  # the daemon's logs.DaemonLog; None: it logs to stderr
         self.keep_fds = keep_fds  # the worker's at the same numbers (a lower under the mount)
         self.proc = None
@@ -120,10 +121,10 @@ class _Handler:
     """Worker side: each request opens the merged database through the mount and
     closes it again, so the mount is never kept busy between requests."""
 
-    def __init__(self, lower, upper, state_dir, mountpoint):
+    def __init__(self, lower, upper, state_dir, mountpoint, db_dir):
         import apsw
         from .sync import StoreSync
-        self.sync = StoreSync(lower, upper, state_dir)
+        self.sync = StoreSync(lower, upper, state_dir, db_dir=db_dir)
         # At once (the daemon starts the worker as the mount goes live), so its bases are
         # held from then on.  One started after its generation was pruned cannot open
         # it: it still keeps the upper's own rows aside, and following the lower fails
@@ -217,12 +218,13 @@ class _Handler:
         return dict(self.sync.stats)
 
 
-def _serve(send, recv, lower, upper, state_dir, mountpoint, debug, log_fd, log_path) -> None:
+def _serve(send, recv, lower, upper, state_dir, mountpoint, db_dir, debug, log_fd,
+           log_path) -> None:
     from .. import logs
     from .schema import SchemaError
     # Where the daemon logs; never to the terminal the mount was started from.
     logs.setup_worker(log_fd, log_path, debug)
-    handler = _Handler(lower, upper, state_dir, mountpoint)
+    handler = _Handler(lower, upper, state_dir, mountpoint, db_dir)
     while True:
         try:
             op, args = recv.recv()

@@ -63,7 +63,7 @@ class Creating:
                         os.close(result)
                     self._undo_create(pfd, name)
                     raise
-            node = self.nodes.new_node(parent, name, stat.S_IFMT(st.st_mode), True, None)
+            node = await self.nodes.new_node(parent, name, stat.S_IFMT(st.st_mode), True, None)
             node.lookups += 1
             return node, self.names.attr(node, st), result
 

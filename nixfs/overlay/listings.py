@@ -54,13 +54,13 @@ class Listings:
 
         When *node* is that object's node, a fetch also keeps its open lower
         directory for it: the walk's next step down then needs no second open."""
-        key = self.policy.cache_key(path)
+        key = await self.policy.cache_key(path)
         if key is None:
             return None
         listing = await self.dircache.get(path, key)
         if listing is not None:
             if self._read_ahead.pop(path, None) is not None:
-                self._read_further(parent, path)  # a walk reached what was read ahead
+                await self._read_further(parent, path)  # a walk reached what was read ahead
             return listing
         busy = self._fetching.get(path)
         if busy is not None:  # someone is fetching it: wait for theirs
@@ -79,23 +79,23 @@ class Listings:
         finally:
             del self._fetching[path]
             done.set()
-        listing = self._keep_listings(path, key, listings)
+        listing = await self._keep_listings(path, key, listings)
         if further:  # a request's fetch, not a read-ahead
-            self._read_further(parent, path)
+            await self._read_further(parent, path)
         return listing
 
-    def _keep_listings(self, path: bytes, key: bytes, listings: dict) -> Listing:
+    async def _keep_listings(self, path: bytes, key: bytes, listings: dict) -> Listing:
         """Keep what ``read_listing`` read at *path*; its own listing."""
         listing = listings.pop(b"")
         self.dircache.put(path, key, listing)
         for rel, below in listings.items():  # the directories below, read on the way
             sub = path + b"/" + rel
-            sub_key = self.policy.cache_key(sub)
+            sub_key = await self.policy.cache_key(sub)
             if sub_key is not None:
                 self.dircache.put(sub, sub_key, below)
         return listing
 
-    def _read_further(self, parent: Node, path: bytes) -> None:
+    async def _read_further(self, parent: Node, path: bytes) -> None:
         """Fetch, in the background, the immutable lower paths the policy expects a
         walk to want next: a cold walk (or NFS) then waits on several at once rather
         than one after another.  At most ``read_ahead_paths`` ahead, in batches of
@@ -103,7 +103,11 @@ class Listings:
         more than a listing), on at most half the lower's threads."""
         if not self.read_ahead_paths:
             return
-        wanted = self.policy.read_ahead(path, self.read_ahead_paths)
+        try:
+            wanted = await self.policy.read_ahead(path, self.read_ahead_paths)
+        except OSError as e:  # a guess not made: the request that asked goes on
+            log.debug("reading ahead of %r: %s", path, e)
+            return
         new = [ahead for ahead in wanted if ahead not in self._ahead_pending
                and ahead not in self._fetching and ahead not in self._read_ahead]
         if len(wanted) == self.read_ahead_paths:  # not the end: wait for a full batch
@@ -122,7 +126,7 @@ class Listings:
                     return  # the directory went meanwhile
                 todo = []
                 for path in paths:
-                    key = self.policy.cache_key(path)
+                    key = await self.policy.cache_key(path)
                     if (key is not None and path not in self._fetching
                             and await self.dircache.get(path, key) is None):
                         todo.append((path, key))
@@ -134,7 +138,7 @@ class Listings:
                         pfd, [path.rsplit(b"/", 1)[1] for path, _ in todo], self.prefetch_entries)
                 for (path, key), listings in zip(todo, found):
                     if listings is not None:
-                        self._keep_listings(path, key, listings)
+                        await self._keep_listings(path, key, listings)
                         self._read_ahead[path] = True
         except Exception as e:  # a read-ahead is a guess: its failure is no one's error
             log.debug("reading %r ahead: %s", paths, e)
@@ -150,7 +154,7 @@ class Listings:
         listings (their ``.``) and the names still to stat."""
         base = self.dirs.lower_path(node)
         paths = [base + b"/" + name if base else name for name in names]
-        listings = await self.dircache.get_many(paths, self.policy.cache_keys(paths))
+        listings = await self.dircache.get_many(paths, await self.policy.cache_keys(paths))
         known, unknown = [], []
         for name, listing in zip(names, listings):
             if listing is not None:
@@ -166,7 +170,7 @@ class Listings:
         parent = node.parent
         if parent is not None and self.nodes.immutable(parent):
             ppath = self.dirs.lower_path(parent)
-            pkey = self.policy.cache_key(ppath)
+            pkey = await self.policy.cache_key(ppath)
             listing = await self.node_listing(parent) if pkey is not None else None
             if listing is not None:
                 xmap = await self.dircache.get_xattrs(ppath, pkey)
@@ -178,7 +182,7 @@ class Listings:
                 return xmap.get(node.name, {})
         # A store path itself (its parent, the store, changes): kept on its own.
         path = self.dirs.lower_path(node)
-        key = self.policy.cache_key(path)
+        key = await self.policy.cache_key(path)
         if key is not None:
             own = await self.dircache.get_xattrs(path + b"/.", key + b"\0self")
             if own is None:

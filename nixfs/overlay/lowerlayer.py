@@ -1,60 +1,45 @@
 """The lower layer's calls as awaitables that run in worker threads.
 
-The lower may be NFS or any slow or failing file system: its calls run behind
-their own thread limit and a timeout, so a stalled lower never takes threads from
-upper work nor stalls the event loop; what a call given up on returns late is
-disposed of (descriptors closed), so an outage leaks nothing.
+The lower may be NFS or any slow or failing file system: its calls go through the
+lower's runner (``lowerrunner``: a thread limit and a timeout), so a stalled lower
+never stalls the event loop; each names what to do with a descriptor it returns
+late (close it), so an outage leaks nothing.
 """
 
-import errno
 import functools
-import logging
 import os
-import threading
-
-import trio
 
 from .layers import Layer
-
-log = logging.getLogger(__name__)
+from .lowerrunner import LowerRunner
 
 
 class LowerLayer:
-    """The lower layer's primitives as awaitables that run in worker threads.
+    """The lower layer's primitives as awaitables, each run by *runner* (worker threads
+    behind the lower's limit and timeout, ``lowerrunner``) and counted by the layer."""
 
-    A call that takes longer than *timeout* seconds (None or 0: no limit) fails with
-    EIO; its thread is abandoned (it finishes or hangs on its own, never holding the
-    event loop).  What an abandoned call returns when it finishes late is handed to
-    its *late* callback in that thread (descriptors are closed there), so an outage
-    leaks nothing.  The lower has its own thread limit: stalled lower calls never
-    take threads from upper work.
-    """
-
-    def __init__(self, layer: Layer, *, threads: int = 8, timeout: float | None = None):
+    def __init__(self, layer: Layer, runner: LowerRunner):
         self.layer = layer
         self.root_fd = layer.root_fd
         self.calls = layer.calls
-        self.limiter = trio.CapacityLimiter(threads)
-        self.timeout = timeout
-        # Set when a call was given up on, cleared when any call returns (also one given
-        # up on, finishing late): meanwhile answers known from before may be used.
-        self.out = False
+        self.runner = runner
+        self.run = runner.run
 
-    async def run(self, fn, *args, late=None):
-        """``fn(*args)`` in a worker thread; EIO after the timeout.  *late* gets the
-        result of a call that finishes after it was given up."""
-        box = _Late(late, self)
-        with trio.move_on_after(self.timeout if self.timeout else float("inf")) as scope:
-            return await trio.to_thread.run_sync(box.call, fn, *args, limiter=self.limiter,
-                                                 abandon_on_cancel=True)
-        assert scope.cancelled_caught
-        box.abandon()
-        self.calls["timeout"] += 1
-        if not self.out:  # once per outage, not for every call it fails
-            log.warning("the lower did not answer in %g s: answering EIO (lower_timeout)",
-                        self.timeout)
-        self.out = True
-        raise OSError(errno.EIO, "the lower layer did not answer in time")
+    @property
+    def timeout(self) -> float | None:
+        return self.runner.timeout
+
+    @property
+    def out(self) -> bool:
+        """A call was given up on and no call has answered since: the lower is out."""
+        return self.runner.out
+
+    def counts(self) -> dict:
+        """Lower calls by kind, with those given up on (by anyone on the runner) as
+        ``timeout``."""
+        calls = dict(self.calls)
+        if self.runner.timeouts:
+            calls["timeout"] = self.runner.timeouts
+        return calls
 
     async def run_on_layer(self, fn, *args, late=None, **kwargs):
         """``fn(layer, *args, **kwargs)`` in a worker thread: a blocking helper (a
@@ -123,44 +108,3 @@ def _close_kept_fd(result) -> None:
     """A late ``read_listing`` result: close the directory it kept open."""
     if result[1] >= 0:
         os.close(result[1])
-
-
-class _Late:
-    """Hands the result of an abandoned call to its *late* callback, exactly once:
-    whether the thread finishes before or after the caller gives up."""
-
-    __slots__ = ("late", "lower", "lock", "abandoned", "done", "result")
-
-    def __init__(self, late, lower: LowerLayer):
-        self.late = late
-        self.lower = lower
-        self.lock = threading.Lock()
-        self.abandoned = self.done = False
-        self.result = None
-
-    def call(self, fn, *args):
-        try:
-            result = fn(*args)
-        finally:
-            self.lower.out = False  # it answered (a plain store: safe from a thread)
-        if self.late is not None:
-            with self.lock:
-                if self.abandoned:
-                    self._dispose(result)
-                else:
-                    self.done, self.result = True, result
-        return result
-
-    def abandon(self) -> None:
-        """The caller gave up: a result already there (delivered too late) is disposed of."""
-        with self.lock:
-            self.abandoned = True
-            if self.done:
-                self.done, result, self.result = False, self.result, None
-                self._dispose(result)
-
-    def _dispose(self, result) -> None:
-        try:
-            self.late(result)
-        except Exception:
-            log.exception("disposing of a late lower result")

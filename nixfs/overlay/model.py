@@ -36,6 +36,7 @@ from .files import FileData
 from .inodes import InodeTable, Node
 from .layers import Layer
 from .lowerlayer import LowerLayer
+from .lowerrunner import LowerRunner
 from .upperlayer import UpperLayer
 from .listings import Listings
 from .names import Names, Shown
@@ -56,10 +57,13 @@ class Overlay:
                  fd_cache: int = 1024, policy: LowerPolicy | None = None,
                  listings: ListingStore | None = None, immutable_ttl: float = 3600.0,
                  max_nodes: int = 100_000, notify: Notifier | None = None,
-                 state: UpperState | None = None, nodeless_listings: bool = False):
+                 state: UpperState | None = None, nodeless_listings: bool = False,
+                 lower_runner: LowerRunner | None = None):
         self.upper = UpperLayer(upper, name="upper")
-        self.lower = LowerLayer(Layer(lower, name="lower"), threads=lower_threads,
-                                timeout=lower_timeout)
+        # *lower_runner*: shared with the parts outside that read the lower too (a Nix
+        # store's policy, over a generation's index); else one of *lower_threads*.
+        runner = lower_runner or LowerRunner(threads=lower_threads, timeout=lower_timeout)
+        self.lower = LowerLayer(Layer(lower, name="lower"), runner)
         # *state*: the upper's, taken by the daemon before it prepared anything there.
         self.state = state or UpperState(self.upper.root_fd)
         if not self.state.belongs_to(self.upper.root_fd):
@@ -134,7 +138,7 @@ class Overlay:
     def stats(self) -> dict:
         """What the model reports of itself, each part's figures under status' names."""
         return {
-            "lower_calls": dict(self.lower.calls), "upper_calls": dict(self.upper.calls),
+            "lower_calls": self.lower.counts(), "upper_calls": dict(self.upper.calls),
             "lower_timeout_s": self.lower.timeout or 0,
             "copy_ups": self._copying.copy_ups, "stale_answers": self._names.stale_answers,
             "nodes": len(self.inodes), "nodes_trimmed": self._nodes.trims,
@@ -321,8 +325,8 @@ class Overlay:
 
     # Changes from outside.
 
-    def lower_entry_changed(self, dir_names: tuple[bytes, ...], name: bytes) -> None:
-        self._outside.lower_entry_changed(dir_names, name)
+    async def lower_entry_changed(self, dir_names: tuple[bytes, ...], name: bytes) -> None:
+        await self._outside.lower_entry_changed(dir_names, name)
 
     async def discard_upper(self, dir_names: tuple[bytes, ...], name: bytes) -> bool:
         return await self._outside.discard_upper(dir_names, name)

@@ -105,8 +105,8 @@ class Names:
             return None
         return self.dirs.child_lower_path(parent, redirect)
 
-    def lower_visible(self, parent: Node, name: bytes) -> bool:
-        return parent.tag is None or self.policy.lower_visible(parent.tag, name)
+    async def lower_visible(self, parent: Node, name: bytes) -> bool:
+        return parent.tag is None or await self.policy.lower_visible(parent.tag, name)
 
     async def lower_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
         """The lower entry's stat; None if there is none, or it is a whiteout device
@@ -116,7 +116,7 @@ class Names:
         return None if st is None or fmt.is_kernel_whiteout(st) else st
 
     async def _lower_entry_stat(self, parent: Node, name: bytes) -> os.stat_result | None:
-        if parent.lower is None or not self.lower_visible(parent, name):
+        if parent.lower is None or not await self.lower_visible(parent, name):
             return None
         listing = await self.listings.node_listing(parent)
         if listing is not None:
@@ -187,8 +187,8 @@ class Names:
             if node is not None:
                 self.inodes.attach(node, parent, name)
                 return node, await self.shown_stat(node, st)
-        node = self.nodes.new_node(parent, name, found.kind, found.upper_st is not None,
-                                   found.lower)
+        node = await self.nodes.new_node(parent, name, found.kind, found.upper_st is not None,
+                                         found.lower)
         if found.upper_st is not None and st.st_nlink > 1 and not node.is_dir:
             self.inodes.register_upper_ino(node, st.st_ino)
         if found.upper_st is not None:

@@ -41,9 +41,14 @@ class Nodes:
                 return None
         return node
 
-    def new_node(self, parent: Node, name: bytes, kind: int, upper: bool, lower) -> Node:
-        number = (self.policy.entry_numbers(parent.tag, [name])[0]
+    async def new_node(self, parent: Node, name: bytes, kind: int, upper: bool, lower) -> Node:
+        """A node for the entry *name* of *parent*, numbered as the policy says; the node
+        someone else made for it while the policy was asked, if one was."""
+        number = ((await self.policy.entry_numbers(parent.tag, [name]))[0]
                   if parent.tag is not None and lower is not None else None)
+        made = self.inodes.child(parent, name)
+        if made is not None:
+            return made
         node = self.inodes.add(parent, name, kind, upper, lower, number)
         if parent.tag is not None and kind == stat.S_IFDIR:
             node.tag = self.policy.tag(parent.tag, name)

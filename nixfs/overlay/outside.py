@@ -32,7 +32,7 @@ class Outside:
         self.listings, self.lower_files = listings, lower_files
         self.policy, self.notify, self.lock, self.state = policy, notify, lock, state
 
-    def lower_entry_changed(self, dir_names: tuple[bytes, ...], name: bytes) -> None:
+    async def lower_entry_changed(self, dir_names: tuple[bytes, ...], name: bytes) -> None:
         """The lower gained or lost *name* (or the policy changed its mind about it):
         forget what nixfs and the kernel cached about that entry."""
         path = b"/".join(dir_names + (name,))
@@ -48,7 +48,7 @@ class Outside:
             if child.upper:
                 if child.is_dir and child.lower is not None:
                     self.dirs.forget_lower(child)
-                    if not self.names.lower_visible(parent, name):
+                    if not await self.names.lower_visible(parent, name):
                         child.lower = None
             else:
                 # What is below it left the lower too (nodes the kernel still holds, e.g.
@@ -93,7 +93,7 @@ class Outside:
             finally:
                 os.close(pfd)
             if removed:
-                self.lower_entry_changed(dir_names, name)
+                await self.lower_entry_changed(dir_names, name)
             return removed
 
     def _remove_whiteouts(self, pfd: int, name: bytes) -> bool:

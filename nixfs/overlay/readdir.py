@@ -71,7 +71,7 @@ class DirReader:
                 else:
                     entries[entry.name] = entry
         elif node.lower is not None:
-            names = self.policy.lower_names(node.tag) if node.tag is not None else None
+            names = await self.policy.lower_names(node.tag) if node.tag is not None else None
             try:
                 async with self.dirs.lower_fd(node) as fd:
                     if names is not None:
@@ -94,7 +94,7 @@ class DirReader:
                 if name in hidden or self.names.hidden_name(node, name) or (
                         st is not None and st is not UNSTATED and fmt.is_kernel_whiteout(st)):
                     continue
-                if names is None and not self.names.lower_visible(node, name):
+                if names is None and not await self.names.lower_visible(node, name):
                     continue  # (names from the policy are visible by definition)
                 if name in entries:
                     entries[name].lower_st = st
@@ -166,8 +166,8 @@ class DirReader:
             # no layer to ask, whether the node is new or still known.
             st = entry.lower_st
             if child is None:
-                child = self.nodes.new_node(parent, entry.name, stat.S_IFMT(st.st_mode), False,
-                                            DERIVED)
+                child = await self.nodes.new_node(parent, entry.name, stat.S_IFMT(st.st_mode),
+                                                  False, DERIVED)
             elif child.upper or child.lower is not DERIVED:
                 child = None  # copied up meanwhile: ask the layers below
             if child is not None:
@@ -177,12 +177,12 @@ class DirReader:
             # unless it is an upper directory (whose markers decide how it merges).
             st = entry.upper_st or entry.lower_st
             if entry.upper_st is None and entry.lower_st is not None:
-                node = self.nodes.new_node(parent, entry.name, stat.S_IFMT(st.st_mode), False,
-                                           DERIVED)
+                node = await self.nodes.new_node(parent, entry.name, stat.S_IFMT(st.st_mode),
+                                                 False, DERIVED)
                 return node, self.names.attr(node, st)
             if st is not None and not stat.S_ISDIR(st.st_mode) and st.st_nlink == 1:
-                node = self.nodes.new_node(parent, entry.name, stat.S_IFMT(st.st_mode), True,
-                                           None)
+                node = await self.nodes.new_node(parent, entry.name, stat.S_IFMT(st.st_mode),
+                                                 True, None)
                 return node, self.names.attr(node, await self.names.shown_stat(node, st))
         try:
             node, st = await self.names.live_child(parent, entry.name, entry.lower_st)
@@ -215,7 +215,7 @@ class DirReader:
                     found.update(await self.lower.stat_names(fd, unknown))
             except (FileNotFoundError, NotADirectoryError):
                 pass  # the lower directory is gone: so are its entries
-        numbers = (self.policy.entry_numbers(dh.node.tag, [e.name for e in chunk])
+        numbers = (await self.policy.entry_numbers(dh.node.tag, [e.name for e in chunk])
                    if dh.nodeless else [None] * len(chunk))
         for e, number in zip(chunk, numbers):
             st = found.get(e.name)

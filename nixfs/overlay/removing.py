@@ -110,7 +110,7 @@ class Removing:
             self.cows.unlinked(entry)
         self.nodes.unlink(node, parent, name)
         if hid_lower and parent.tag is not None:
-            self.policy.whiteout_made(parent.tag, name)
+            await self.policy.whiteout_made(parent.tag, name)
 
     async def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
                      flags: int = 0) -> None:
@@ -184,7 +184,7 @@ class Removing:
             if cover_old and not short:
                 self._kernel_whiteout(ofd, old_name)
         if cover_old and old_parent.tag is not None:
-            self.policy.whiteout_made(old_parent.tag, old_name)
+            await self.policy.whiteout_made(old_parent.tag, old_name)
         if redirect is not None:
             src.lower = redirect
         if dst is not None:

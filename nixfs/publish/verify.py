@@ -22,7 +22,7 @@ from ..nixdb.schema import STORE_DIR, SchemaError, read_schema_version
 from ..nixdb.snapshot import SnapshotError, read_consistent
 from . import manifest as manifest_file
 from ..cow.cowmap import map_name
-from .generations import CATALOG, DB, FILES, INDEX, Generations
+from .generations import CATALOG, DB, FILES, INDEX, MANIFEST, Generations
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +126,16 @@ def _verify_chain(gens: Generations, number: int) -> tuple[dict, list[int]]:
 
 
 def _checked_manifest(gens: Generations, number: int) -> dict:
+    with gens.reached(number) as at:
+        return _checked_manifest_at(gens, number, at)
+
+
+def _checked_manifest_at(gens: Generations, number: int, at: str) -> dict:
+    """``_checked_manifest``, its files read through *at* (their directory)."""
     try:
-        m = manifest_file.load(gens.manifest(number))
+        m = manifest_file.load(os.path.join(at, MANIFEST))
     except manifest_file.ManifestError as e:
-        raise GenerationError(str(e)) from None
+        raise GenerationError(str(e).replace(at, gens.dir(number))) from None
     if m["generation"] != number or m["store_dir"] != STORE_DIR:
         raise GenerationError(f"its manifest is of generation {m['generation']} in "
                               f"{m['store_dir']}")
@@ -137,14 +143,14 @@ def _checked_manifest(gens: Generations, number: int) -> dict:
         entry = m["files"].get(name)
         if not isinstance(entry, dict):
             raise GenerationError(f"its manifest lists no {name}")
-        _check_file(gens, number, name, entry)
+        _check_file(gens, number, name, entry, at)
     return m
 
 
-def _check_file(gens: Generations, number: int, name: str, entry: dict) -> None:
+def _check_file(gens: Generations, number: int, name: str, entry: dict, at: str) -> None:
     path = gens.file(number, name)
     try:
-        size = os.stat(path).st_size
+        size = os.stat(os.path.join(at, name)).st_size
     except OSError as e:
         raise GenerationError(f"{path}: {os.strerror(e.errno)}") from None
     if size != entry["delta_size"]:
@@ -155,7 +161,7 @@ def _check_file(gens: Generations, number: int, name: str, entry: dict) -> None:
             raise GenerationError(f"{path}: a plain file with a base or another size")
         return
     try:
-        with open(gens.file(number, map_name(name)), "rb") as f:
+        with open(os.path.join(at, map_name(name)), "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
     except OSError as e:
         raise GenerationError(f"the COW map of {path}: {os.strerror(e.errno)}") from None

@@ -395,7 +395,7 @@ def test_a_walk_into_the_store_reads_the_next_store_paths_ahead(store):
         assert total(lower_calls(store)) == before
 
 
-def test_read_ahead_names_come_from_few_index_queries(tmp_path):
+async def test_read_ahead_names_come_from_few_index_queries(tmp_path):
     """A walk asks for the store paths after each one it enters: the policy answers
     from one query per many asks, skips paths not shown, and sees the index change."""
     from nixfs.nixdb.lowerindex import LowerIndex
@@ -410,15 +410,15 @@ def test_read_ahead_names_come_from_few_index_queries(tmp_path):
     index.shown_after = lambda name, count: queries.append(name) or real(name, count)
     shown = [n for i, n in enumerate(names) if i % 10 != 5]
     for i, n in enumerate(shown):
-        assert policy.read_ahead(b"store/" + n, 8) == [b"store/" + m for m in shown[i + 1:i + 9]]
+        assert await policy.read_ahead(b"store/" + n, 8) == [b"store/" + m for m in shown[i + 1:i + 9]]
     assert len(queries) <= 100 // (8 * 8 - 8) + 8 + 1  # (the last few ask each time)
-    assert policy.read_ahead(b"store/005-p/bin", 8) == []
+    assert await policy.read_ahead(b"store/005-p/bin", 8) == []
     other = LowerIndex(str(tmp_path / "index.sqlite"))  # the sync worker's connection
     with other.conn:
         other.set_state([b"001-p"], 1)
-    assert policy.read_ahead(b"store/000-p", 2) == [b"store/002-p", b"store/003-p"]
+    assert await policy.read_ahead(b"store/000-p", 2) == [b"store/002-p", b"store/003-p"]
     with index.conn:  # a change through the policy's own connection is seen too
         index.set_state([b"002-p"], 1)
-    assert policy.read_ahead(b"store/000-p", 2) == [b"store/003-p", b"store/004-p"]
+    assert await policy.read_ahead(b"store/000-p", 2) == [b"store/003-p", b"store/004-p"]
     other.close()
     index.close()

@@ -2,6 +2,7 @@
 (scripts/slowfs, the stand-in for NFS): the walk shows exactly what the lower holds, and
 the catalog it is answered from is read in a few large reads, not once per listing."""
 
+import collections
 import json
 import os
 import sqlite3
@@ -46,14 +47,20 @@ def tree(top) -> dict:
     return out
 
 
-def test_a_fresh_uppers_walk_reads_the_catalog_in_chunks(tmp_path):
-    lower = tmp_path / "L/nix"
-    bench_like_store(lower, 120)
+def published(tmp_path, lower):
+    """``nixfs publish`` of the store at *lower*; a fresh upper and a mount point for it."""
     proc = run_nixfs("publish", lower)
     assert proc.returncode == 0, proc.stderr
     upper, mnt = tmp_path / "upper", tmp_path / "M/nix"
     upper.mkdir()
     mnt.mkdir(parents=True)
+    return upper, mnt
+
+
+def test_a_fresh_uppers_walk_reads_the_catalog_in_chunks(tmp_path):
+    lower = tmp_path / "L/nix"
+    bench_like_store(lower, 120)
+    upper, mnt = published(tmp_path, lower)
     with SlowFs(lower.parent, tmp_path / "slow", trace=tmp_path / "trace") as slow:
         with NixfsMount(slow.mnt / "nix", upper, mnt):
             shown = tree(mnt / "store")
@@ -72,3 +79,23 @@ def test_a_fresh_uppers_walk_reads_the_catalog_in_chunks(tmp_path):
     # About 12 chunks of 128 KiB: a read and its attribute check each (slowfs keeps no
     # attributes), where SQLite alone reads most listings' overflow pages one by one.
     assert len(catalog_calls) < 100, (len(catalog_calls), len(shown))
+
+
+def test_mounting_over_a_generation_walks_to_its_files_once_per_process(tmp_path):
+    """A mount opens its generation's files and the lower's database a dozen times and
+    more (checks, the copy-on-write files, their connections, the follower's polls): the
+    directories holding them are kept open, so a lower that caches no names (slowfs, NFS)
+    is asked to look them up about once per process (the mount command, the daemon, its
+    worker), not at every open (before: 15 lookups of the generation's directory, 12 of
+    var/nix/db)."""
+    lower = tmp_path / "L/nix"
+    bench_like_store(lower, 20)
+    upper, mnt = published(tmp_path, lower)
+    with SlowFs(lower.parent, tmp_path / "slow", trace=tmp_path / "trace") as slow:
+        with NixfsMount(slow.mnt / "nix", upper, mnt):
+            calls = slow.calls()
+            os.listdir(mnt / "store")
+    lookups = collections.Counter(path for kind, path in calls if kind == "lookup")
+    generation = os.path.dirname(CATALOG)
+    print({path: lookups[path] for path in (generation, "nix/var/nix/db", "nix/var")})
+    assert lookups[generation] <= 6 and lookups["nix/var/nix/db"] <= 4

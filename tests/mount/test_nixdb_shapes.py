@@ -180,11 +180,15 @@ def test_client_migrations_through_the_mount_then_sync(tmp_path):
     with store.mount():
         client = apsw.Connection(f"{store.mnt}/var/nix/db/db.sqlite")
         client.setbusytimeout(10_000)
-        with client:
-            migrate(client, "nix-2.35-ca")
-            migrate(client, "determinate")
-            client.execute("update ValidPaths set provenance = 'mine' where path = ?",
-                           (store.paths[0],))
+        # The write lock first, then the changes: a deferred transaction that read the
+        # schema before nixfs' worker committed would get SQLITE_BUSY at its first write
+        # with no wait (Nix retries the whole transaction then; this client does not).
+        client.execute("begin immediate")
+        migrate(client, "nix-2.35-ca")
+        migrate(client, "determinate")
+        client.execute("update ValidPaths set provenance = 'mine' where path = ?",
+                       (store.paths[0],))
+        client.execute("commit")
         client.close()
         new = add_path(store.db, "nix-2.26", 3, refs=store.paths[:3])
         wait_until(lambda: store.valid(new), "a new lower path valid after the client's migrations")

@@ -2,7 +2,8 @@
 parts live on (their SQLite connections must not be used from two threads at once: a
 status taken in a worker thread made a store listing fail with "Connection is busy in
 another thread", and Nix 2.8's GC took that failed readdir for an empty store); only the
-walk of the upper for its size runs in a worker thread."""
+walk of the upper for its size runs in a worker thread, and the Nix store policy reads
+its index's figures first, as it reads its index for lookups."""
 
 import threading
 import types
@@ -34,6 +35,15 @@ class Part:
         return Counters(dict.fromkeys(self.keys, 0))
 
 
+class Policy(Part):
+    """The Nix store policy: its index's figures are read before its ``stats()``."""
+
+    refreshed = 0
+
+    async def refresh_stats(self) -> None:
+        self.refreshed += 1
+
+
 def test_status_reads_the_parts_on_the_trio_thread_and_sizes_the_upper(tmp_path):
     threads = set()
     (tmp_path / "var/nix/db").mkdir(parents=True)
@@ -41,7 +51,7 @@ def test_status_reads_the_parts_on_the_trio_thread_and_sizes_the_upper(tmp_path)
     cfg = types.SimpleNamespace(mountpoint=str(tmp_path / "mnt"), lower="/lower",
                                 upper=str(tmp_path))
     daemon = types.SimpleNamespace(cfg=cfg, ops=Part(threads), overlay=Part(threads),
-                                   stale_attrs=None, policy=Part(threads, *POLICY_KEYS),
+                                   stale_attrs=None, policy=Policy(threads, *POLICY_KEYS),
                                    service=Part(threads, *SERVICE_KEYS))
 
     async def main():
@@ -49,5 +59,6 @@ def test_status_reads_the_parts_on_the_trio_thread_and_sizes_the_upper(tmp_path)
 
     loop_thread, out = trio.run(main)
     assert threads == {loop_thread}
+    assert daemon.policy.refreshed == 1
     assert out["upper_bytes"] >= 65536
     assert out["nix"]["merged_db_bytes"] == 65536

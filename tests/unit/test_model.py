@@ -87,7 +87,7 @@ class FrozenStore(LowerPolicy):
     def complete(self, tag):
         return tag == "path"
 
-    def cache_key(self, lower_path):
+    async def cache_key(self, lower_path):
         return lower_path if lower_path.startswith(b"store/") else None
 
 
@@ -129,10 +129,10 @@ class NumberedStore(FrozenStore):
     def __init__(self, lower):
         self.ids = {n: 10 + i for i, n in enumerate(sorted(os.listdir(lower / "store")))}
 
-    def lower_names(self, parent_tag):
+    async def lower_names(self, parent_tag):
         return sorted(n.encode() for n in self.ids) if parent_tag == "store" else None
 
-    def entry_numbers(self, parent_tag, names):
+    async def entry_numbers(self, parent_tag, names):
         if parent_tag != "store":
             return [None] * len(names)
         return [self.ids.get(os.fsdecode(n)) for n in names]
