@@ -64,6 +64,7 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
     if daemon.service is not None:
         nix = {**daemon.policy.stats(), **daemon.service.stats(), "merged_db_bytes": None}
         out["nix"] = _keys(nix, "lower_paths", "lower_paths_not_shown", "lower_max_id",
+                           "index_queries",
                            "merged_db_bytes", "index_bytes", "last_sync_age_s", "sync_errors",
                            "last_sync_error", "upper_copies_dropped", "first_build_finishing",
                            "generation")

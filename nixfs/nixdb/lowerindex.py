@@ -125,12 +125,12 @@ class LowerIndex:
         return {name: (lower_id, state) for name, lower_id, state in self.conn.execute(
             f"select name, lower_id, state from paths where name in ({marks})", names)}
 
-    def shown_after(self, name: bytes, count: int) -> list[bytes]:
-        """The next *count* shown names after *name*, in name order (the order the
-        store is listed in)."""
-        return [r[0] for r in self.conn.execute(
-            "select name from paths where name > ? and state = 0 order by name limit ?",
-            (name, count))]
+    def shown_after(self, name: bytes, count: int) -> list[tuple[bytes, int]]:
+        """(name, lower_id) of the next *count* shown paths after *name*, in name order
+        (the order the store is listed in)."""
+        return self.conn.execute(
+            "select name, lower_id from paths where name > ? and state = 0 order by name "
+            "limit ?", (name, count)).fetchall()
 
     def shown_names(self) -> list[bytes]:
         return [r[0] for r in self.conn.execute("select name from paths where state = 0")]

@@ -41,6 +41,8 @@ def listing_key(name: bytes, lower_id: int, rel: bytes) -> bytes:
 
 
 class NixStorePolicy(LowerPolicy):
+    REMEMBERED_ASK = 1024  # names asked at once whose states are remembered (a listing's chunk)
+
     def __init__(self, index: LowerIndex, *, run=None):
         """*run*: how an index query is awaited, ``run(fn, *args)`` in a worker thread
         (the lower's runner), or None: inline on the event loop."""
@@ -108,8 +110,10 @@ class NixStorePolicy(LowerPolicy):
         return state
 
     async def _states_of(self, names: list[bytes]) -> dict:
-        """``_state`` of many names in one index query for those not remembered; not
-        remembered themselves (a million-name listing would only churn the cache)."""
+        """``_state`` of many names in one index query for those not remembered.  A
+        chunk of a listing is remembered (the walk makes the entries' nodes and reads
+        their listings next, asking each name again); a longer ask is not (a
+        million-name listing would only churn the cache)."""
         self._check_version()
         found, missing = {}, []
         for name in names:
@@ -119,7 +123,11 @@ class NixStorePolicy(LowerPolicy):
             else:
                 found[name] = state
         if missing:
-            found.update((await self._query(self.index.states, missing))[0])
+            states, keep = await self._query(self.index.states, missing)
+            found.update(states)
+            if keep and len(missing) <= self.REMEMBERED_ASK:
+                for name in missing:
+                    self._states[name] = states.get(name)
         return found
 
     async def cache_keys(self, lower_paths):
@@ -154,9 +162,14 @@ class NixStorePolicy(LowerPolicy):
         at = bisect.bisect_right(following, name)
         if not (following and following[0] <= name and at + count <= len(following)):
             after, keep = await self._query(self.index.shown_after, name, 8 * count)
-            following = [name] + after
+            following = [name] + [n for n, _ in after]
             if keep:
                 self._following = following
+                # The walk looks these up next: their states come with them, so those
+                # lookups need no query of their own (over a generation each would be a
+                # round trip through the lower's threads).
+                for n, lower_id in after:
+                    self._states[n] = (lower_id, 0)
             at = 1
         return [b"store/" + n for n in following[at:at + count]]
 

@@ -13,7 +13,8 @@ import trio
 from nixfs.daemon.control import ControlApi
 
 
-POLICY_KEYS = ("lower_paths", "lower_paths_not_shown", "lower_max_id", "index_bytes")
+POLICY_KEYS = ("lower_paths", "lower_paths_not_shown", "lower_max_id", "index_bytes",
+               "index_queries")
 SERVICE_KEYS = ("last_sync_age_s", "sync_errors", "last_sync_error", "upper_copies_dropped",
                 "first_build_finishing", "generation")
 

@@ -69,7 +69,16 @@ async def test_queries_run_in_the_runners_threads_one_at_a_time(index):
     queries = policy.queries
     assert await policy.cache_key(b"store/" + NAMES[0] + b"/bin") == NAMES[0] + b"\x001\x00bin"
     assert await policy.entry_numbers("store", NAMES[:3]) == [1, 2, 3]
+    # A listing's chunk asked at once is remembered: the walk asks each name again.
+    assert await policy.lower_visible("store", NAMES[120])
+    assert await policy.cache_key(b"store/" + NAMES[140]) == NAMES[140] + b"\x00141\x00"
+    # So are the paths read ahead of a walk, which it looks up next.
+    assert await policy.entry_numbers("store", [NAMES[52]]) == [53]
     assert policy.queries == queries  # answered from memory
+    many = [b"%06d-q" % i for i in range(NixStorePolicy.REMEMBERED_ASK + 1)]
+    await policy.entry_numbers("store", many)
+    assert await policy.lower_visible("store", NAMES[0])  # not pushed out by a long ask
+    assert policy.queries == queries + 1
 
 
 async def test_a_stuck_query_fails_with_eio_and_the_loop_goes_on(index):
