@@ -66,7 +66,7 @@ def opener(layer: Layer, counts: BaseStats):
 
     def open_base(rel_path):
         directory, name = split_rel(rel_path)
-        dfd = layer.open_dir_path(directory)
+        dfd = layer.reach_dir_path(directory)
         try:
             try:
                 layer.lstat(dfd, fmt.cow_map_name(name))

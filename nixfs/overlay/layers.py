@@ -131,6 +131,16 @@ class Layer:
         """Open a directory by a path below the root, one component at a time."""
         return open_dir_path(self.root_fd, path, self.open_dir)
 
+    def reach_dir_path(self, path: bytes) -> int:
+        """An ``O_PATH`` descriptor on a directory below the root, for ``*at`` calls in it
+        (not for listing it): each level is a lookup alone, where an open of a readable
+        directory costs a FUSE or NFS lower an open and a release too."""
+        return open_dir_path(self.root_fd, path, self._reach_dir)
+
+    def _reach_dir(self, dirfd: int, name: bytes) -> int:
+        self.calls["reach_dir"] += 1
+        return os.open(name, O_DIR_PATH, dir_fd=dirfd)
+
     def scandir(self, fd: int) -> list[tuple[bytes, int]]:
         """List a directory as ``(name, d_type-ish S_IFMT or 0)`` pairs.
 

@@ -7,9 +7,9 @@ number is one past every directory there, complete or not), complete once its
 flock: a second one waits, a dead one's lock goes with its process).
 """
 
-import contextlib
 import fcntl
 import os
+import stat
 from contextlib import contextmanager
 
 GENERATIONS = "var/nixfs/generations"  # relative to STORE: the maps' base paths are too
@@ -35,7 +35,7 @@ class Generations:
     def manifest(self, number: int) -> str:
         return self.file(number, MANIFEST)
 
-    @contextlib.contextmanager
+    @contextmanager
     def reached(self, number: int):
         """A path that reaches generation *number*'s directory with no walk down to it
         (``/proc/self/fd/N`` of a descriptor on it, while in the block): reading several
@@ -58,16 +58,35 @@ class Generations:
 
     def numbers(self) -> list[int]:
         """Every generation directory's number, complete or not, ascending."""
-        try:
-            names = os.listdir(self.root)
-        except FileNotFoundError:
-            return []
-        return sorted(int(n) for n in names if n.isdigit() and n == str(int(n))
-                      and os.path.isdir(os.path.join(self.root, n)))
+        return self._listed(complete=False)
 
     def complete(self) -> list[int]:
         """The numbers of complete generations (with a manifest), ascending."""
-        return [n for n in self.numbers() if os.path.isfile(self.manifest(n))]
+        return self._listed(complete=True)
+
+    def _listed(self, *, complete: bool) -> list[int]:
+        """The generation directories, (*complete*) those with a manifest: each looked
+        at from one descriptor on the generations directory, so a lower that caches no
+        names is asked one lookup a name, not a walk down from the store each."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            found = []
+            for name in os.listdir(fd):
+                if not (name.isdigit() and name == str(int(name))):
+                    continue
+                wanted = os.path.join(name, MANIFEST) if complete else name
+                try:
+                    st = os.stat(wanted, dir_fd=fd)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) if complete else stat.S_ISDIR(st.st_mode):
+                    found.append(int(name))
+            return sorted(found)
+        finally:
+            os.close(fd)
 
     def newest(self) -> int | None:
         done = self.complete()
