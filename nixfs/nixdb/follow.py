@@ -127,8 +127,7 @@ class LowerFollower:
     def apply(self, db: MergedDb, changes: LowerChanges, index: LowerIndex) -> SyncResult:
         """Bring the merged database and the index up to *changes*."""
         result = SyncResult()
-        if not changes and changes.max_id == index.get("lower_max_id", 0):
-            self.note_state(index, changes)
+        if self.settled(index, changes):
             return result
         with db.begin():
             if changes.shape is not None:
@@ -154,7 +153,14 @@ class LowerFollower:
         self.stats["last_sync"] = time.time()
         return result
 
-    def note_state(self, index: LowerIndex, changes: LowerChanges) -> None:
+    def settled(self, index: LowerIndex, changes: LowerChanges) -> bool:
+        """Whether *changes* hold nothing to follow; if so, their state is noted."""
+        if changes or changes.max_id != index.get("lower_max_id", 0):
+            return False
+        self._note_state(index, changes)
+        return True
+
+    def _note_state(self, index: LowerIndex, changes: LowerChanges) -> None:
         """*changes* found nothing to do: the index followed the lower up to their state
         too, so keep its name (a checkpoint of the lower renames an unchanged state;
         the next catch-up then skips the count again)."""

@@ -216,8 +216,10 @@ class StoreSync:
     def apply(self, db: MergedDb, changes: LowerChanges) -> SyncResult:
         return self.follower.apply(db, changes, self.index)
 
-    def note_state(self, changes: LowerChanges) -> None:
-        self.follower.note_state(self.index, changes)
+    def settled(self, changes: LowerChanges) -> bool:
+        """Whether *changes* hold nothing to follow (their state noted if so): then the
+        merged database need not even be opened."""
+        return self.follower.settled(self.index, changes)
 
     # ------------------------------------------------------------------ changes made through the mount
 

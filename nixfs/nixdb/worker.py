@@ -163,8 +163,7 @@ class _Handler:
             return None
         try:
             changes = self.sync.read_changes()
-            if not changes and changes.max_id == self.sync.index.get("lower_max_id", 0):
-                self.sync.note_state(changes)
+            if self.sync.settled(changes):
                 return None
             db = self._db()
             try:
