@@ -2,8 +2,8 @@
 
 Everything that names a generation's directory or file goes through here:
 ``STORE/var/nixfs/generations/N/`` with N decimal and never reused (the next
-number is one past every directory there, complete or not), complete once its
-``manifest.json`` exists.  One publisher at a time holds ``.lock`` there (an
+number is one past every directory there, complete or not, and past every number
+sealed before, ``.highest``), complete once its ``manifest.json`` exists.  One publisher at a time holds ``.lock`` there (an
 flock: a second one waits, a dead one's lock goes with its process).
 """
 
@@ -17,6 +17,10 @@ MANIFEST = "manifest.json"
 DB, INDEX, CATALOG = "db.sqlite", "lower-index.sqlite", "listings.sqlite"
 FILES = (DB, INDEX, CATALOG)
 LOCK = ".lock"
+# The highest number ever given to a generation here: a number is never given twice, even
+# after the newest generation was deleted by hand, because an upper's copy-on-write files
+# name their bases by number (a mount that opens one anew must not find another's file).
+HIGHEST = ".highest"
 
 
 class Generations:
@@ -96,13 +100,33 @@ class Generations:
         """Make the next generation's (empty) directory; its number."""
         os.makedirs(self.root, mode=0o755, exist_ok=True)
         existing = self.numbers()
-        number = existing[-1] + 1 if existing else 1
+        number = max(existing[-1] if existing else 0, self._highest()) + 1
         while True:
             try:
                 os.mkdir(self.dir(number), 0o755)
-                return number
+                break
             except FileExistsError:
                 number += 1
+        return number
+
+    def _highest(self) -> int:
+        try:
+            with open(os.path.join(self.root, HIGHEST)) as f:
+                return int(f.read().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0  # none given yet here (or an older nixfs published: the directories say)
+
+    def note_given(self, number: int) -> None:
+        """Record *number* as given, before its generation is sealed (a directory that is
+        removed again unsealed gave it to no upper).  Replaced whole: a crash leaves the
+        old record or the new."""
+        path = os.path.join(self.root, HIGHEST)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{number}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
 
     @contextmanager
     def locked(self):

@@ -78,6 +78,7 @@ def publish(store: str, *, force: bool = False, full: bool = False) -> Published
             if body is None:
                 body = whole.write(gens, number, lower_db, schema, clock)
             seal_files(gens, number)
+            gens.note_given(number)
             sealed = manifest.write(gens.dir(number), {
                 "format": manifest.FORMAT, "generation": number, "created": time.time(),
                 "store_dir": STORE_DIR, **body})

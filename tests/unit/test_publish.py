@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +213,16 @@ def test_an_unchanged_store_gets_no_new_generation_and_a_changed_one_does(store)
     (store / "store/00000000000000000000000000000000-new").mkdir()
     assert publish(str(store)).number == 2
     assert find_usable(str(store)).count == 301
+
+
+def test_a_generation_number_is_never_given_twice(store):
+    """An upper's copy-on-write files name their bases by generation number: after the
+    newest generation was deleted by hand, the next one gets a new number, not its."""
+    assert publish(str(store)).number == 1
+    assert publish(str(store), force=True, full=True).number == 2
+    shutil.rmtree(store / "var/nixfs/generations/2")
+    assert publish(str(store), force=True, full=True).number == 3
+    assert Generations(str(store)).complete() == [1, 3]
 
 
 def _publish_process(store: Path) -> subprocess.Popen:
