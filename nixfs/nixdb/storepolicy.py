@@ -205,6 +205,15 @@ class NixStorePolicy(LowerPolicy):
             return None
         return listing_key(parts[1], state[0], parts[2] if len(parts) > 2 else b"")
 
+    async def cache_tree(self, lower_path):
+        parts = lower_path.split(b"/", 2)
+        if len(parts) < 2 or parts[0] != b"store":
+            return None
+        state = await self._state(parts[1])
+        if state is None or state[1] != 0:
+            return None
+        return b"store/" + parts[1], listing_key(parts[1], state[0], b"")
+
     def link_lower_errno(self, dest_tag):
         # nix-store --optimise links every file of every valid path into store/.links; for
         # a lower file that would copy it into the upper.  Nix 2.8 takes ENOSPC from that

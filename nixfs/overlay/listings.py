@@ -57,10 +57,14 @@ class Listings:
         key = await self.policy.cache_key(path)
         if key is None:
             return None
-        listing = await self.dircache.get(path, key)
+        # Over a published catalog a miss of memory reads the rest of its tree along.
+        from_store = self.dircache.reads_trees and not self.dircache.has(path, key)
+        listing = await self.dircache.get(path, key, self.policy.cache_tree)
         if listing is not None:
             if self._read_ahead.pop(path, None) is not None:
                 await self._read_further(parent, path)  # a walk reached what was read ahead
+            elif from_store and further:
+                await self._read_beyond_tree(parent, path)
             return listing
         busy = self._fetching.get(path)
         if busy is not None:  # someone is fetching it: wait for theirs
@@ -117,6 +121,35 @@ class Listings:
             self._ahead_pending.update(batch)
             trio.lowlevel.spawn_system_task(self._fetch_ahead, parent, batch)
 
+    async def _read_beyond_tree(self, parent: Node, path: bytes) -> None:
+        """A walk read *path* (*parent*'s entry) from a published catalog: read ahead of
+        the tree that holds it, as of a fetch from the lower."""
+        where = await self.policy.cache_tree(path)
+        if where is None:
+            return
+        top = where[0]
+        for _ in range(path.count(b"/") - top.count(b"/")):  # up to the top's parent
+            parent = parent.parent
+            if parent is None:
+                return
+        await self._read_further(parent, top)
+
+    async def _trees_ahead(self, paths: list[bytes]) -> list[bytes]:
+        """Of *paths*, the trees a published catalog holds, read in one worker call
+        (marked read ahead); the paths left to fetch from the lower."""
+        keys = [await self.policy.cache_key(path) for path in paths]
+        wanted = [(key, *where) for key, where in
+                  zip(keys, [await self.policy.cache_tree(path) for path in paths])
+                  if key and where]
+        had = await self.dircache.load_trees(wanted) if wanted else set()
+        left = []
+        for path, key in zip(paths, keys):
+            if key in had:
+                self._read_ahead[path] = True
+            else:
+                left.append(path)
+        return left
+
     async def _fetch_ahead(self, parent: Node, paths: list[bytes]) -> None:
         """Fetch *paths* (immutable lower entries of *parent*) in one worker call."""
         done = trio.Event()
@@ -124,8 +157,11 @@ class Listings:
             async with self._ahead_limiter:
                 if self.inodes.get(parent.ino) is not parent:
                     return  # the directory went meanwhile
-                todo = []
-                for path in paths:
+                todo, left = [], paths
+                if self.dircache.reads_trees:  # from the catalog, what it has
+                    left = await self._trees_ahead(
+                        [path for path in paths if path not in self._fetching])
+                for path in left:
                     key = await self.policy.cache_key(path)
                     if (key is not None and path not in self._fetching
                             and await self.dircache.get(path, key) is None):

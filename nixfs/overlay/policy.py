@@ -47,6 +47,12 @@ class LowerPolicy:
         mounts; it must change whenever the path's content may.  None: do not keep."""
         return None
 
+    async def cache_tree(self, lower_path: bytes) -> tuple[bytes, bytes] | None:
+        """``(top, prefix)``: the immutable lower tree that holds *lower_path* (its top
+        path), whose listings are kept under *prefix* + their path below *top* (b"" for
+        *top* itself), so that a store may read the whole tree's in one go; or None."""
+        return None
+
     async def cache_keys(self, lower_paths: list[bytes]) -> list[bytes | None]:
         """``cache_key`` of each of *lower_paths* (the entries of one directory)."""
         return [await self.cache_key(p) for p in lower_paths]

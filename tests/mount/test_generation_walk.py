@@ -75,6 +75,9 @@ def test_a_fresh_uppers_walk_reads_the_catalog_in_chunks(tmp_path):
         tree(lower / "store")
     print(cache)
     assert cache["misses"] == 0 and cache["loaded_from_disk"] == 120 * 7  # all from the catalog
+    # The catalog is read a store path's tree at a time, read ahead four paths to a query
+    # (a worker trip each): a query per directory was 840 and more.
+    assert cache["store_queries"] <= 120 // 2, cache
     catalog_calls = [kind for kind, path in calls if path == CATALOG]
     # About 12 chunks of 128 KiB: a read and its attribute check each (slowfs keeps no
     # attributes), where SQLite alone reads most listings' overflow pages one by one.

@@ -358,4 +358,5 @@ async def test_stats_name_what_status_shows(fs):
     assert stats["copy_ups"] == 2 and stats["nodes"] == 3  # the root, dir, dir/file
     assert stats["upper_calls"]["setattr"] >= 1 and stats["lower_calls"]["lstat"] >= 2
     assert stats["cache"] == {"hits": 0, "misses": 0, "loaded_from_disk": 0, "listings": 0,
-                              "bytes_on_disk": 0, "hit_ratio": None, "catalog_reads": 0}
+                              "bytes_on_disk": 0, "hit_ratio": None, "catalog_reads": 0,
+                              "store_queries": 0}
