@@ -29,7 +29,7 @@ from ..nixdb.storeservice import StoreService
 from ..nixdb.sync import StoreSync
 from ..nixdb.worker import SyncWorker
 from ..overlay import Overlay, upperformat
-from ..overlay.dircache import ListingStore
+from ..overlay.liststore import ListingStore
 from ..overlay.lowerrunner import LowerRunner
 from ..overlay.state import StateError, UpperInUse, UpperState
 from .preflight import is_nix_store, privileged

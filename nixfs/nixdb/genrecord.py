@@ -12,7 +12,7 @@ import os
 import time
 
 from ..overlay import upperformat as fmt
-from ..overlay.dircache import ListingStore
+from ..overlay.liststore import ListingStore
 from . import cowfiles
 from .files import StoreFiles
 

@@ -24,7 +24,7 @@ import trio
 
 from .listingformat import (LStat, Listing, decode, decode_xattrs, encode,  # noqa: F401
                             encode_xattrs, pack_stat)
-from .liststore import ListingStore  # noqa: F401  (its users import it from here)
+from .liststore import ListingStore
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from .copying import CopyUp
 from .cowfiles import CowFiles
 from .creating import Creating
 from .descriptors import Descriptors
-from .dircache import DirCache, ListingStore
+from .dircache import DirCache
+from .liststore import ListingStore
 from .files import FileData
 from .inodes import InodeTable, Node
 from .layers import Layer

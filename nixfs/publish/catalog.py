@@ -33,7 +33,7 @@ import apsw
 
 from .. import libc
 from ..nixdb.storepolicy import listing_key
-from ..overlay.dircache import ListingStore
+from ..overlay.liststore import ListingStore
 from ..overlay.layers import Layer
 from . import catalogread
 

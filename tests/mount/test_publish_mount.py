@@ -6,7 +6,8 @@ import stat
 
 import apsw
 from nixfs.nixdb import gcroot
-from nixfs.overlay.dircache import ListingStore, decode, decode_xattrs
+from nixfs.overlay.dircache import decode, decode_xattrs
+from nixfs.overlay.liststore import ListingStore
 from nixfs.publish.publisher import publish
 from nixfs.publish.verify import find_usable
 from nixlower import LOWER_DRVS, Store, built_lower  # noqa: F401 (fixture)

@@ -6,7 +6,8 @@ import os
 import trio
 
 from nixfs.nixdb.storepolicy import listing_key
-from nixfs.overlay.dircache import DirCache, ListingStore
+from nixfs.overlay.dircache import DirCache
+from nixfs.overlay.liststore import ListingStore
 from nixfs.overlay.listingformat import Listing, pack_stat
 
 

@@ -20,7 +20,7 @@ from nixfs.cli import main  # noqa: E402
 from nixfs.nixdb import gcroot  # noqa: E402
 from nixfs.nixdb.lowerindex import LowerIndex  # noqa: E402
 from nixfs.nixdb.storepolicy import listing_key  # noqa: E402
-from nixfs.overlay.dircache import ListingStore  # noqa: E402
+from nixfs.overlay.liststore import ListingStore  # noqa: E402
 from nixfs.overlay.layers import Layer  # noqa: E402
 from nixfs.publish import manifest as manifest_file  # noqa: E402
 from nixfs.publish import prune  # noqa: E402
