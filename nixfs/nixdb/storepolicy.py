@@ -196,23 +196,27 @@ class NixStorePolicy(LowerPolicy):
     def complete(self, tag):
         return tag == "storepath"
 
-    async def cache_key(self, lower_path):
+    async def _shown_store_path(self, lower_path):
+        """(name, lower id, rest below it) of a lower path in a store path the view shows
+        from the lower, or None."""
         parts = lower_path.split(b"/", 2)
         if len(parts) < 2 or parts[0] != b"store":
             return None
         state = await self._state(parts[1])
         if state is None or state[1] != 0:
             return None
-        return listing_key(parts[1], state[0], parts[2] if len(parts) > 2 else b"")
+        return parts[1], state[0], parts[2] if len(parts) > 2 else b""
+
+    async def cache_key(self, lower_path):
+        found = await self._shown_store_path(lower_path)
+        return None if found is None else listing_key(*found)
 
     async def cache_tree(self, lower_path):
-        parts = lower_path.split(b"/", 2)
-        if len(parts) < 2 or parts[0] != b"store":
+        found = await self._shown_store_path(lower_path)
+        if found is None:
             return None
-        state = await self._state(parts[1])
-        if state is None or state[1] != 0:
-            return None
-        return b"store/" + parts[1], listing_key(parts[1], state[0], b"")
+        name, lower_id, _ = found
+        return b"store/" + name, listing_key(name, lower_id, b"")
 
     def link_lower_errno(self, dest_tag):
         # nix-store --optimise links every file of every valid path into store/.links; for
