@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import needs_root
-from harness import NixfsMount, exited, run_nixfs
+from harness import NixfsMount, exited, run_nixfs, wait_until
 from relharness import SlowFs, daemon_pid, fd_count, status, synthetic_store, timed
 
 TIMEOUT = 1.5  # the mount's lower_timeout in these tests
@@ -110,6 +110,10 @@ def _outage(mnt, upper, lower, names, warm, cold, wfile, held):
             err, took, _ = timed(os.stat, mnt / "store" / names[5])  # never looked at
             print(f"lookup with an eio lower: {took:.3f} s")
             assert err == errno.EIO and took < FAST + 0.5
+            # Following the lower store fails meanwhile, and status says so (a round's
+            # poll that was waiting on the stalled lower, or the next one, at most 0.5 s on).
+            wait_until(lambda: status(mnt)["nix"]["sync_errors"] > 0,
+                       "a failed sync round while the lower answers EIO", timeout=10)
         finally:
             lower.mode("normal")
 
@@ -134,7 +138,7 @@ def _outage(mnt, upper, lower, names, warm, cold, wfile, held):
         s = status(mnt)
         assert s["lower_calls"]["timeout"] >= len(stalled) + 2
         assert s["stale_answers"] > 0
-        # Following the lower store failed meanwhile (status says so) and goes on now.
+        # Following the lower store failed meanwhile (status said so) and goes on now.
         assert s["nix"]["sync_errors"] > 0
         run_nixfs("sync", mnt, check=True, timeout=60)
         assert status(mnt)["nix"]["last_sync_age_s"] < 2
