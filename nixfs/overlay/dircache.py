@@ -17,13 +17,12 @@ through FUSE).  A damaged record is dropped and fetched again.
 """
 
 import logging
-import struct
 from collections import OrderedDict
 
 import trio
 
-from .listingformat import (LStat, Listing, decode, decode_xattrs, encode,  # noqa: F401
-                            encode_xattrs, pack_stat)
+from .listingformat import (DECODE_ERRORS, LStat, Listing, decode, decode_xattrs,  # noqa: F401
+                            encode, encode_xattrs, pack_stat)
 from .liststore import ListingStore
 
 log = logging.getLogger(__name__)
@@ -132,8 +131,8 @@ class DirCache:
                                [len(prefix) for _, _, prefix in wanted])
         had = set()
         for (key, top, prefix), (listings, damaged) in zip(wanted, found):
-            for bad, data in damaged.items():
-                self.store.decoded(bad, data, decode)  # logged, and dropped from the store
+            for bad in damaged:
+                self.store.dropped(bad)
             if key in listings:
                 had.add(key)
             else:
@@ -256,18 +255,18 @@ def _after(prefix: bytes) -> bytes:
 def _read_ranges(store: ListingStore, ranges: list[tuple[bytes, bytes, int]],
                  prefix_lengths: list[int]):
     """``store.query_ranges`` decoded (in a worker thread): for each range, its
-    listings by key and the raw records that did not decode (damaged).  A key whose
+    listings by key and the keys of records that did not decode (damaged).  A key whose
     part past its tree's prefix holds a NUL is no listing (a directory's xattrs, kept
     beside it under its key and a suffix) and is left out."""
     out = []
     for records, skip in zip(store.query_ranges(ranges), prefix_lengths):
-        listings, damaged = {}, {}
+        listings, damaged = {}, []
         for key, data in records.items():
             if b"\0" in key[skip:]:
                 continue
             try:
                 listings[key] = decode(data)
-            except (ValueError, struct.error, UnicodeError):
-                damaged[key] = data
+            except DECODE_ERRORS:
+                damaged.append(key)
         out.append((listings, damaged))
     return out

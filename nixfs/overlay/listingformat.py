@@ -67,6 +67,10 @@ def encode(listing: Listing) -> bytes:
     return bytes(out)
 
 
+# What decoding a damaged record raises (a truncated or garbled listing or xattr map).
+DECODE_ERRORS = (ValueError, struct.error, UnicodeError)
+
+
 def decode(data: bytes) -> Listing:
     entries, targets = {}, {}
     pos = 0

@@ -9,14 +9,13 @@ query may read the lower, and callers run it in a worker thread.
 
 import logging
 import os
-import struct
 import threading
 
 import cachetools
 
 from ..cow import vfs as cow_vfs
 from ..cow.readcache import ReadCache
-from .listingformat import Listing, decode, decode_xattrs, encode, encode_xattrs
+from .listingformat import DECODE_ERRORS, Listing, decode, decode_xattrs, encode, encode_xattrs
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +110,14 @@ class ListingStore:
         """*data* decoded, or None (and the record dropped, to be fetched again) if damaged."""
         try:
             return decoder(data)
-        except (ValueError, struct.error, UnicodeError):
-            log.warning("a damaged cached listing was dropped")
-            self._damaged.add(key)
+        except DECODE_ERRORS:
+            self.dropped(key)
             return None
+
+    def dropped(self, key: bytes) -> None:
+        """The record of *key* is damaged: it is deleted at the next write, fetched again."""
+        log.warning("a damaged cached listing was dropped")
+        self._damaged.add(key)
 
     def get(self, key: bytes) -> Listing | None:
         return self._get(key, decode)

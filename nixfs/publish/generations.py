@@ -3,14 +3,17 @@
 Everything that names a generation's directory or file goes through here:
 ``STORE/var/nixfs/generations/N/`` with N decimal and never reused (the next
 number is one past every directory there, complete or not, and past every number
-sealed before, ``.highest``), complete once its ``manifest.json`` exists.  One publisher at a time holds ``.lock`` there (an
-flock: a second one waits, a dead one's lock goes with its process).
+sealed before, ``.highest``), complete once its ``manifest.json`` exists.  One
+publisher at a time holds ``.lock`` there (an flock: a second one waits, a dead
+one's lock goes with its process).
 """
 
 import fcntl
 import os
 import stat
 from contextlib import contextmanager
+
+from ..pin import PinnedDir
 
 GENERATIONS = "var/nixfs/generations"  # relative to STORE: the maps' base paths are too
 MANIFEST = "manifest.json"
@@ -45,15 +48,14 @@ class Generations:
         (``/proc/self/fd/N`` of a descriptor on it, while in the block): reading several
         of its files then costs a FUSE or NFS lower one lookup each, not five."""
         try:
-            fd = os.open(self.dir(number), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            pinned = PinnedDir(self.dir(number))
         except OSError:
             yield self.dir(number)  # the reads say what is wrong
             return
         try:
-            via = f"/proc/self/fd/{fd}"
-            yield via if os.path.isdir(via) else self.dir(number)
+            yield pinned.via
         finally:
-            os.close(fd)
+            pinned.close()
 
     @staticmethod
     def rel(number: int, name: str) -> str:
@@ -104,10 +106,9 @@ class Generations:
         while True:
             try:
                 os.mkdir(self.dir(number), 0o755)
-                break
+                return number
             except FileExistsError:
                 number += 1
-        return number
 
     def _highest(self) -> int:
         try:
