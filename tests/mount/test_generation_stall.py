@@ -79,11 +79,13 @@ def test_a_catalog_read_stuck_on_the_lower_stalls_no_other_request(tmp_path):
         # The store, the lower index and the catalog opened; the index's first page is
         # read, and the catalog's first chunk (a chunk holds about 10 store paths' listings).
         os.stat(mnt / "store" / names[0])
-        # (and 16 store paths after it read ahead, so their chunks)
-        target = mnt / "store" / names[40] / "lib"  # its index page read, its chunk not
+        # (and the 64 store paths after it read ahead, so their chunks: Listings'
+        # catalog_ahead_paths)
+        far = names[100]
+        target = mnt / "store" / far / "lib"  # its index page read, its chunk not
         took = _stuck_while(slow, mnt, CATALOG, os.listdir, target)
         print(f"upper requests while a catalog read is stuck: {took:.3f} s")
-        assert sorted(os.listdir(target)) == sorted(os.listdir(lower / "store" / names[40] / "lib"))
+        assert sorted(os.listdir(target)) == sorted(os.listdir(lower / "store" / far / "lib"))
 
 
 @needs_root
