@@ -31,7 +31,6 @@ struct node {
 	struct stat st;
 	char *target;          /* symlink target */
 	char *path;            /* path below SOURCE, for reads */
-	fuse_ino_t parent;
 	fuse_ino_t *children;
 	size_t nchildren;
 };
@@ -41,8 +40,7 @@ static size_t nnodes, cap;
 static int source_fd;
 static const double forever = 1e9;
 
-static fuse_ino_t add_node(const char *name, const char *path, fuse_ino_t parent,
-			   const struct stat *st)
+static fuse_ino_t add_node(const char *name, const char *path, const struct stat *st)
 {
 	if (nnodes == cap) {
 		cap = cap ? 2 * cap : 1024;
@@ -53,7 +51,6 @@ static fuse_ino_t add_node(const char *name, const char *path, fuse_ino_t parent
 	memset(n, 0, sizeof *n);
 	n->name = strdup(name);
 	n->path = strdup(path);
-	n->parent = parent;
 	n->st = *st;
 	n->st.st_ino = nnodes;
 	return nnodes;
@@ -75,7 +72,7 @@ static void scan(fuse_ino_t ino)
 		if (fstatat(fd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) { perror(e->d_name); exit(1); }
 		char *child;
 		if (asprintf(&child, "%s%s%s", path, *path ? "/" : "", e->d_name) < 0) exit(1);
-		fuse_ino_t c = add_node(e->d_name, child, ino, &st);
+		fuse_ino_t c = add_node(e->d_name, child, &st);
 		free(child);
 		if (S_ISLNK(st.st_mode)) {
 			char buf[4096];
@@ -232,7 +229,7 @@ static long now_us(void)
 
 /* One thread: after each request, poll the device for up to poll_us before sleeping
  * (as nixfs does with -o poll_us), so that a walker's next request finds it awake. */
-static int serve(struct fuse_session *se, long poll_us)
+static void serve(struct fuse_session *se, long poll_us)
 {
 	struct fuse_buf buf = { .mem = NULL };
 	int fd = fuse_session_fd(se);
@@ -254,7 +251,6 @@ static int serve(struct fuse_session *se, long poll_us)
 		idle_since = now_us();
 	}
 	free(buf.mem);
-	return 0;
 }
 
 int main(int argc, char *argv[])
@@ -279,15 +275,15 @@ int main(int argc, char *argv[])
 	if (source_fd < 0) { perror(argv[1]); return 1; }
 	struct stat st;
 	if (fstat(source_fd, &st) < 0) { perror(argv[1]); return 1; }
-	add_node("", "", 1, &st);
+	add_node("", "", &st);
 	scan(1);
 	char *fargv[] = { prog, "-o", "ro,default_permissions,allow_other,fsname=floorfs", NULL };
 	struct fuse_args args = FUSE_ARGS_INIT(3, fargv);
 	struct fuse_session *se = fuse_session_new(&args, &ops, sizeof ops, NULL);
 	if (!se || fuse_session_mount(se, argv[2]) != 0) return 1;
 	fprintf(stderr, "floorfs: %zu nodes from %s on %s\n", nnodes, argv[1], argv[2]);
-	int ret = serve(se, poll_us);
+	serve(se, poll_us);
 	fuse_session_unmount(se);
 	fuse_session_destroy(se);
-	return ret ? 1 : 0;
+	return 0;
 }

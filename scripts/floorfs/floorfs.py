@@ -27,7 +27,6 @@ class Tree:
     """Every object below SOURCE: its answer to the kernel, its children, its target."""
 
     def __init__(self, source: str):
-        self.source = source
         self.entries: list[pyfuse3.EntryAttributes] = []  # by inode - 1
         self.paths: list[str] = []
         self.children: dict[int, list[tuple[bytes, int]]] = {}
