@@ -20,11 +20,8 @@ FLOORFS = Path(__file__).resolve().parents[2] / "scripts/floorfs"
 def _c_floor(tmp_path: Path) -> list:
     if not shutil.which("cc") or not shutil.which("pkg-config"):
         pytest.skip("needs cc and pkg-config (scripts/setup installs them)")
-    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], check=True,
-                           capture_output=True, text=True).stdout.split()
     binary = tmp_path / "floorfs"
-    subprocess.run(["cc", "-O2", "-Wall", "-o", binary, FLOORFS / "floorfs.c", *flags],
-                   check=True)
+    subprocess.run([FLOORFS / "build", binary], check=True)
     return [binary]
 
 
