@@ -64,6 +64,19 @@ def generate_db(path: Path, count: int, *, refs: int = 8, seed: int = 1, salt: s
     return paths
 
 
+def make_store(root: Path, count: int = 300) -> list[str]:
+    """A store of *count* paths with directories, files, a symlink and an xattr."""
+    (root / "store").mkdir(parents=True)
+    paths = generate_db(root / "var/nix/db/db.sqlite", count, store_dirs=root / "store")
+    first = root / "store" / os.path.basename(paths[1])
+    (first / "bin").mkdir()
+    (first / "bin/tool").write_text("#!/bin/sh\n")
+    (first / "lib").symlink_to("bin")
+    (first / "share/doc").mkdir(parents=True)
+    os.setxattr(first / "bin/tool", "user.nixfs-test", b"value")
+    return paths
+
+
 def busybox_dir(base: Path) -> Path:
     d = base / "busybox"
     d.mkdir(parents=True, exist_ok=True)

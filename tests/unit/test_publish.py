@@ -14,7 +14,7 @@ import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from nixstore import generate_db  # noqa: E402
+from nixstore import generate_db, make_store  # noqa: E402
 
 from nixfs.cli import main  # noqa: E402
 from nixfs.nixdb import gcroot  # noqa: E402
@@ -28,19 +28,6 @@ from nixfs.publish.dbfile import ROOT_ID  # noqa: E402
 from nixfs.publish.generations import Generations  # noqa: E402
 from nixfs.publish.publisher import publish  # noqa: E402
 from nixfs.publish.verify import GenerationError, find_usable, verify  # noqa: E402
-
-
-def make_store(root: Path, count: int = 300) -> list[str]:
-    """A store of *count* paths with directories, files, a symlink and an xattr."""
-    (root / "store").mkdir(parents=True)
-    paths = generate_db(root / "var/nix/db/db.sqlite", count, store_dirs=root / "store")
-    first = root / "store" / os.path.basename(paths[1])
-    (first / "bin").mkdir()
-    (first / "bin/tool").write_text("#!/bin/sh\n")
-    (first / "lib").symlink_to("bin")
-    (first / "share/doc").mkdir(parents=True)
-    os.setxattr(first / "bin/tool", "user.nixfs-test", b"value")
-    return paths
 
 
 def rows(db: str, sql: str) -> list:

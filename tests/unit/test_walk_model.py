@@ -12,7 +12,7 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 from conftest import make_lower  # noqa: E402
-from nixstore import generate_db  # noqa: E402
+from nixstore import make_store  # noqa: E402
 
 from nixfs.publish.publisher import publish  # noqa: E402
 
@@ -27,10 +27,10 @@ def _walk_model(*args) -> subprocess.CompletedProcess:
 def _find_counts(top: Path) -> dict:
     """What find sees below *top*: directories (itself too), entries, symlinks."""
     dirs = entries = links = 0
-    for _, dirnames, filenames in os.walk(top):
+    for dirpath, dirnames, filenames in os.walk(top):
         dirs += 1
         entries += len(dirnames) + len(filenames)
-        links += sum(os.path.islink(os.path.join(_, n)) for n in dirnames + filenames)
+        links += sum(os.path.islink(os.path.join(dirpath, n)) for n in dirnames + filenames)
     return {"dirs": dirs, "entries": entries, "links": links}
 
 
@@ -48,11 +48,7 @@ def test_a_walk_of_a_plain_lower_visits_every_entry_each_time(tmp_path):
 
 def test_a_walk_of_a_published_store_visits_every_store_path(tmp_path):
     root = tmp_path / "nix"
-    (root / "store").mkdir(parents=True)
-    paths = generate_db(root / "var/nix/db/db.sqlite", 40, store_dirs=root / "store")
-    first = root / "store" / os.path.basename(paths[1])
-    (first / "bin").mkdir()
-    (first / "lib").symlink_to("bin")
+    make_store(root, 40)
     publish(str(root))
     upper = tmp_path / "upper"
     out = _walk_model(root, "--upper", upper, "--walks", "2", "--json")
