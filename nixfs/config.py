@@ -19,7 +19,7 @@ FUSE_OPTIONS = {
 OWN_FLAGS = {"owner_only"}
 # nixfs' own -o key=value options that set the MountConfig field of the same name.
 VALUE_FIELDS = ("ttl", "max_nodes", "listings", "opens", "lower_timeout", "poll_us", "xattr",
-                "generation")
+                "generation", "refresh_attrs")
 # What mount(8) and fstab add that is not for the file system.
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
                    "nofail", "_netdev", "default_permissions"}
@@ -54,6 +54,11 @@ class MountConfig:
     # upper's database over the newest usable one (and rebases onto a newer one at a
     # mount); "off" copies the lower's database as before.
     generation: str = "auto"
+    # "on": the daemon refreshes the attributes the kernel marks stale after reading a
+    # store directory's listing or a symlink's target (fuse/stale_attrs.py), so a second
+    # walk asks nothing; "off" spares the first walk those requests (a job that walks the
+    # store once), and a second walk then asks a GETATTR for each such object.
+    refresh_attrs: str = "on"
 
     @property
     def readonly(self) -> bool:
@@ -124,5 +129,6 @@ def check_values(cfg: MountConfig) -> None:
                             "max_nodes must be a whole number of at least 100")
     _choice(cfg.xattr, "xattr", ("auto", "on", "off"), "on or off")
     _choice(cfg.generation, "generation", ("auto", "off"), "auto or off")
+    _choice(cfg.refresh_attrs, "refresh_attrs", ("on", "off"), "on or off")
     cfg.poll_us = _number(cfg.poll_us, int, lambda n: -1 <= n <= 10_000,
                           "poll_us must be a whole number of microseconds from 0 to 10000")

@@ -19,6 +19,9 @@ def _kept_line(k: dict) -> str:
 
 def _refreshed_line(r: dict | None) -> str:
     r = r or {"done": 0, "failed": 0}  # (a daemon from before the refreshing)
+    if r.get("off") == "refresh_attrs=off":
+        return ("  attributes the kernel marks stale after reading a listing or target: "
+                "not refreshed (-o refresh_attrs=off)")
     return (f"  attributes refreshed after the kernel read a listing or target: "
             f"{r['done']} ({r['failed']} failed)")
 

@@ -99,8 +99,9 @@ def assemble(cfg: MountConfig) -> Daemon:
         closing.callback(overlay.close)
         service = store.service(overlay) if store is not None else None
         # The kernel holds no attribute stale on a read-only mount: nothing to refresh there.
-        stale_attrs = None if cfg.readonly else StaleAttributes(cfg.mountpoint,
-                                                                overlay.attributes_settled)
+        refresh = not cfg.readonly and cfg.refresh_attrs == "on"
+        stale_attrs = (StaleAttributes(cfg.mountpoint, overlay.attributes_settled) if refresh
+                       else None)
         # Nix removes every extended attribute from what it adds to a store (but SELinux
         # labels, which FUSE mounts get from the mount, not the file system): a Nix store
         # has none to show.

@@ -51,8 +51,10 @@ def collect(daemon, *, started: float, poll_us: int = 0) -> dict:
         **_keys(ops, "kernel_listings", "opens", "xattrs"),
         "poll_us": poll_us,
         "kept_attributes": ops["kept_attributes"],
+        # "off": why nothing is refreshed (a read-only mount holds nothing stale).
         "attributes_refreshed": (daemon.stale_attrs.stats() if daemon.stale_attrs is not None
-                                 else {"done": 0, "failed": 0}),
+                                 else {"done": 0, "failed": 0,
+                                       "off": "read-only" if cfg.readonly else "refresh_attrs=off"}),
         **_keys(model, "copy_ups", "stale_answers", "nodes", "nodes_trimmed",
                 "entries_without_node"),
         "rss_bytes": _rss(),

@@ -243,6 +243,28 @@ def test_warm_walk_of_a_store_path_is_answered_by_the_kernel(store):
     assert after["kept_attributes"] == before["kept_attributes"]  # not a GETATTR
 
 
+def test_refresh_attrs_off_leaves_stale_attributes_to_the_kernel(store):
+    """``-o refresh_attrs=off`` (a job that walks the store once): the daemon stats
+    nothing through the mount after the first walk, and says so; the second walk then
+    asks for the attributes of every directory the first one listed."""
+    with store.mount("refresh_attrs=off") as m:
+        first = walk(store.tree)
+        dirs = 1 + sum(1 for p, mode, *_ in first if stat.S_ISDIR(mode))
+        time.sleep(0.5)  # past the refresher's delay and interval, were it running
+        before = status(store)
+        assert before["attributes_refreshed"] == {"done": 0, "failed": 0,
+                                                  "off": "refresh_attrs=off"}
+        assert walk(store.tree) == first
+        after = status(store)
+        shown = run_nixfs("status", m.mnt)
+    assert "not refreshed (-o refresh_attrs=off)" in shown.stdout, shown.stdout
+    # A GETATTR reaches the handler, or pyfuse3 answers it from the attributes it keeps.
+    asked = (after["fuse_requests"].get("getattr", 0) - before["fuse_requests"].get("getattr", 0)
+             + after["kept_attributes"]["getattr_answered"]
+             - before["kept_attributes"]["getattr_answered"])
+    assert asked >= dirs, (asked, dirs)
+
+
 @pytest.mark.skipif(not features.FEATURES.readdir_end,
                     reason="needs pyfuse3 built with scripts/pyfuse3/ (07-readdir-end)")
 def test_a_listing_costs_nixfs_one_readdir(store):

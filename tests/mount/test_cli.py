@@ -61,6 +61,7 @@ def test_bad_options(dirs):
     for opt, message in (("poll_us=fast", "poll_us must be"), ("poll_us=20000", "poll_us must be"),
                          ("xattr=maybe", "xattr must be on or off"),
                          ("generation=newest", "generation must be auto or off"),
+                         ("refresh_attrs=later", "refresh_attrs must be on or off"),
                          ("lower_timeout=-1", "lower_timeout must be"),
                          ("owner_only,allow_other", "contradict")):
         expect_usage_error(mount(dirs, "lower", "upper", "mnt", "-o", opt), message)

@@ -50,7 +50,7 @@ def test_status_reads_the_parts_on_the_trio_thread_and_sizes_the_upper(tmp_path)
     (tmp_path / "var/nix/db").mkdir(parents=True)
     (tmp_path / "var/nix/db/db.sqlite").write_bytes(b"x" * 65536)
     cfg = types.SimpleNamespace(mountpoint=str(tmp_path / "mnt"), lower="/lower",
-                                upper=str(tmp_path))
+                                upper=str(tmp_path), readonly=False)
     daemon = types.SimpleNamespace(cfg=cfg, ops=Part(threads), overlay=Part(threads),
                                    stale_attrs=None, policy=Policy(threads, *POLICY_KEYS),
                                    service=Part(threads, *SERVICE_KEYS))
@@ -63,3 +63,5 @@ def test_status_reads_the_parts_on_the_trio_thread_and_sizes_the_upper(tmp_path)
     assert daemon.policy.refreshed == 1
     assert out["upper_bytes"] >= 65536
     assert out["nix"]["merged_db_bytes"] == 65536
+    # No refresher on a writable mount: turned off by -o refresh_attrs=off.
+    assert out["attributes_refreshed"] == {"done": 0, "failed": 0, "off": "refresh_attrs=off"}
